@@ -1,0 +1,15 @@
+"""gpte-ray: batch text embeddings on Ray into LanceDB tables."""
+
+from __future__ import annotations
+
+from gpte_ray.config import ConfigError, JobConfig, load_config
+
+__all__ = ["ConfigError", "JobConfig", "load_config", "run_index"]
+__version__ = "0.1.0"
+
+
+def run_index(*args, **kwargs):
+    """Run one `index` job (see `gpte_ray.pipeline.run_index`); imported lazily to keep Ray out."""
+    from gpte_ray.pipeline import run_index as _run
+
+    return _run(*args, **kwargs)

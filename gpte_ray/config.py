@@ -1,0 +1,203 @@
+"""The typed configuration tree of one job run.
+
+A YAML file fills the tree; command-line flags override single fields. Nothing here reads
+environment variables: credentials are resolved in `storage.py` at the point of use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+__all__ = [
+    "BatchConfig",
+    "ConfigError",
+    "InputConfig",
+    "JobConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "ResourceConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Strict):
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Shards: files, directories, globs or s3:// URIs (Parquet, JSONL, JSONL.gz).",
+    )
+    format: Literal["auto", "parquet", "jsonl"] = Field(
+        "auto", description="Shard format; auto decides by file extension."
+    )
+    id_column: str = Field("id", description="Column holding the document id.")
+    text_column: str = Field("text", description="Column holding the document text.")
+    template: str | None = Field(
+        None,
+        description='Python format template over several columns, e.g. "{title}\\n\\n{body}"; '
+        "replaces text_column.",
+    )
+    skip_bad_shards: bool = Field(
+        False, description="Quarantine unreadable shards instead of failing the run."
+    )
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Object-store options for s3:// inputs (endpoint, region, keys).",
+    )
+
+
+class ModelConfig(_Strict):
+    path: str | None = Field(
+        None, description="Hugging Face id or local folder; default: the packaged all-MiniLM-L6-v2."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+    pooling: Literal["cls", "mean", "last-token", "weighted-mean"] | None = Field(
+        None, description="Pooling; default: the sentence-transformers config, else mean."
+    )
+    normalize: bool | None = Field(
+        None, description="L2-normalise vectors; default: the model's Normalize module, else true."
+    )
+    max_length: int | None = Field(
+        None, gt=1, description="Max tokens per chunk including prompt and special tokens."
+    )
+    dim: int | None = Field(
+        None, gt=0, description="Matryoshka truncation: keep the first dim values, renormalise."
+    )
+    document_prompt: str | None = Field(
+        None,
+        description="Prompt for indexed documents: a named prompt of the model or a template "
+        "with {text}, e.g. 'passage: {text}'.",
+    )
+    query_prompt: str | None = Field(
+        None, description="Prompt for search queries (named prompt or template with {text})."
+    )
+    task: str | None = Field(None, description="Value for {task} in prompt templates.")
+    include_prompt_in_pooling: bool | None = Field(
+        None, description="Whether prompt tokens count in mean pooling; default: the model's."
+    )
+    padding_side: Literal["left", "right"] | None = Field(
+        None, description="Padding side; default: the tokenizer's."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Forward precision; auto = float32 on CPU, float16 on GPU."
+    )
+    precision: Literal["float32", "float16", "int8", "binary"] = Field(
+        "float32", description="Stored vector precision."
+    )
+    calibration_sample: int = Field(
+        1000, gt=0, description="Documents sampled once per table to fix int8 ranges."
+    )
+    long_documents: Literal["chunk", "truncate"] = Field(
+        "chunk", description="Long documents: split into overlapping windows, or truncate."
+    )
+    chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
+
+
+class BatchConfig(_Strict):
+    window_rows: int = Field(
+        1024, gt=0, description="Rows Ray hands the embed actor at once (the sorting window)."
+    )
+    token_budget: int | None = Field(
+        None, gt=0, description="Max rows x padded length per micro-batch; default per device."
+    )
+    max_rows: int = Field(256, gt=0, description="Max rows per micro-batch.")
+    rows_per_fragment: int = Field(
+        50_000, gt=0, description="Rows a writer collects into one Lance fragment."
+    )
+
+
+class ResourceConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: GPUs if the cluster has any, else CPU."
+    )
+    min_actors: int = Field(1, ge=1, description="Embed actor pool minimum size.")
+    max_actors: int = Field(1, ge=1, description="Embed actor pool maximum size.")
+    gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per embed actor on GPU.")
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs reserved per embed actor (fractional leaves room for reads)."
+    )
+    torch_threads: int | None = Field(
+        None, gt=0, description="Torch threads in a CPU embed actor; default: the node's CPUs."
+    )
+    tokenize_cpus: float = Field(0.25, gt=0, description="CPUs per tokenize actor.")
+    read_cpus: float = Field(0.5, gt=0, description="CPUs per read task.")
+
+    @model_validator(mode="after")
+    def _range(self) -> ResourceConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        return self
+
+
+class OutputConfig(_Strict):
+    db: str = Field("./gpte_db", description="LanceDB URI: a local folder or s3://bucket/prefix.")
+    table: str = Field("docs", pattern=r"^[A-Za-z0-9_.-]+$", description="Table name.")
+    store_text: bool = Field(True, description="Store each chunk's text in the table.")
+    max_delete_fraction: float = Field(
+        0.1, ge=0, le=1, description="Refuse runs that would delete more than this share."
+    )
+    allow_mass_delete: bool = Field(False, description="Override the mass-deletion guard.")
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Object-store options for an s3:// db."
+    )
+    quarantine: bool = Field(True, description="Write quarantined rows beside the table.")
+
+
+class JobConfig(_Strict):
+    input: InputConfig = Field(default_factory=InputConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"config error: {key}: {msg}"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted}: parent is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Build the config from an optional YAML file plus dotted-key overrides (CLI flags)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"config error: cannot read {path}: {e.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: {path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, key, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None

@@ -1,0 +1,268 @@
+"""One `index` run: scan -> diff -> tokenize -> embed -> write fragments -> ONE commit -> finish.
+
+The driver holds ids and hashes, never texts. Work is staged as it completes (Lance
+fragments plus a marker per written batch, under a run id derived from the table version,
+the model fingerprint and the diff), so a run killed at any point resumes where it stopped,
+and a run that already committed is never committed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import pyarrow as pa
+
+from gpte_ray.config import ConfigError, JobConfig
+from gpte_ray.plan import Plan, make_plan
+from gpte_ray.report import Progress, RunReport
+from gpte_ray.sources import ShardError, list_shards
+from gpte_ray.spec import ModelSpec, resolve_model
+from gpte_ray.stages import EmbedStage, TokenizeStage, WriteStage, read_shard, scan_shard
+from gpte_ray.storage import lance_options
+from gpte_ray.table import CommitPlan, TableStore, table_schema
+
+__all__ = ["connect_ray", "run_index"]
+
+log = logging.getLogger("gpte_ray")
+
+DEFAULT_BUDGET = {"cpu": 8192, "cuda": 32768}
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (a job's own cluster under `ray job submit`), or start a
+    private local one for address 'local'/None. Never attaches to a stray cluster by accident."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address in (None, "", "local"):
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    else:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
+    ctx.enable_progress_bars = False
+
+
+def _device(cfg: JobConfig) -> str:
+    import ray
+
+    if cfg.resources.device != "auto":
+        return cfg.resources.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def _check_fits(cfg: JobConfig, device: str) -> None:
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    r = cfg.resources
+    if device == "cpu" and total and r.cpus_per_actor + r.read_cpus > total:
+        raise ConfigError(
+            f"config error: resources.cpus_per_actor: {r.cpus_per_actor} CPUs per actor plus "
+            f"{r.read_cpus} for reads exceed the cluster's {total:g} CPUs (the job would hang)"
+        )
+
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The ShardError/ConfigError inside a Ray-wrapped exception, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ShardError, ConfigError)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _scan(shards: list[str], cfg: JobConfig) -> list[tuple]:
+    import ray.data
+
+    items = [{"shard": i, "uri": u} for i, u in enumerate(shards)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        scan_shard, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
+        num_cpus=cfg.resources.read_cpus,
+    )
+    rows = []
+    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows.extend(zip(*(b[c].to_pylist() for c in ("shard", "row", "doc_id", "content_hash", "reason"))))
+    return rows
+
+
+def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], plan: Plan, device: str) -> dict:
+    """int8 ranges from a fixed sample of this corpus, computed once per table."""
+    import ray
+
+    from gpte_ray.sources import read_prepared
+
+    sample = sorted(plan.embed_docs)[: cfg.model.calibration_sample]
+    by_shard = plan.rows_by_shard(sample)
+
+    @ray.remote(num_cpus=cfg.resources.cpus_per_actor, num_gpus=cfg.resources.gpus_per_actor if device == "cuda" else 0)
+    def calibrate() -> dict:
+        import dataclasses
+
+        import numpy as np
+
+        from gpte_ray.embedder import Embedder, postprocess
+        from gpte_ray.quantize import calibrate_int8
+        from gpte_ray.tokenize import TextTokenizer
+
+        texts = []
+        for shard, rows in by_shard.items():
+            for t in read_prepared(shards[shard], shard, cfg.input, rows=set(rows)):
+                texts.extend(t["text"].to_pylist())
+        tok, emb = TextTokenizer(spec), Embedder(spec, device)
+        chunks = [c for c in tok.encode(texts) if c.chunk == 0]
+        pooled = np.concatenate([
+            emb.embed([c.input_ids for c in chunks[i : i + 32]], [c.prompt_len for c in chunks[i : i + 32]])
+            for i in range(0, len(chunks), 32)
+        ])
+        floats = postprocess(pooled, dataclasses.replace(spec, precision="float32"), None)
+        low, high = calibrate_int8(floats)
+        return {"low": low, "high": high, "sample": len(chunks)}
+
+    if not sample:
+        raise ConfigError("config error: model.precision: int8 needs documents to calibrate on")
+    return ray.get(calibrate.remote())
+
+
+def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_ids: list[str],
+           staged: frozenset, store: TableStore, schema: pa.Schema, run_id: str, device: str,
+           calibration: dict | None, report: RunReport) -> None:
+    """Stream the selected documents through tokenize -> embed -> write."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    r, b = cfg.resources, cfg.batch
+    items = [{"shard": s, "uri": shards[s], "rows": rows} for s, rows in plan.rows_by_shard(doc_ids).items()]
+    budget = b.token_budget or DEFAULT_BUDGET[device]
+    embed_resources = {"num_cpus": r.cpus_per_actor}
+    if device == "cuda":
+        embed_resources["num_gpus"] = r.gpus_per_actor
+    ds = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(read_shard, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
+                     num_cpus=r.read_cpus)
+        .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=256,
+                     batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, r.max_actors)),
+                     num_cpus=r.tokenize_cpus)
+        .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, r.torch_threads,
+                                                      calibration),
+                     batch_size=b.window_rows, batch_format="pyarrow",
+                     compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **embed_resources)
+        .map_batches(WriteStage, fn_constructor_args=(store.db, store.table, store.storage_options, schema,
+                                                      run_id, b.rows_per_fragment),
+                     batch_size=b.rows_per_fragment, batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
+                     num_cpus=0.1)
+    )
+    progress = Progress(len(doc_ids))
+    for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in out.to_pylist():
+            report.tokens += row["tokens"]
+            report.padded_tokens += row["padded_tokens"]
+            report.truncated += row["truncated"]
+            report.oom_retries += row["oom_retries"]
+            report.min_token_budget = min(report.min_token_budget or row["token_budget"], row["token_budget"])
+            report.stage_seconds["embed_compute"] = report.stage_seconds.get("embed_compute", 0.0) + row["embed_seconds"]
+            progress.update(row["docs_done"], row["rows"], row["tokens"])
+
+
+def _staged_state(store: TableStore, run_id: str, plan: Plan) -> tuple[list, frozenset, list[str]]:
+    """(fragments, staged keys, docs still to embed) from this run's markers.
+
+    A marker whose keys overlap an earlier one (a retried batch) is dropped, so no
+    (doc_id, chunk) is ever committed twice; its documents are embedded again.
+    """
+    from lance.fragment import FragmentMetadata
+
+    fragments, keys, n_chunks = [], set(), {}
+    for m in store.read_markers(run_id):
+        mkeys = {(d, c) for d, c in m["keys"]}
+        if mkeys & keys:
+            continue
+        keys |= mkeys
+        n_chunks.update(m["n_chunks"])
+        fragments += [FragmentMetadata.from_json(json.dumps(f)) for f in m["fragments"]]
+    done = {}
+    for d, _ in keys:
+        done[d] = done.get(d, 0) + 1
+    todo = [d for d in sorted(plan.embed_docs) if done.get(d, 0) != n_chunks.get(d, -1)]
+    return fragments, frozenset(keys), todo
+
+
+def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int | None = None) -> RunReport:
+    """Make the table reflect the corpus; returns the run report."""
+    t0 = time.perf_counter()
+    report = RunReport(table=cfg.output.table)
+    spec = resolve_model(cfg.model)
+    shards = list_shards(cfg.input)
+    connect_ray(ray_address, num_cpus)
+    device = _device(cfg)
+    _check_fits(cfg, device)
+    report.device = device
+    store = TableStore(cfg.output.db, cfg.output.table, lance_options(cfg.output.storage_options, cfg.output.db))
+
+    current = store.open()
+    old_fp = store.fingerprint(current) if current is not None else None
+    rebuild = current is not None and old_fp != spec.fingerprint()
+    existing = store.existing_docs(current) if current is not None and not rebuild else {}
+    report.version_before = current.version if current is not None else None
+
+    t = time.perf_counter()
+    try:
+        scan = _scan(shards, cfg)
+    except Exception as e:
+        raise (_user_error(e) or e) from None
+    plan = make_plan(scan, shards, existing, rebuild, cfg.output.max_delete_fraction, cfg.output.allow_mass_delete)
+    report.stage_seconds["scan"] = time.perf_counter() - t
+    for k in ("rows_read", "new", "changed", "unchanged", "quarantined", "deleted", "rebuild"):
+        setattr(report, k, getattr(plan, k))
+
+    calibration = None
+    if spec.precision == "int8":
+        calibration = (store.calibration(current) if current is not None and not rebuild else None) or \
+            _calibrate(spec, cfg, shards, plan, device)
+    schema = table_schema(spec, cfg.output.store_text, calibration)
+    key = f"{report.version_before}|{spec.fingerprint_digest()}|{plan.digest()}|{cfg.output.store_text}"
+    run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+    report.run_id = run_id
+
+    t = time.perf_counter()
+    fragments, staged, todo = _staged_state(store, run_id, plan)
+    report.chunks_resumed = len(staged)
+    for _ in range(3):
+        if not todo:
+            break
+        try:
+            _embed(cfg, spec, shards, plan, todo, staged, store, schema, run_id, device, calibration, report)
+        except Exception as e:
+            raise (_user_error(e) or e) from None
+        fragments, staged, todo = _staged_state(store, run_id, plan)
+    if todo:
+        raise RuntimeError(f"{len(todo)} documents could not be staged after 3 attempts (first: {todo[0]})")
+    report.stage_seconds["embed"] = time.perf_counter() - t
+    report.docs_embedded = len(plan.embed_docs)
+    report.chunks_written = len(staged)
+
+    t = time.perf_counter()
+    if plan.embed_docs or plan.delete_doc_ids or rebuild or current is None:
+        ds = store.commit(
+            CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
+                       delete_doc_ids=plan.delete_doc_ids, fragments=fragments),
+            schema,
+        )
+        report.committed = True
+        report.version = ds.version
+    else:
+        report.version = report.version_before
+    report.stage_seconds["commit"] = time.perf_counter() - t
+    if plan.quarantine and cfg.output.quarantine:
+        report.quarantine_file = store.write_quarantine(run_id, plan.quarantine, shards)
+    store.drop_staging(run_id)
+    report.seconds = time.perf_counter() - t0
+    return report.finish()
+

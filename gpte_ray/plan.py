@@ -1,0 +1,100 @@
+"""Diff: what a run must do, from the corpus scan and the table's current contents.
+
+Plain Python on the driver, over ids and hashes only (never texts). Duplicate rule: the
+first occurrence of a doc_id wins, in (shard path order, row) order; later ones are
+quarantined and name the winner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+__all__ = ["MassDeleteError", "Plan", "make_plan"]
+
+
+class MassDeleteError(RuntimeError):
+    """A run would delete more of the table than the guard allows."""
+
+
+@dataclass
+class Plan:
+    rows_read: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    quarantined: int = 0
+    deleted: int = 0
+    rebuild: bool = False
+    # doc_id -> (shard, row, content_hash) of every document to embed
+    embed_docs: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    delete_doc_ids: list[str] = field(default_factory=list)
+    quarantine: list[dict] = field(default_factory=list)  # shard, row, doc_id, reason
+
+    def rows_by_shard(self, doc_ids) -> dict[int, list[int]]:
+        """Shard -> sorted row positions for the given documents."""
+        out: dict[int, list[int]] = {}
+        for d in doc_ids:
+            shard, row, _ = self.embed_docs[d]
+            out.setdefault(shard, []).append(row)
+        return {s: sorted(r) for s, r in sorted(out.items())}
+
+    def digest(self) -> str:
+        """Identity of the work: same corpus diff -> same digest (used for the run id)."""
+        h = hashlib.sha256()
+        for doc_id in sorted(self.embed_docs):
+            h.update(f"{doc_id}\0{self.embed_docs[doc_id][2]}\n".encode())
+        h.update(b"--deletes--\n")
+        for doc_id in sorted(self.delete_doc_ids):
+            h.update(f"{doc_id}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def make_plan(
+    scan: list[tuple[int, int, str | None, str | None, str | None]],
+    shards: list[str],
+    existing: dict[str, str] | None,
+    rebuild: bool,
+    max_delete_fraction: float,
+    allow_mass_delete: bool,
+) -> Plan:
+    """`scan` rows are (shard, row, doc_id, content_hash, reason), in any order."""
+    plan = Plan(rows_read=len(scan), rebuild=rebuild)
+    existing = existing or {}
+    winner: dict[str, tuple[int, int]] = {}
+    for shard, row, doc_id, chash, reason in sorted(scan, key=lambda r: (r[0], r[1])):
+        if reason is not None:
+            plan.quarantine.append({"shard": shard, "row": row, "doc_id": doc_id, "reason": reason})
+            continue
+        if doc_id in winner:
+            ws, wr = winner[doc_id]
+            plan.quarantine.append({
+                "shard": shard, "row": row, "doc_id": doc_id,
+                "reason": f"duplicate doc_id (kept {shards[ws]} row {wr})",
+            })
+            continue
+        winner[doc_id] = (shard, row)
+        old = None if rebuild else existing.get(doc_id)
+        if old == chash:
+            plan.unchanged += 1
+            continue
+        if old is None:
+            plan.new += 1
+        else:
+            plan.changed += 1
+        plan.embed_docs[doc_id] = (shard, row, chash)
+    plan.quarantined = len(plan.quarantine)
+    if not rebuild:
+        # a document that vanished, or whose row is now bad, leaves the table
+        plan.delete_doc_ids = sorted(set(existing) - set(winner))
+        changed_ids = [d for d in plan.embed_docs if d in existing]
+        plan.deleted = len(plan.delete_doc_ids)
+        plan.delete_doc_ids += changed_ids  # their old chunks are replaced in the same commit
+        if existing and not allow_mass_delete and plan.deleted / len(existing) > max_delete_fraction:
+            raise MassDeleteError(
+                f"refusing to delete {plan.deleted} of {len(existing)} documents "
+                f"({plan.deleted / len(existing):.0%} > output.max_delete_fraction "
+                f"{max_delete_fraction:.0%}); is the input complete? "
+                "Pass --allow-mass-delete to proceed"
+            )
+    return plan

@@ -1,0 +1,55 @@
+"""Pooling of token states into one vector per text. Plain torch, no Ray."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["POOLING_MODES", "last_token_index", "pool"]
+
+POOLING_MODES = ("cls", "mean", "last-token", "weighted-mean")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, under left or right padding.
+
+    The position of the last 1 in each row: correct for either side, and for a row that
+    has no padding at all.
+    """
+    seq_len = attention_mask.shape[1]
+    positions = torch.arange(seq_len, device=attention_mask.device)  # (seq_len,)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)  # (bs,)
+
+
+def pool(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mode: str,
+    prompt_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pool `hidden` (bs, seq_len, dim) into (bs, dim).
+
+    `prompt_lengths` (bs,) excludes each row's leading prompt tokens from mean pooling
+    (right padding assumed for that option, as sentence-transformers does).
+    """
+    # zero padded positions outright: 0 * NaN would leak NaN from fully-masked rows
+    hidden = hidden.masked_fill(attention_mask[..., None] == 0, 0.0)
+    mask = attention_mask.to(hidden.dtype)  # (bs, seq_len)
+    if mode == "cls":
+        # the first real token: under left padding it is not at position 0
+        first = (attention_mask.long().cumsum(dim=1) == 1).long().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    if mode == "last-token":
+        idx = last_token_index(attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    if prompt_lengths is not None:
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        mask = mask * (positions[None, :] >= prompt_lengths[:, None]).to(mask.dtype)
+    if mode == "mean":
+        weights = mask
+    elif mode == "weighted-mean":
+        # SGPT: weight i for the i-th real token (1-based), whatever the padding side
+        weights = mask.cumsum(dim=1) * mask
+    else:
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
+    summed = (hidden * weights.unsqueeze(-1)).sum(dim=1)  # (bs, dim)
+    return summed / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)

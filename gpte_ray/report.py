@@ -1,0 +1,92 @@
+"""The run report: what one run read, embedded, wrote and skipped, and how fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["Progress", "RunReport"]
+
+
+@dataclass
+class RunReport:
+    run_id: str = ""
+    table: str = ""
+    version_before: int | None = None
+    version: int | None = None
+    committed: bool = False
+    rebuild: bool = False
+    rows_read: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    quarantined: int = 0
+    deleted: int = 0
+    docs_embedded: int = 0
+    chunks_written: int = 0
+    chunks_resumed: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    padding_efficiency: float | None = None
+    oom_retries: int = 0
+    min_token_budget: int | None = None
+    device: str = ""
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    rows_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    counts_add_up: bool = False
+    quarantine_file: str | None = None
+
+    def finish(self) -> RunReport:
+        self.counts_add_up = self.rows_read == self.new + self.changed + self.unchanged + self.quarantined
+        if self.padded_tokens:
+            self.padding_efficiency = round(self.tokens / self.padded_tokens, 4)
+        if self.seconds > 0:
+            self.rows_per_s = round(self.docs_embedded / self.seconds, 2)
+            self.tokens_per_s = round(self.tokens / self.seconds, 1)
+        self.seconds = round(self.seconds, 3)
+        self.stage_seconds = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=False)
+
+
+class Progress:
+    """One progress line: rewritten in place on a terminal, plain lines otherwise."""
+
+    def __init__(self, total_docs: int, stream=None, every_s: float = 5.0):
+        self.total = total_docs
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.every = every_s if not self.tty else 0.2
+        self.docs = self.rows = self.tokens = 0
+
+    def update(self, docs: int, rows: int, tokens: int) -> None:
+        self.docs += docs
+        self.rows += rows
+        self.tokens += tokens
+        now = time.perf_counter()
+        if now - self.last < self.every and self.docs < self.total:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.docs / elapsed
+        eta = (self.total - self.docs) / rate if rate > 0 else float("inf")
+        line = (
+            f"embedded {self.docs}/{self.total} docs ({self.rows} chunks) "
+            f"{rate:.1f} docs/s {self.tokens / elapsed:.0f} tok/s ETA {eta:.0f}s"
+        )
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            if self.docs >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

@@ -1,0 +1,241 @@
+"""The Lance table: schema and fingerprint, fragment writes in workers, one commit per run.
+
+Layout under the LanceDB URI (so `lancedb.connect(db).open_table(name)` reads it):
+  <db>/<table>.lance                     the table
+  <db>/_gpte_staging/<table>/<run_id>/   markers of fragments written but not yet committed
+  <db>/<table>.quarantine/<run_id>.parquet   rows that were not embedded, with reasons
+
+A run commits once, as a Lance transaction whose properties carry its run id. Committing a
+run id already in the table's history is a no-op, so a retried run never doubles rows.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from gpte_ray.spec import ModelSpec
+from gpte_ray.storage import filesystem, join
+
+__all__ = [
+    "FINGERPRINT_KEY",
+    "RUN_ID_KEY",
+    "CommitPlan",
+    "TableStore",
+    "table_schema",
+    "vector_type",
+]
+
+FINGERPRINT_KEY = "gpte_ray.fingerprint"
+CALIBRATION_KEY = "gpte_ray.calibration"
+RUN_ID_KEY = "gpte_ray.run_id"
+
+
+def vector_type(spec: ModelSpec) -> pa.DataType:
+    if spec.precision == "float16":
+        return pa.list_(pa.float16(), spec.dim)
+    if spec.precision == "int8":
+        return pa.list_(pa.int8(), spec.dim)
+    if spec.precision == "binary":
+        return pa.list_(pa.uint8(), spec.dim // 8)
+    return pa.list_(pa.float32(), spec.dim)
+
+
+def table_schema(spec: ModelSpec, store_text: bool, calibration: dict | None) -> pa.Schema:
+    fields = [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("chunk", pa.int32(), nullable=False),
+        pa.field("vector", vector_type(spec)),
+        pa.field("content_hash", pa.string()),
+        pa.field("char_start", pa.int32()),
+        pa.field("char_end", pa.int32()),
+    ]
+    if store_text:
+        fields.insert(3, pa.field("text", pa.string()))
+    meta = {FINGERPRINT_KEY: json.dumps(spec.fingerprint(), sort_keys=True)}
+    if calibration is not None:
+        meta[CALIBRATION_KEY] = json.dumps(calibration)
+    return pa.schema(fields, metadata=meta)
+
+
+def vectors_to_arrow(vectors: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """(n, d) numpy -> fixed_size_list array of the table's vector type."""
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=typ.value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, typ.list_size)
+
+
+@dataclass
+class CommitPlan:
+    """What one run changes, committed as one Lance transaction."""
+
+    run_id: str
+    read_version: int | None  # None: the table does not exist yet
+    overwrite: bool  # a new table or a fingerprint change: the new fragments ARE the table
+    delete_doc_ids: list[str] = field(default_factory=list)
+    fragments: list = field(default_factory=list)  # lance FragmentMetadata written this run
+
+
+class TableStore:
+    """One table under one LanceDB URI."""
+
+    def __init__(self, db: str, table: str, storage_options: dict | None = None):
+        self.db = db.rstrip("/")
+        self.table = table
+        self.uri = join(self.db, f"{table}.lance")
+        self.storage_options = storage_options
+        self.staging_root = join(self.db, "_gpte_staging", table)
+
+    # ---- reading ------------------------------------------------------------------------
+    def open(self, version: int | None = None):
+        """The dataset, or None if the table does not exist yet."""
+        import lance
+
+        try:
+            return lance.dataset(self.uri, version=version, storage_options=self.storage_options)
+        except (ValueError, FileNotFoundError) as e:
+            if "not found" in str(e).lower() or "does not exist" in str(e).lower() or isinstance(e, FileNotFoundError):
+                return None
+            raise
+
+    @staticmethod
+    def fingerprint(ds) -> dict | None:
+        meta = ds.schema.metadata or {}
+        raw = meta.get(FINGERPRINT_KEY.encode())
+        return json.loads(raw) if raw else None
+
+    @staticmethod
+    def calibration(ds) -> dict | None:
+        raw = (ds.schema.metadata or {}).get(CALIBRATION_KEY.encode())
+        return json.loads(raw) if raw else None
+
+    @staticmethod
+    def existing_docs(ds) -> dict[str, str]:
+        """doc_id -> content_hash of every document in the table (chunks collapse to one)."""
+        docs: dict[str, str] = {}
+        for batch in ds.to_batches(columns=["doc_id", "content_hash"], batch_size=65536):
+            docs.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+        return docs
+
+    def committed_run(self, ds, run_id: str, depth: int = 50) -> bool:
+        """Whether a transaction of `run_id` is in the table's recent history."""
+        for tx in ds.get_transactions(min(depth, ds.version)):
+            if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_KEY) == run_id:
+                return True
+        return False
+
+    # ---- writing (workers) ----------------------------------------------------------------
+    def write_fragments(self, table: pa.Table, schema: pa.Schema, max_rows_per_file: int) -> list:
+        from lance.fragment import write_fragments
+
+        return write_fragments(
+            table,
+            self.uri,
+            schema=schema,
+            max_rows_per_file=max_rows_per_file,
+            storage_options=self.storage_options,
+        )
+
+    # ---- committing (driver) --------------------------------------------------------------
+    def commit(self, plan: CommitPlan, schema: pa.Schema):
+        """Apply the plan as ONE transaction tagged with the run id; returns the dataset."""
+        import lance
+        from lance.dataset import Transaction
+
+        props = {RUN_ID_KEY: plan.run_id}
+        ds = self.open()
+        if ds is not None and self.committed_run(ds, plan.run_id):
+            return ds  # this run already landed: committing again would double its rows
+        if plan.overwrite or ds is None:
+            op = lance.LanceOperation.Overwrite(schema, plan.fragments)
+            read_version = ds.version if ds is not None else 0
+        else:
+            removed, updated = self._deletions(ds, plan.delete_doc_ids)
+            op = lance.LanceOperation.Update(
+                removed_fragment_ids=removed, updated_fragments=updated, new_fragments=plan.fragments
+            )
+            read_version = plan.read_version
+        tx = Transaction(read_version, op, uuid=str(uuid.uuid4()), transaction_properties=props)
+        return lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options)
+
+    def _deletions(self, ds, doc_ids: list[str]) -> tuple[list[int], list]:
+        """Fragments to drop and fragments with new deletion files, for these doc ids."""
+        if not doc_ids:
+            return [], []
+        wanted = set(doc_ids)
+        per_fragment: dict[int, set[str]] = {}
+        for batch in ds.to_batches(columns=["doc_id"], with_row_address=True, batch_size=65536):
+            ids = batch.column("doc_id").to_pylist()
+            addrs = batch.column("_rowaddr").to_numpy()
+            for i, a in zip(ids, addrs):
+                if i in wanted:
+                    # the high 32 bits of a row address are its fragment id
+                    per_fragment.setdefault(int(a) >> 32, set()).add(i)
+        removed, updated = [], []
+        for frag_id, ids in sorted(per_fragment.items()):
+            quoted = ", ".join("'" + d.replace("'", "''") + "'" for d in sorted(ids))
+            meta = ds.get_fragment(frag_id).delete(f"doc_id IN ({quoted})")
+            if meta is None:
+                removed.append(frag_id)  # every row of it goes
+            else:
+                updated.append(meta)
+        return removed, updated
+
+    def write_quarantine(self, run_id: str, rows: list[dict], shards: list[str]) -> str:
+        """Quarantined rows of this run as Parquet beside the table; returns its URI."""
+        import pyarrow.parquet as pq
+
+        uri = join(self.db, f"{self.table}.quarantine", f"{run_id}.parquet")
+        table = pa.table({
+            "source": [shards[r["shard"]] for r in rows],
+            "row": pa.array([r["row"] for r in rows], pa.int64()),
+            "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
+            "reason": [r["reason"] for r in rows],
+            "run_id": [run_id] * len(rows),
+        })
+        fs, path = filesystem(uri, self.storage_options)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs)
+        return uri
+
+    # ---- staging ------------------------------------------------------------------------
+    def staging_dir(self, run_id: str) -> str:
+        return join(self.staging_root, run_id)
+
+    def write_marker(self, run_id: str, name: str, payload: dict) -> None:
+        """Durably record fragments written (and the keys they hold), atomically per file."""
+        fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
+        fs.create_dir(path, recursive=True)
+        tmp = f"{path}/.{name}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(payload).encode())
+        fs.move(tmp, f"{path}/{name}.json")
+
+    def read_markers(self, run_id: str) -> list[dict]:
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        out = []
+        for info in sorted(infos, key=lambda i: i.path):
+            if info.is_file and info.path.endswith(".json") and "/." not in info.path:
+                with fs.open_input_stream(info.path) as f:
+                    out.append(json.loads(f.read()))
+        return out
+
+    def stale_staging(self, keep: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(self.staging_root, self.storage_options)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name != keep]
+
+    def drop_staging(self, run_id: str) -> None:
+        fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
+        try:
+            fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
