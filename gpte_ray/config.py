@@ -105,12 +105,16 @@ class ModelConfig(_Strict):
 
 class BatchConfig(_Strict):
     window_rows: int = Field(
-        1024, gt=0, description="Rows Ray hands the embed actor at once (the sorting window)."
+        2048, gt=0, description="Rows Ray hands the embed actor at once (the sorting window)."
     )
     token_budget: int | None = Field(
         None, gt=0, description="Max rows x padded length per micro-batch; default per device."
     )
     max_rows: int = Field(256, gt=0, description="Max rows per micro-batch.")
+    min_fill: float = Field(
+        0.9, ge=0, le=1,
+        description="A row joins a micro-batch only if its length >= min_fill x the batch's longest.",
+    )
     rows_per_fragment: int = Field(
         50_000, gt=0, description="Rows a writer collects into one Lance fragment."
     )

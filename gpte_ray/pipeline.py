@@ -150,7 +150,7 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
         .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=256,
                      batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, r.max_actors)),
                      num_cpus=r.tokenize_cpus)
-        .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, r.torch_threads,
+        .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, b.min_fill, r.torch_threads,
                                                       calibration),
                      batch_size=b.window_rows, batch_format="pyarrow",
                      compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **embed_resources)

@@ -253,7 +253,7 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
     pool = cfg.pooling or pooling or ("last-token" if is_decoder else "mean")
     if cfg.precision == "binary" and (cfg.dim or full_dim) % 8:
         raise ConfigError("config error: model.precision: binary needs a dimension divisible by 8")
-    if cfg.chunk_overlap >= max_length // 2:
+    if cfg.long_documents == "chunk" and cfg.chunk_overlap >= max_length // 2:
         raise ConfigError("config error: model.chunk_overlap: must be below half of max_length")
 
     return ModelSpec(

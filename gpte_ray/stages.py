@@ -99,7 +99,7 @@ class OutOfMemory(RuntimeError):
 class EmbedStage:
     """Sort the batch Ray hands over by length, cut micro-batches by a token budget, embed."""
 
-    def __init__(self, spec: ModelSpec, device: str, token_budget: int, max_rows: int,
+    def __init__(self, spec: ModelSpec, device: str, token_budget: int, max_rows: int, min_fill: float,
                  torch_threads: int | None, calibration: dict | None):
         import torch
 
@@ -112,6 +112,7 @@ class EmbedStage:
         self.embedder = Embedder(spec, device)
         self.budget = token_budget
         self.max_rows = max_rows
+        self.min_fill = min_fill
         self.calibration = calibration
         self.oom_retries = 0
 
@@ -146,7 +147,7 @@ class EmbedStage:
         lengths = np.asarray(batch["n_tokens"].to_numpy(), dtype=np.int64)
         pooled = np.zeros((len(ids), self.spec.full_dim), dtype=np.float32)
         padded = np.zeros(len(ids), dtype=np.int32)  # padded length of each row's micro-batch
-        for rows in plan_micro_batches(lengths, self.budget, self.max_rows):
+        for rows in plan_micro_batches(lengths, self.budget, self.max_rows, self.min_fill):
             self._embed_safely(ids, plens, rows, pooled, padded)
         vectors = postprocess(pooled, self.spec, self.calibration)
         seconds = time.perf_counter() - start

@@ -1,0 +1,135 @@
+"""The embedder against the reference: sentence-transformers parity, batch invariance, decoders."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from gpte_ray.batching import plan_micro_batches
+from gpte_ray.config import ConfigError, ModelConfig
+from gpte_ray.embedder import Embedder, postprocess
+from gpte_ray.spec import resolve_model
+from gpte_ray.tokenize import TextTokenizer
+
+
+def embed_texts(spec, texts, role="document", budget=8192, max_rows=256, side=None):
+    if side:
+        spec = dataclasses.replace(spec, padding_side=side)
+    tok, emb = TextTokenizer(spec), Embedder(spec)
+    chunks = tok.encode(texts, role)
+    lengths = TextTokenizer.lengths(chunks)
+    out = np.zeros((len(chunks), spec.full_dim), np.float32)
+    for rows in plan_micro_batches(lengths, budget, max_rows):
+        out[rows] = emb.embed([chunks[i].input_ids for i in rows], [chunks[i].prompt_len for i in rows])
+    return chunks, postprocess(out, spec, None)
+
+
+def cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_parity_with_sentence_transformers(varied_docs, st_model):
+    texts = [d["text"] for d in varied_docs[:120]]
+    spec = resolve_model(ModelConfig(long_documents="truncate"))
+    _, ours = embed_texts(spec, texts)
+    ref = st_model.encode(texts, batch_size=16)
+    assert cos(ours, ref).min() >= 0.9999
+
+
+@pytest.mark.parametrize("prompt", ["query: ", "Instruct: {task}\nQuery: {text}"])
+@pytest.mark.parametrize("include", [True, False])
+def test_parity_with_prompts(st_model, prompt, include):
+    texts = ["how do I read parquet", "a b c", "Ünïcödé and emoji 🎉 text"]
+    cfg = ModelConfig(query_prompt=prompt, task="find code", include_prompt_in_pooling=include)
+    spec = resolve_model(cfg)
+    _, ours = embed_texts(spec, texts, role="query")
+    st_prompt = prompt.replace("{task}", "find code").replace("{text}", "")
+    st_model[1].include_prompt = include
+    try:
+        ref = st_model.encode(texts, prompt=st_prompt)
+    finally:
+        st_model[1].include_prompt = True
+    assert cos(ours, ref).min() >= 0.9999
+
+
+@pytest.mark.parametrize("budget,max_rows,side", [(1, 1, "right"), (64, 4, "left"), (10**6, 512, "right"),
+                                                   (10**6, 512, "left")])
+def test_batch_invariance(varied_docs, budget, max_rows, side):
+    texts = [d["text"] for d in varied_docs[::5][:40]]
+    spec = resolve_model(ModelConfig())
+    _, alone = embed_texts(spec, texts, budget=1, max_rows=1)
+    _, batched = embed_texts(spec, texts, budget=budget, max_rows=max_rows, side=side)
+    assert np.abs(alone - batched).max() <= 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_decoder_last_token_padding_sides(tiny_qwen2, side):
+    spec = resolve_model(ModelConfig(path=tiny_qwen2, padding_side=side))
+    assert spec.pooling == "last-token" and spec.is_decoder
+    texts = ["short", "a somewhat longer text than the first one", "mid length text"]
+    _, alone = embed_texts(spec, texts, budget=1, max_rows=1)
+    _, batched = embed_texts(spec, texts, budget=10**6, max_rows=64)
+    assert np.abs(alone - batched).max() <= 1e-5
+
+
+def test_sentence_transformers_decoder_folder(tiny_llama_st):
+    from sentence_transformers import SentenceTransformer
+
+    spec = resolve_model(ModelConfig(path=tiny_llama_st))
+    assert (spec.pooling, spec.normalize, spec.max_length) == ("last-token", True, 128)
+    texts = ["one", "two words", "three words here"]
+    _, ours = embed_texts(spec, texts)
+    ref = SentenceTransformer(tiny_llama_st, device="cpu").encode(texts)
+    assert cos(ours, ref).min() >= 0.9999
+
+
+def test_matryoshka_dim_and_renormalisation(st_model):
+    spec = resolve_model(ModelConfig(dim=64))
+    _, ours = embed_texts(spec, ["matryoshka test"])
+    full = st_model.encode(["matryoshka test"])[:, :64]
+    expected = full / np.linalg.norm(full, axis=1, keepdims=True)
+    assert ours.shape == (1, 64)
+    assert np.abs(ours - expected).max() < 1e-5
+
+
+def test_long_document_chunks_cover_text_and_map_back():
+    spec = resolve_model(ModelConfig(max_length=64, chunk_overlap=8))
+    tok = TextTokenizer(spec)
+    text = " ".join(f"word{i}" for i in range(400))
+    chunks = tok.encode([text])
+    assert len(chunks) > 1 and all(len(c.input_ids) <= 64 for c in chunks)
+    assert [c.chunk for c in chunks] == list(range(len(chunks)))
+    assert chunks[0].char_start == 0 and chunks[-1].char_end == len(text)
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.char_start < a.char_end  # overlapping windows: no token falls between chunks
+    covered = np.zeros(len(text), dtype=bool)
+    for c in chunks:
+        covered[c.char_start : c.char_end] = True
+    # every character that belongs to some token lies inside a chunk's span
+    assert all(covered[i] for i, ch in enumerate(text) if not ch.isspace())
+
+
+def test_megabyte_document_is_chunked_not_truncated():
+    spec = resolve_model(ModelConfig())
+    text = ("lorem ipsum dolor sit amet " * 40000)[: 1 << 20]
+    chunks = TextTokenizer(spec).encode([text])
+    assert len(chunks) > 1000 and not any(c.truncated for c in chunks)
+    assert chunks[-1].char_end >= len(text.rstrip()) - 1
+
+
+def test_truncation_is_counted_when_asked():
+    spec = resolve_model(ModelConfig(long_documents="truncate", max_length=16))
+    chunks = TextTokenizer(spec).encode(["tiny", "x " * 100])
+    assert [c.truncated for c in chunks] == [False, True]
+
+
+@pytest.mark.parametrize("cfg,key", [
+    (ModelConfig(dim=1000), "model.dim"),
+    (ModelConfig(max_length=100000), "model.max_length"),
+    (ModelConfig(query_prompt="Instruct: {task}\nQuery: {text}"), "model.query_prompt"),
+])
+def test_impossible_model_settings_name_the_key(cfg, key):
+    with pytest.raises(ConfigError, match=key):
+        resolve_model(cfg)
