@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     ix.add_argument("--report", help="also write the JSON run report to this file")
 
+    de = sub.add_parser("demo", help="build a docstring corpus offline, index it locally, search it")
+    de.add_argument("--out", default="demo_data", help="folder for the corpus and the LanceDB db")
+    de.add_argument("--docs", type=int, default=3000)
+    de.add_argument("--query", default="read a parquet file into a table")
+
     se = sub.add_parser("search", help="query a table; prints JSON lines, best first")
     se.add_argument("query")
     se.add_argument("--db", required=True)
@@ -113,6 +118,21 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from gpte_ray.corpus import docstring_docs, write_shards
+
+    corpus = os.path.join(args.out, "corpus")
+    db = os.path.join(args.out, "db")
+    if not os.path.isdir(corpus):
+        shards = write_shards(docstring_docs(args.docs), corpus, rows_per_shard=500)
+        print(f"wrote {len(shards)} Parquet shards of installed-package docstrings to {corpus}", file=sys.stderr)
+    rc = main(["index", "--input", corpus, "--db", db, "--table", "docstrings"])
+    if rc == 0:
+        print(f"search: {args.query!r}", file=sys.stderr)
+        rc = main(["search", "--db", db, "--table", "docstrings", "-k", "5", args.query])
+    return rc
+
+
 def _search(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
     from gpte_ray.search import search
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        return _index(args) if args.command == "index" else _search(args)
+        return {"index": _index, "search": _search, "demo": _demo}[args.command](args)
     except KeyboardInterrupt:
         print("gpte-ray: interrupted", file=sys.stderr)
         return 130
