@@ -133,6 +133,9 @@ class ResourceConfig(_Strict):
     torch_threads: int | None = Field(
         None, gt=0, description="Torch threads in a CPU embed actor; default: the node's CPUs."
     )
+    fake_gpus: bool = Field(
+        False, description="Request GPUs for actor placement but compute on CPU (fake-GPU test clusters)."
+    )
     tokenize_cpus: float = Field(0.25, gt=0, description="CPUs per tokenize actor.")
     read_cpus: float = Field(0.5, gt=0, description="CPUs per read task.")
 

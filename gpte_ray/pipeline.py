@@ -52,6 +52,8 @@ def _device(cfg: JobConfig) -> str:
 
     if cfg.resources.device != "auto":
         return cfg.resources.device
+    if cfg.resources.fake_gpus:
+        return "cpu"
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
@@ -101,7 +103,9 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], plan: Plan, d
     sample = sorted(plan.embed_docs)[: cfg.model.calibration_sample]
     by_shard = plan.rows_by_shard(sample)
 
-    @ray.remote(num_cpus=cfg.resources.cpus_per_actor, num_gpus=cfg.resources.gpus_per_actor if device == "cuda" else 0)
+    gpus = cfg.resources.gpus_per_actor if device == "cuda" or cfg.resources.fake_gpus else 0
+
+    @ray.remote(num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus)
     def calibrate() -> dict:
         import dataclasses
 
@@ -141,7 +145,7 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
     items = [{"shard": s, "uri": shards[s], "rows": rows} for s, rows in plan.rows_by_shard(doc_ids).items()]
     budget = b.token_budget or DEFAULT_BUDGET[device]
     embed_resources = {"num_cpus": r.cpus_per_actor}
-    if device == "cuda":
+    if device == "cuda" or r.fake_gpus:
         embed_resources["num_gpus"] = r.gpus_per_actor
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
