@@ -158,6 +158,15 @@ class OutputConfig(_Strict):
         default_factory=dict, description="Object-store options for an s3:// db."
     )
     quarantine: bool = Field(True, description="Write quarantined rows beside the table.")
+    max_fragments: int = Field(16, gt=0, description="Compact when the table has more fragments.")
+    target_rows_per_fragment: int = Field(1_000_000, gt=0, description="Fragment size after compaction.")
+    index_min_rows: int = Field(
+        100_000, ge=0, description="Build the vector index once the table has this many rows."
+    )
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ"] = Field("IVF_HNSW_SQ", description="Vector index type.")
+    retention_hours: float = Field(
+        168, ge=0, description="Keep old table versions (and run tags) this long, then clean up."
+    )
 
 
 class JobConfig(_Strict):

@@ -16,6 +16,7 @@ import time
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, JobConfig
+from gpte_ray.lock import TableLock
 from gpte_ray.plan import Plan, make_plan
 from gpte_ray.report import Progress, RunReport
 from gpte_ray.sources import ShardError, list_shards
@@ -23,6 +24,7 @@ from gpte_ray.spec import ModelSpec, resolve_model
 from gpte_ray.stages import EmbedStage, TokenizeStage, WriteStage, read_shard, scan_shard
 from gpte_ray.storage import lance_options
 from gpte_ray.table import CommitPlan, TableStore, table_schema
+from gpte_ray.upkeep import finish_table
 
 __all__ = ["connect_ray", "run_index"]
 
@@ -136,7 +138,7 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], plan: Plan, d
 
 def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_ids: list[str],
            staged: frozenset, store: TableStore, schema: pa.Schema, run_id: str, device: str,
-           calibration: dict | None, report: RunReport) -> None:
+           calibration: dict | None, overwrite: bool, report: RunReport) -> None:
     """Stream the selected documents through tokenize -> embed -> write."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -159,13 +161,14 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
                      batch_size=b.window_rows, batch_format="pyarrow",
                      compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **embed_resources)
         .map_batches(WriteStage, fn_constructor_args=(store.db, store.table, store.storage_options, schema,
-                                                      run_id, b.rows_per_fragment),
+                                                      run_id, b.rows_per_fragment, overwrite),
                      batch_size=b.rows_per_fragment, batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
                      num_cpus=0.1)
     )
     progress = Progress(len(doc_ids))
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in out.to_pylist():
+            report.chunks_embedded += row["rows"]
             report.tokens += row["tokens"]
             report.padded_tokens += row["padded_tokens"]
             report.truncated += row["truncated"]
@@ -208,11 +211,22 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     device = _device(cfg)
     _check_fits(cfg, device)
     report.device = device
-    store = TableStore(cfg.output.db, cfg.output.table, lance_options(cfg.output.storage_options, cfg.output.db))
+    opts = lance_options(cfg.output.storage_options, cfg.output.db)
+    store = TableStore(cfg.output.db, cfg.output.table, opts)
+    lock = TableLock(cfg.output.db, cfg.output.table, opts)
+    lock.acquire(run_id="planning")
+    try:
+        _run_locked(cfg, spec, shards, device, store, report)
+    finally:
+        lock.release()
+    report.seconds = time.perf_counter() - t0
+    return report.finish()
 
+
+def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,
+                report: RunReport) -> None:
     current = store.open()
-    old_fp = store.fingerprint(current) if current is not None else None
-    rebuild = current is not None and old_fp != spec.fingerprint()
+    rebuild = current is not None and store.fingerprint(current) != spec.fingerprint()
     existing = store.existing_docs(current) if current is not None and not rebuild else {}
     report.version_before = current.version if current is not None else None
 
@@ -234,6 +248,8 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     key = f"{report.version_before}|{spec.fingerprint_digest()}|{plan.digest()}|{cfg.output.store_text}"
     run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
     report.run_id = run_id
+    for stale in store.stale_staging(keep=run_id):
+        store.drop_staging(stale)  # staged under another table version or corpus: never committable
 
     t = time.perf_counter()
     fragments, staged, todo = _staged_state(store, run_id, plan)
@@ -242,7 +258,8 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
         if not todo:
             break
         try:
-            _embed(cfg, spec, shards, plan, todo, staged, store, schema, run_id, device, calibration, report)
+            _embed(cfg, spec, shards, plan, todo, staged, store, schema, run_id, device, calibration,
+                   rebuild or current is None, report)
         except Exception as e:
             raise (_user_error(e) or e) from None
         fragments, staged, todo = _staged_state(store, run_id, plan)
@@ -253,6 +270,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     report.chunks_written = len(staged)
 
     t = time.perf_counter()
+    ds = current
     if plan.embed_docs or plan.delete_doc_ids or rebuild or current is None:
         ds = store.commit(
             CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
@@ -260,13 +278,14 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
             schema,
         )
         report.committed = True
-        report.version = ds.version
-    else:
-        report.version = report.version_before
+    report.version = ds.version if ds is not None else None
     report.stage_seconds["commit"] = time.perf_counter() - t
     if plan.quarantine and cfg.output.quarantine:
         report.quarantine_file = store.write_quarantine(run_id, plan.quarantine, shards)
     store.drop_staging(run_id)
-    report.seconds = time.perf_counter() - t0
-    return report.finish()
 
+    t = time.perf_counter()
+    if ds is not None:
+        report.upkeep = finish_table(ds, cfg.output, run_id, spec.fingerprint(), report.committed)
+        report.version = ds.version
+    report.stage_seconds["upkeep"] = time.perf_counter() - t

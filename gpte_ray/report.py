@@ -26,6 +26,7 @@ class RunReport:
     deleted: int = 0
     docs_embedded: int = 0
     chunks_written: int = 0
+    chunks_embedded: int = 0  # chunks that went through the model in this run (resumed ones did not)
     chunks_resumed: int = 0
     truncated: int = 0
     tokens: int = 0
@@ -40,6 +41,7 @@ class RunReport:
     tokens_per_s: float = 0.0
     counts_add_up: bool = False
     quarantine_file: str | None = None
+    upkeep: dict = field(default_factory=dict)
 
     def finish(self) -> RunReport:
         self.counts_add_up = self.rows_read == self.new + self.changed + self.unchanged + self.quarantined

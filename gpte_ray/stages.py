@@ -168,17 +168,18 @@ class WriteStage:
     """Write one batch of embedded rows as Lance fragment(s) plus a durable staging marker."""
 
     def __init__(self, db: str, table: str, storage_options: dict | None, schema: pa.Schema,
-                 run_id: str, max_rows_per_file: int):
+                 run_id: str, max_rows_per_file: int, overwrite: bool):
         from gpte_ray.table import TableStore
 
         self.store = TableStore(db, table, storage_options)
         self.schema = schema
         self.run_id = run_id
         self.max_rows_per_file = max_rows_per_file
+        self.overwrite = overwrite
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         data = batch.select(self.schema.names).cast(self.schema)
-        fragments = self.store.write_fragments(data, self.schema, self.max_rows_per_file)
+        fragments = self.store.write_fragments(data, self.schema, self.max_rows_per_file, self.overwrite)
         doc_ids = batch["doc_id"].to_pylist()
         chunks = batch["chunk"].to_pylist()
         marker = {

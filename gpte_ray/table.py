@@ -128,13 +128,17 @@ class TableStore:
         return False
 
     # ---- writing (workers) ----------------------------------------------------------------
-    def write_fragments(self, table: pa.Table, schema: pa.Schema, max_rows_per_file: int) -> list:
+    def write_fragments(self, table: pa.Table, schema: pa.Schema, max_rows_per_file: int,
+                        overwrite: bool) -> list:
+        """Data files for an uncommitted transaction; `overwrite` when they replace the table
+        (new schema), so Lance does not check them against the current one."""
         from lance.fragment import write_fragments
 
         return write_fragments(
             table,
             self.uri,
             schema=schema,
+            mode="overwrite" if overwrite else "append",
             max_rows_per_file=max_rows_per_file,
             storage_options=self.storage_options,
         )

@@ -1,0 +1,464 @@
+"""Throughput, side by side, in ONE run on one machine: this job vs the tools users would pick.
+
+Per corpus (real docstrings and a synthetic long-tailed one, same N texts for every method):
+
+  job    gpte-ray end to end: `ray.init` (timed) + `run_index` on Parquet shards, up to the
+         committed LanceDB table. Its RunReport gives tokens, padded tokens, stage seconds.
+  st     sentence-transformers `SentenceTransformer(path).encode(texts, batch_size=32)` in
+         this process, Ray not running (ST sorts by text length internally: it is the baseline
+         users pick). Timed: encode only (model load reported separately).
+  naive  the plain Ray Data pattern in the same Ray as the job, after it:
+         read_parquet -> map_batches(NaiveEmbedder, batch_size=32, ActorPoolStrategy(size=1)),
+         fixed 32-row batches in arrival order padded to their longest text, forward + mean
+         pooling + normalise, vectors collected to the driver. Its Ray start is the job's
+         (measured once per corpus) and is added to its time for the end-to-end comparison.
+
+Same model (default: the packaged all-MiniLM-L6-v2, float32), same torch thread count (2:
+`torch.set_num_threads` here for ST, `resources.torch_threads` for the job's embed actor, and
+in the naive actor), same truncation (256 tokens; the job runs with
+`model.long_documents: truncate` by default so that it embeds exactly the tokens ST embeds).
+
+Reported per corpus and method: seconds, docs/s, tokens/s (real tokens: the model tokenizer,
+truncated to 256), padding efficiency (real tokens / computed tokens, where a micro-batch of r
+rows padded to length p computes r*p), ratios job/st and job/naive, and model FLOP utilisation:
+
+  model FLOPs   = sum over texts of  2 * P * L  +  4 * n_layers * hidden * L^2
+                  P = parameters of the encoder layers (all weights in `model.encoder`: the
+                      matmuls every token goes through; embeddings and pooler excluded),
+                  L = the text's real token count; 2*P*L = one multiply-add per weight and
+                  token; 4*layers*hidden*L^2 = Q.K^T and attn.V (2*L*L*hidden each per layer).
+                  Padding is not counted: it is work the user did not ask for.
+  MFU           = model FLOPs / seconds / peak, peak = best FLOP/s of a large float32
+                  torch.matmul (2*n^3 per product) measured here with the same thread count.
+
+Usage:
+  python benchmarks/throughput.py --docs 5000 --out throughput.json
+  python benchmarks/throughput.py --docs 500 --set batch.token_budget=4096 --methods job
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("RAY_ADDRESS", None)
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
+logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+import numpy as np  # noqa: E402
+
+MAX_LEN = 256
+
+
+# ----------------------------------------------------------------------------- helpers
+def matmul_peak(threads: int, seconds: float = 1.5) -> dict:
+    """Best float32 FLOP/s of torch.matmul on large square matrices with `threads` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = {"flops_per_s": 0.0}
+    for n in (1024, 2048, 3072):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)  # warm-up
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            rate = 2 * n**3 / (time.perf_counter() - t)
+            if rate > best["flops_per_s"]:
+                best = {"flops_per_s": rate, "n": n}
+    return best
+
+
+def model_shape(path: str) -> dict:
+    import torch
+    from transformers import AutoModel
+
+    m = AutoModel.from_pretrained(path, dtype=torch.float32)
+    enc = sum(p.numel() for p in m.encoder.parameters())
+    cfg = m.config
+    return {"encoder_params": enc, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+            "total_params": sum(p.numel() for p in m.parameters())}
+
+
+def model_flops(lengths: np.ndarray, shape: dict) -> float:
+    L = lengths.astype(np.float64)
+    return float((2 * shape["encoder_params"] * L + 4 * shape["layers"] * shape["hidden"] * L**2).sum())
+
+
+def load_docs(corpus: str, n: int) -> list[dict]:
+    from gpte_ray.corpus import docstring_docs, synthetic_docs
+
+    docs = list(docstring_docs(n) if corpus == "real" else synthetic_docs(n))
+    if len(docs) < n:
+        print(f"note: corpus {corpus} has only {len(docs)} documents", file=sys.stderr)
+    return docs
+
+
+def st_padding(texts: list[str], lengths: np.ndarray, batch_size: int) -> tuple[int, int]:
+    """(real, computed) tokens of ST encode: it sorts by -len(text) and pads each batch."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    computed = sum(len(b) * int(lengths[b].max()) for b in np.array_split(order, range(batch_size, len(order), batch_size)))
+    return int(lengths.sum()), int(computed)
+
+
+class CPUMeter:
+    """CPU seconds used by this process and its descendants (the local Ray's raylet, workers,
+    actors), and by the whole machine, over a `with` block. Descendants are sampled every
+    0.2 s, so a process that exits loses at most its last 0.2 s. `share` = our CPU seconds /
+    (wall x CPUs); `others` = everyone else's share of the machine meanwhile (noise indicator)."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.seen: dict = {}
+        self.base: dict = {}
+
+    def _sample(self) -> None:
+        me = self.psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                self.seen[(p.pid, p.create_time())] = t.user + t.system
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                pass
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> CPUMeter:
+        import threading
+
+        self._sample()
+        self.base = dict(self.seen)
+        self.machine0 = self.psutil.cpu_times()
+        self.t0 = time.perf_counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+        wall = time.perf_counter() - self.t0
+        m1, m0 = self.psutil.cpu_times(), self.machine0
+        busy = lambda t: sum(getattr(t, f) for f in t._fields if f not in ("idle", "iowait", "guest", "guest_nice"))  # noqa: E731
+        self.cpu_seconds = sum(v - self.base.get(k, 0.0) for k, v in self.seen.items())
+        ncpu = os.cpu_count() or 1
+        self.share = self.cpu_seconds / (wall * ncpu)
+        self.others = max(0.0, (busy(m1) - busy(m0)) - self.cpu_seconds) / (wall * ncpu)
+
+
+def wait_children(timeout: float = 30.0) -> None:
+    """After ray.shutdown: wait until the local Ray's processes are gone (they exit async)."""
+    import psutil
+
+    end = time.time() + timeout
+    while time.time() < end:
+        kids = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        if not kids:
+            return
+        time.sleep(0.5)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# ----------------------------------------------------------------------------- methods
+def run_st(path: str, texts: list[str], threads: int, batch_size: int) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    model = SentenceTransformer(path, device="cpu")
+    model.max_seq_length = MAX_LEN
+    load_s = time.perf_counter() - t
+    model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up (one batch)
+    with CPUMeter() as cpu:
+        t = time.perf_counter()
+        vecs = model.encode(texts, batch_size=batch_size)
+        secs = time.perf_counter() - t
+    out = {"seconds": secs, "load_seconds": load_s, "rows": int(vecs.shape[0]), "cpu": cpu}
+    del model
+    gc.collect()
+    return out
+
+
+class NaiveEmbedder:
+    """The Ray Data pattern from the docs: tokenise each fixed batch, pad to its longest."""
+
+    def __init__(self, path: str, threads: int):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        enc = self.tok(list(batch["text"]), padding=True, truncation=True, max_length=MAX_LEN,
+                       return_tensors="pt")
+        with torch.inference_mode():
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            vec = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+        n, p = enc["attention_mask"].shape
+        return {"id": batch["id"], "vector": vec.numpy(),
+                "n_tokens": enc["attention_mask"].sum(1).numpy(), "padded": np.full(n, p)}
+
+
+def run_naive(path: str, shard_dir: str, threads: int, batch_size: int) -> dict:
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    t = time.perf_counter()
+    ds = ray.data.read_parquet(shard_dir).select_columns(["id", "text"]).map_batches(
+        NaiveEmbedder, fn_constructor_args=(path, threads), batch_size=batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=1), num_cpus=1,
+    )
+    vecs, real, padded = [], 0, 0
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        vecs.append(b["vector"])
+        real += int(b["n_tokens"].sum())
+        padded += int(b["padded"].sum())
+    secs = time.perf_counter() - t
+    return {"seconds": secs, "rows": int(sum(len(v) for v in vecs)), "tokens": real,
+            "padded_tokens": padded, "padding_efficiency": real / padded}
+
+
+def run_job(shard_dir: str, db: str, threads: int, model: str | None, long_documents: str,
+            overrides: dict) -> tuple[dict, object]:
+    from gpte_ray.config import load_config
+    from gpte_ray.pipeline import run_index
+
+    cfg = load_config(None, {
+        "input.paths": [shard_dir], "output.db": db, "output.table": "bench",
+        "model.path": model, "model.dtype": "float32", "model.long_documents": long_documents,
+        "resources.device": "cpu", "resources.torch_threads": threads, **overrides,
+    })
+    t = time.perf_counter()
+    report = run_index(cfg)
+    return {"run_seconds": time.perf_counter() - t}, report
+
+
+def start_ray(num_cpus: int) -> float:
+    import ray
+
+    t = time.perf_counter()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    secs = time.perf_counter() - t
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return secs
+
+
+# ----------------------------------------------------------------------------- main
+def parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--docs", type=int, default=5000, help="documents per corpus")
+    ap.add_argument("--corpora", default="real,synthetic")
+    ap.add_argument("--methods", default="st,job,naive")
+    ap.add_argument("--model", default=None, help="model folder or hub id (default: packaged MiniLM)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for every method")
+    ap.add_argument("--num-cpus", type=int, default=2, help="num_cpus of the local Ray")
+    ap.add_argument("--batch-size", type=int, default=32, help="ST and naive batch size")
+    ap.add_argument("--rows-per-shard", type=int, default=1000)
+    ap.add_argument("--long-documents", default="truncate", choices=["truncate", "chunk"],
+                    help="job setting; truncate embeds exactly ST's tokens")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="job config override, e.g. batch.token_budget=4096 (repeatable)")
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--keep", default=None, help="keep shards and tables in this folder")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from gpte_ray.corpus import write_shards
+    from gpte_ray.spec import default_model_path
+
+    methods = args.methods.split(",")
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: parse_value(v) for k, v in overrides.items()}
+    path = args.model or default_model_path()
+    torch.set_num_threads(args.threads)
+    work = args.keep or tempfile.mkdtemp(prefix="gpte_bench_")
+    os.makedirs(work, exist_ok=True)
+
+    peak = matmul_peak(args.threads)
+    shape = model_shape(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    env = {
+        "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "matmul_peak_gflops": round(peak["flops_per_s"] / 1e9, 1), "matmul_n": peak["n"],
+        "model": path if args.model else "packaged all-MiniLM-L6-v2", "model_shape": shape,
+        "loadavg_start": loadavg(),
+    }
+    print(f"# machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({env['cpu_capability']}), "
+          f"{args.threads} threads, matmul peak {env['matmul_peak_gflops']} GFLOP/s (n={peak['n']}), "
+          f"loadavg {env['loadavg_start']}", flush=True)
+    print(f"# model: {env['model']}: encoder params {shape['encoder_params']:,}, "
+          f"{shape['layers']} layers x hidden {shape['hidden']}", flush=True)
+
+    results: dict = {"env": env, "args": vars(args), "corpora": {}}
+    for corpus in args.corpora.split(","):
+        docs = load_docs(corpus, args.docs)
+        texts = [d["text"] for d in docs]
+        lengths = np.array([len(x) for x in tok(texts, truncation=True, max_length=MAX_LEN)["input_ids"]])
+        tokens, flops = int(lengths.sum()), model_flops(lengths, shape)
+        shard_dir = os.path.join(work, corpus, "shards")
+        shutil.rmtree(os.path.join(work, corpus), ignore_errors=True)
+        write_shards(iter(docs), shard_dir, rows_per_shard=args.rows_per_shard)
+        del docs
+        res: dict = {"docs": len(texts), "tokens": tokens, "model_tflops": flops / 1e12,
+                     "token_len_p50_p90_p99": [float(x) for x in np.percentile(lengths, [50, 90, 99])],
+                     "methods": {}}
+        print(f"\n## corpus {corpus}: {len(texts)} docs, {tokens:,} tokens (<= {MAX_LEN} each), "
+              f"token length p50/p90/p99 {res['token_len_p50_p90_p99']}", flush=True)
+
+        def record(name: str, secs: float, eff: float | None, cpu_s: float, others: float,
+                   extra: dict) -> None:
+            m = {"seconds": round(secs, 3), "docs_per_s": round(len(texts) / secs, 1),
+                 "tokens_per_s": round(tokens / secs, 1),
+                 "padding_efficiency": None if eff is None else round(eff, 4),
+                 "mfu": round(flops / secs / peak["flops_per_s"], 4),
+                 "cpu_seconds": round(cpu_s, 2), "tokens_per_cpu_s": round(tokens / cpu_s, 1),
+                 "others_load": round(others, 3), **extra}
+            res["methods"][name] = m
+            print(f"{name:>6}: {secs:8.2f} s  {m['docs_per_s']:8.1f} docs/s  {m['tokens_per_s']:9.0f} tok/s  "
+                  f"pad eff {m['padding_efficiency']}  MFU {m['mfu']:.3f}  cpu {cpu_s:.1f} s "
+                  f"({m['tokens_per_cpu_s']:.0f} tok/cpu-s)  others' load {others:.2f}  {extra}", flush=True)
+
+        if "st" in methods:
+            r = run_st(path, texts, args.threads, args.batch_size)
+            real, comp = st_padding(texts, lengths, args.batch_size)
+            record("st", r["seconds"], real / comp, r["cpu"].cpu_seconds, r["cpu"].others,
+                   {"load_seconds": round(r["load_seconds"], 2)})
+        gc.collect()
+
+        if "job" in methods or "naive" in methods:
+            import ray
+
+            with CPUMeter() as ray_cpu:
+                ray_start = start_ray(args.num_cpus)
+            res["ray_start_seconds"] = round(ray_start, 3)
+            print(f"  ray.init: {ray_start:.2f} s ({ray_cpu.cpu_seconds:.1f} cpu-s)", flush=True)
+            try:
+                if "job" in methods:
+                    db = os.path.join(work, corpus, "db")
+                    with CPUMeter() as cpu:
+                        r, report = run_job(shard_dir, db, args.threads, args.model, args.long_documents,
+                                            overrides)
+                    import lancedb
+
+                    rows = lancedb.connect(db).open_table("bench").count_rows()
+                    assert report.committed and report.docs_embedded == len(texts), report
+                    if args.long_documents == "truncate" and report.tokens != tokens:
+                        print(f"  warning: job embedded {report.tokens} tokens, tokenizer says {tokens}")
+                    e2e = ray_start + r["run_seconds"]
+                    record("job", e2e, report.padding_efficiency, ray_cpu.cpu_seconds + cpu.cpu_seconds,
+                           cpu.others, {
+                        "run_index_seconds": round(r["run_seconds"], 2), "table_rows": rows,
+                        "stage_seconds": report.stage_seconds, "job_tokens": report.tokens,
+                        "padded_tokens": report.padded_tokens})
+                if "naive" in methods:
+                    with CPUMeter() as cpu:
+                        r = run_naive(path, shard_dir, args.threads, args.batch_size)
+                    assert r["rows"] == len(texts)
+                    record("naive", ray_start + r["seconds"], r["padding_efficiency"],
+                           ray_cpu.cpu_seconds + cpu.cpu_seconds, cpu.others,
+                           {"pipeline_seconds": round(r["seconds"], 2)})
+            finally:
+                ray.shutdown()
+                wait_children()
+        m = res["methods"]
+        if "job" in m:
+            for other in ("st", "naive"):
+                if other in m:
+                    res[f"job_over_{other}"] = round(m[other]["seconds"] / m["job"]["seconds"], 3)
+                    res[f"job_over_{other}_cpu"] = round(m[other]["cpu_seconds"] / m["job"]["cpu_seconds"], 3)
+        results["corpora"][corpus] = res
+
+    env["loadavg_end"] = loadavg()
+    print_table(results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nwrote {args.out}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"\n# summary (torch threads {results['env']['torch_threads']}, matmul peak "
+          f"{results['env']['matmul_peak_gflops']} GFLOP/s, loadavg start {results['env']['loadavg_start']} "
+          f"end {results['env']['loadavg_end']})")
+    print(f"{'corpus':<10}{'method':<7}{'seconds':>9}{'docs/s':>9}{'tok/s':>9}{'pad eff':>9}{'MFU':>7}"
+          f"{'job/x':>8}{'cpu-s':>9}{'tok/cpu-s':>10}{'job/x cpu':>10}{'others':>8}")
+    for corpus, res in results["corpora"].items():
+        for name, m in res["methods"].items():
+            ratio = res.get(f"job_over_{name}", "")
+            cratio = res.get(f"job_over_{name}_cpu", "")
+            eff = "" if m["padding_efficiency"] is None else f"{m['padding_efficiency']:.3f}"
+            print(f"{corpus:<10}{name:<7}{m['seconds']:>9.2f}{m['docs_per_s']:>9.1f}{m['tokens_per_s']:>9.0f}"
+                  f"{eff:>9}{m['mfu']:>7.3f}{ratio!s:>8}{m['cpu_seconds']:>9.1f}{m['tokens_per_cpu_s']:>10.0f}"
+                  f"{cratio!s:>10}{m['others_load']:>8.2f}")
+        if "job" in res["methods"]:
+            j = res["methods"]["job"]
+            print(f"{'':<10}job: ray.init {res.get('ray_start_seconds')} s, run_index {j['run_index_seconds']} s, "
+                  f"stages {j['stage_seconds']}")
+    targets = []
+    for corpus, res in results["corpora"].items():
+        m = res["methods"]
+        if "job" in m:
+            eff = m["job"]["padding_efficiency"] or 0
+            targets.append(f"{corpus}: pad eff {eff:.3f} (>=0.95 {'ok' if eff >= 0.95 else 'MISS'})")
+            if "st" in res["methods"]:
+                r = res["job_over_st"]
+                targets.append(f"{corpus}: job/st {r:.2f} (>=0.9 {'ok' if r >= 0.9 else 'MISS'})")
+            if "naive" in res["methods"]:
+                r = res["job_over_naive"]
+                targets.append(f"{corpus}: job/naive {r:.2f} (>=1.5 {'ok' if r >= 1.5 else 'MISS'})")
+    if targets:
+        print("targets: " + "; ".join(targets))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Retrieval evaluation in the BEIR layout: `queries.jsonl` + `qrels.tsv` against a table.
+
+The metrics are plain functions over one query's ranked document ids and its graded
+judgements (`{doc_id: grade}`; grade > 0 is relevant), with the conventions of BEIR's
+pytrec_eval:
+
+* recall@k  = relevant documents in the top k / all relevant documents of the query
+* nDCG@k    = DCG@k / IDCG@k, linear gain: DCG = sum(grade_i / log2(i + 1)), i = 1-based rank;
+  IDCG is the DCG of the query's judgements sorted by grade
+* MRR@k     = 1 / rank of the first relevant document in the top k (0 if none)
+
+A query with no relevant document (absent from qrels, or only grade-0 judgements) has no
+defined recall or nDCG: every metric returns None for it, and `mean_metrics` leaves it out of
+the averages and counts it as skipped (pytrec_eval, and so BEIR, also skip such queries).
+
+The table holds chunks, so retrieval results are chunk rows. They collapse to documents: a
+document's score is its best chunk's score; documents rank by that score, ties broken by
+doc_id (so exact and indexed search rank a tie the same way whatever order the rows came in).
+A ranked list with a repeated doc id counts its first occurrence only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "add_eval_parser",
+    "build_docstring_retrieval_set",
+    "collapse_to_docs",
+    "evaluate",
+    "load_qrels",
+    "load_queries",
+    "mean_metrics",
+    "mrr_at_k",
+    "ndcg_at_k",
+    "recall_at_k",
+    "run_eval",
+]
+
+# chunks fetched per wanted document on the first try (a document may have several chunks)
+OVERSAMPLE = 4
+QUERY_BATCH = 256
+
+
+# ---- reading the BEIR files -----------------------------------------------------------------
+def load_queries(path: str) -> dict[str, str]:
+    """queries.jsonl -> {query_id: text}, in file order."""
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[str(row["_id"])] = str(row["text"])
+            except (ValueError, KeyError, TypeError) as e:
+                msg = f"input error: {path}:{n}: not a query line with _id and text ({e})"
+                raise ValueError(msg) from None
+    return out
+
+
+def load_qrels(path: str) -> dict[str, dict[str, int]]:
+    """qrels.tsv (header `query-id  corpus-id  score`) -> {query_id: {doc_id: grade}}."""
+    out: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
+            raise ValueError(f"input error: {path}: header must be query-id<TAB>corpus-id<TAB>score")
+        for n, row in enumerate(reader, 2):
+            if not row or not any(c.strip() for c in row):
+                continue
+            try:
+                qid, did, grade = row[0], row[1], int(float(row[2]))
+            except (IndexError, ValueError):
+                raise ValueError(f"input error: {path}:{n}: expected query-id, corpus-id, score") from None
+            out.setdefault(qid, {})[did] = grade
+    return out
+
+
+# ---- metrics --------------------------------------------------------------------------------
+def _top(ranked: Sequence[str], k: int) -> list[str]:
+    """The first k distinct ids of a ranking."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for d in ranked:
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+            if len(out) == k:
+                break
+    return out
+
+
+def _relevant(qrels: Mapping[str, int]) -> set[str]:
+    return {d for d, g in qrels.items() if g > 0}
+
+
+def recall_at_k(ranked: Sequence[str], qrels: Mapping[str, int], k: int) -> float | None:
+    rel = _relevant(qrels)
+    if not rel:
+        return None
+    return sum(1 for d in _top(ranked, k) if d in rel) / len(rel)
+
+
+def ndcg_at_k(ranked: Sequence[str], qrels: Mapping[str, int], k: int = 10) -> float | None:
+    if not _relevant(qrels):
+        return None
+    dcg = sum(max(qrels.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(_top(ranked, k)))
+    ideal = sorted((g for g in qrels.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg
+
+
+def mrr_at_k(ranked: Sequence[str], qrels: Mapping[str, int], k: int = 10) -> float | None:
+    rel = _relevant(qrels)
+    if not rel:
+        return None
+    for i, d in enumerate(_top(ranked, k)):
+        if d in rel:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def metric_names(k: int) -> list[str]:
+    """recall@k, nDCG@10, MRR@10, recall@10 and recall@100 (each once)."""
+    names = [f"recall@{k}", "ndcg@10", "mrr@10"]
+    for cut in (10, 100):
+        if f"recall@{cut}" not in names:
+            names.append(f"recall@{cut}")
+    return names
+
+
+def _metric(name: str, ranked: Sequence[str], qrels: Mapping[str, int]) -> float | None:
+    kind, cut = name.split("@")
+    fn = {"recall": recall_at_k, "ndcg": ndcg_at_k, "mrr": mrr_at_k}[kind]
+    return fn(ranked, qrels, int(cut))
+
+
+def mean_metrics(runs: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]],
+                 names: Sequence[str]) -> dict:
+    """Mean of each metric over the queries of `runs` that have a relevant document.
+
+    `runs`: {query_id: ranked doc ids}. Returns {name: mean, ..., "evaluated": n, "skipped": m};
+    a mean over zero queries is None.
+    """
+    sums = dict.fromkeys(names, 0.0)
+    evaluated = skipped = 0
+    for qid, ranked in runs.items():
+        judged = qrels.get(qid, {})
+        if not _relevant(judged):
+            skipped += 1
+            continue
+        evaluated += 1
+        for name in names:
+            sums[name] += _metric(name, ranked, judged)
+    out: dict = {name: (round(sums[name] / evaluated, 6) if evaluated else None) for name in names}
+    out["evaluated"] = evaluated
+    out["skipped"] = skipped
+    return out
+
+
+def collapse_to_docs(rows: Iterable) -> list[tuple[str, float]]:
+    """Chunk hits -> [(doc_id, best chunk score)], best first, ties by doc_id.
+
+    `rows`: dicts with doc_id and score, or (doc_id, score) pairs; higher score is better.
+    """
+    best: dict[str, float] = {}
+    for r in rows:
+        doc, score = (r["doc_id"], r["score"]) if isinstance(r, Mapping) else r
+        score = float(score)
+        if doc not in best or score > best[doc]:
+            best[doc] = score
+    return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# ---- searching the table --------------------------------------------------------------------
+def _vector_index(ds) -> str | None:
+    """Type of the vector column's index (e.g. IVF_PQ), or None."""
+    try:
+        for idx in ds.describe_indices():
+            fields = list(getattr(idx, "field_names", None) or getattr(idx, "columns", None) or [])
+            if "vector" in fields:
+                return str(getattr(idx, "index_type", "vector index"))
+    except AttributeError:
+        pass
+    for idx in ds.list_indices() if hasattr(ds, "list_indices") else []:
+        if "vector" in idx.get("fields", []):
+            return str(idx.get("type", "vector index"))
+    return None
+
+
+def _search_batch(ds, vectors: np.ndarray, limit: int, metric: str, use_index: bool,
+                  nearest_extra: dict) -> list[list[tuple[str, float]]]:
+    """Top `limit` chunks of each query vector as [(doc_id, score)], best first."""
+    nearest = {"column": "vector", "q": vectors, "k": limit, "metric": metric, "use_index": use_index,
+               **nearest_extra}
+    table = ds.to_table(columns=["doc_id", "_distance"], nearest=nearest)
+    out: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
+    qi = table.column("query_index").to_numpy() if "query_index" in table.column_names \
+        else np.zeros(table.num_rows, dtype=np.int64)
+    ids = table.column("doc_id").to_pylist()
+    dist = table.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
+    scores = 1.0 - dist if metric == "cosine" else -dist
+    for q, d, s in zip(qi.tolist(), ids, scores.tolist()):
+        out[q].append((d, s))
+    return out
+
+
+def _rank_docs(ds, vectors: np.ndarray, depth: int, n_rows: int, metric: str, use_index: bool,
+               nearest_extra: dict) -> list[list[str]]:
+    """For each query, at least `depth` distinct documents (when the table has them), best first.
+
+    Fetches depth x OVERSAMPLE chunks; a query whose chunks covered fewer documents is fetched
+    again with 4x the chunks, until it fills or the table runs out."""
+    limit = min(depth * OVERSAMPLE, n_rows)
+    ranked: list[list[str] | None] = [None] * len(vectors)
+    todo = list(range(len(vectors)))
+    while todo:
+        hits = _search_batch(ds, vectors[todo], limit, metric, use_index, nearest_extra)
+        again = []
+        for q, rows in zip(todo, hits):
+            docs = collapse_to_docs(rows)
+            if len(docs) >= depth or len(rows) < limit or limit >= n_rows:
+                ranked[q] = [d for d, _ in docs]
+            else:
+                again.append(q)
+        todo = again
+        limit = min(limit * 4, n_rows)
+    return ranked  # type: ignore[return-value]
+
+
+def _embed_all(fp: dict, texts: list[str], calibration: dict | None, model_path: str | None) -> np.ndarray:
+    """Every query embedded once, in batches of similar length (little padding)."""
+    from gpte_ray.search import embed_queries
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: np.ndarray | None = None
+    for start in range(0, len(order), QUERY_BATCH):
+        idx = order[start : start + QUERY_BATCH]
+        vec = embed_queries(fp, [texts[i] for i in idx], calibration, model_path)
+        if out is None:
+            out = np.empty((len(texts), *vec.shape[1:]), dtype=vec.dtype)
+        out[idx] = vec
+    return out if out is not None else np.empty((0, fp["dim"]), dtype=np.float32)
+
+
+def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 10,
+             storage_options: dict | None = None, model_path: str | None = None,
+             nprobes: int | None = None, refine_factor: int | None = None) -> dict:
+    """recall@k, nDCG@10, MRR@10, recall@10 and recall@100 of exact and indexed search.
+
+    Queries are those of `queries_path` that have judgements in `qrels_path`; a query with no
+    relevant document is skipped (counted in "skipped"). `indexed` is the table's default search
+    path (its vector index, or the same exact scan when there is none: then "note" says so).
+    `nprobes` / `refine_factor` tune the indexed search (None: Lance's defaults).
+    """
+    from gpte_ray.config import ConfigError
+    from gpte_ray.table import TableStore
+
+    if k < 1:
+        raise ConfigError(f"config error: k: must be >= 1, got {k}")
+    t0 = time.perf_counter()
+    store = TableStore(db, table, storage_options)
+    ds = store.open()
+    if ds is None:
+        raise ConfigError(f"config error: output.table: no table {table!r} in {db}")
+    fp = store.fingerprint(ds)
+    if fp is None:
+        raise ConfigError(f"config error: output.table: {table!r} was not written by gpte-ray")
+    queries = load_queries(queries_path)
+    qrels = load_qrels(qrels_path)
+    qids = [q for q in queries if _relevant(qrels.get(q, {}))]
+    no_relevant = sum(1 for q in queries if q in qrels and q not in set(qids))
+    missing = sum(1 for q in qrels if q not in queries)
+
+    names = metric_names(k)
+    depth = max(int(n.split("@")[1]) for n in names)
+    metric = "hamming" if fp["precision"] == "binary" else "cosine"
+    n_rows = ds.count_rows()
+    index = _vector_index(ds)
+    extra: dict = {}
+    if nprobes is not None:
+        extra["minimum_nprobes"] = extra["maximum_nprobes"] = nprobes
+    if refine_factor is not None:
+        extra["refine_factor"] = refine_factor
+
+    t = time.perf_counter()
+    vectors = _embed_all(fp, [queries[q] for q in qids], store.calibration(ds), model_path)
+    embed_s = time.perf_counter() - t
+
+    result: dict = {"queries": len(qids), "k": k, "table_rows": n_rows, "version": ds.version,
+                    "index": index or "none"}
+    seconds = {"embed": round(embed_s, 3)}
+    modes = [("exact", False)] + ([("indexed", True)] if index else [])
+    for mode, use_index in modes:
+        t = time.perf_counter()
+        runs: dict[str, list[str]] = {}
+        if n_rows and qids:
+            for start in range(0, len(qids), QUERY_BATCH):
+                batch = qids[start : start + QUERY_BATCH]
+                ranked = _rank_docs(ds, vectors[start : start + QUERY_BATCH], depth, n_rows, metric,
+                                    use_index, extra if use_index else {})
+                runs.update(zip(batch, ranked))
+        else:
+            runs = {q: [] for q in qids}
+        means = mean_metrics(runs, qrels, names)
+        means.pop("skipped")
+        means.pop("evaluated")
+        result[mode] = means
+        seconds[mode] = round(time.perf_counter() - t, 3)
+    if not index:
+        result["indexed"] = dict(result["exact"])
+        result["note"] = "no vector index: indexed search is the exact scan"
+    elif extra:
+        result["search"] = {"nprobes": nprobes, "refine_factor": refine_factor}
+    result["skipped"] = {"no_relevant": no_relevant, "qrels_without_query": missing}
+    seconds["total"] = round(time.perf_counter() - t0, 3)
+    result["seconds"] = seconds
+    return result
+
+
+# ---- the command line -----------------------------------------------------------------------
+def add_eval_parser(subparsers):
+    """`gpte-ray eval`: add the sub-command to the CLI's subparsers; returns its parser."""
+    ev = subparsers.add_parser("eval", help="recall/nDCG/MRR of a table on BEIR-layout queries and qrels")
+    ev.add_argument("--db", required=True)
+    ev.add_argument("--table", required=True)
+    ev.add_argument("--queries", required=True, help="queries.jsonl: {\"_id\": ..., \"text\": ...} per line")
+    ev.add_argument("--qrels", required=True, help="qrels.tsv with header query-id, corpus-id, score")
+    ev.add_argument("-k", type=int, default=10, help="documents per query for recall@k (default 10)")
+    ev.add_argument("--model", help="local folder of the table's model, if not findable by its id")
+    ev.add_argument("--nprobes", type=int, help="IVF partitions probed by the indexed search")
+    ev.add_argument("--refine-factor", type=int, help="re-rank k x this many index hits exactly")
+    ev.add_argument("--config", help="job YAML (for output.storage_options)")
+    return ev
+
+
+def run_eval(args) -> int:
+    """Run `gpte-ray eval`; prints the metrics as one JSON line."""
+    from gpte_ray.config import load_config
+    from gpte_ray.storage import lance_options
+
+    cfg = load_config(getattr(args, "config", None))
+    opts = lance_options(cfg.output.storage_options, args.db)
+    out = evaluate(args.db, args.table, args.queries, args.qrels, args.k, opts, args.model,
+                   nprobes=getattr(args, "nprobes", None), refine_factor=getattr(args, "refine_factor", None))
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+# ---- an offline retrieval set from docstrings ---------------------------------------------------
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def split_first_sentence(doc: str) -> tuple[str, str]:
+    """(first sentence, the rest) of a docstring; the sentence ends at . ! ? or its paragraph."""
+    doc = doc.strip()
+    para_end = doc.find("\n\n")
+    para = doc if para_end < 0 else doc[:para_end]
+    m = _SENTENCE_END.search(para)
+    end = m.end() if m else len(para)
+    return " ".join(doc[:end].split()), doc[end:].strip()
+
+
+def _good_query(sentence: str) -> bool:
+    words = sentence.split()
+    return 4 <= len(words) <= 40 and not sentence.startswith((">>>", "..", ":", "-", "=", "|"))
+
+
+def build_docstring_retrieval_set(out_dir: str, n_docs: int, rows_per_shard: int = 1000,
+                                  root: str | None = None) -> dict:
+    """A small BEIR-layout retrieval set built offline from installed-package docstrings.
+
+    Query = a docstring's first sentence; its one relevant document (grade 1) = the rest of
+    that docstring, indexed WITHOUT the first sentence, so the query is not a substring of it.
+    Docstrings whose first sentence is too short or long, whose rest is under 80 characters,
+    or whose first sentence or rest repeats an earlier one are left out, so each query has a
+    single right answer. Writes out_dir/corpus/part-*.parquet (id, title, module, text),
+    out_dir/queries.jsonl and out_dir/qrels.tsv; returns their paths and counts.
+    """
+    from gpte_ray.corpus import docstring_docs, write_shards
+
+    docs, queries = [], []
+    seen_q: set[str] = set()
+    seen_body: set[str] = set()
+    for d in docstring_docs(10**9, root=root):
+        first, rest = split_first_sentence(d["text"])
+        key_q, key_b = first.lower(), " ".join(rest.split()).lower()
+        if not _good_query(first) or len(rest) < 80 or key_q in seen_q or key_b in seen_body:
+            continue
+        seen_q.add(key_q)
+        seen_body.add(key_b)
+        docs.append({"id": d["id"], "title": d["title"], "module": d["module"], "text": rest})
+        queries.append({"_id": f"q{len(queries):06d}", "text": first, "doc": d["id"]})
+        if len(docs) >= n_docs:
+            break
+    os.makedirs(out_dir, exist_ok=True)
+    corpus = os.path.join(out_dir, "corpus")
+    shards = write_shards(iter(docs), corpus, rows_per_shard=rows_per_shard)
+    qpath, rpath = os.path.join(out_dir, "queries.jsonl"), os.path.join(out_dir, "qrels.tsv")
+    with open(qpath, "w", encoding="utf-8") as f:
+        for q in queries:
+            f.write(json.dumps({"_id": q["_id"], "text": q["text"]}, ensure_ascii=False) + "\n")
+    with open(rpath, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["query-id", "corpus-id", "score"])
+        for q in queries:
+            w.writerow([q["_id"], q["doc"], 1])
+    return {"corpus": corpus, "shards": shards, "queries": qpath, "qrels": rpath, "docs": len(docs)}
+
+
+if __name__ == "__main__":  # python -m gpte_ray.evaluate OUT_DIR N_DOCS: build the docstring set
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m gpte_ray.evaluate OUT_DIR N_DOCS")
+    built = build_docstring_retrieval_set(sys.argv[1], int(sys.argv[2]))
+    print(json.dumps({k: v for k, v in built.items() if k != "shards"}))

@@ -1,0 +1,457 @@
+"""The run report as one self-contained HTML page: inline CSS and SVG, no scripts, no network.
+
+`write_html_report(report, path)` takes the run report's dict (`dataclasses.asdict(RunReport)`
+or the JSON line `index` prints) and draws:
+
+* the run summary: counts, table version, seconds, throughput, padding efficiency, stage times;
+* the corpus length distribution: `length_histogram = {"edges": [...], "counts": [...]}`;
+* the micro-batch fill per length bucket: `buckets = [{"max_len", "real_tokens",
+  "computed_tokens", "batches"}, ...]` (real tokens vs padding computed on top of them);
+* throughput over the run: `timeline = [[seconds_since_start, docs_done, tokens_done], ...]`;
+* retrieval quality, when the dict carries an `eval` result of `gpte_ray.evaluate.evaluate`.
+
+Any of these may be missing or empty: its section then says so instead of drawing. Every
+string from the report is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Sequence
+
+__all__ = ["render_html_report", "write_html_report"]
+
+ACCENT = "#2563eb"
+PAD = "#f59e0b"
+GOOD = "#16a34a"
+MUTED = "#6b7280"
+GRID = "#e5e7eb"
+INK = "#111827"
+
+
+# ---- formatting -------------------------------------------------------------------------------
+def _e(v) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _num(v, digits: int = 1) -> str:
+    """12,345 / 1.2 / '-' for None."""
+    if v is None or v == "":
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return _e(v)
+    if not math.isfinite(f):
+        return "–"
+    if f.is_integer() and abs(f) >= 1000:
+        return f"{int(f):,}"
+    return f"{f:,.{digits}f}"
+
+
+def _short(v: float) -> str:
+    """Axis labels: 950, 1.2k, 3.4M."""
+    a = abs(v)
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if a >= div:
+            s = f"{v / div:.1f}".rstrip("0").rstrip(".")
+            return s + suffix
+    if float(v).is_integer():
+        return str(int(v))
+    return f"{v:.2g}"
+
+
+def _edge(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _pct(v) -> str:
+    try:
+        return f"{100 * float(v):.1f}%"
+    except (TypeError, ValueError):
+        return "–"
+
+
+def _nice_max(v: float, ticks: int = 4) -> tuple[float, float]:
+    """(axis max, tick step) with a round step covering v."""
+    if v <= 0 or not math.isfinite(v):
+        return 1.0, 0.25
+    raw = v / ticks
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return step * math.ceil(v / step), step
+
+
+def _empty(msg: str, w: int = 960, h: int = 70) -> str:
+    return (f'<svg class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">'
+            f'<rect x="0.5" y="0.5" width="{w - 1}" height="{h - 1}" rx="6" fill="#f9fafb" stroke="{GRID}"/>'
+            f'<text x="{w / 2}" y="{h / 2 + 5}" text-anchor="middle" fill="{MUTED}">{_e(msg)}</text></svg>')
+
+
+def _ints(xs) -> list[float]:
+    out = []
+    for x in xs or []:
+        try:
+            out.append(float(x))
+        except (TypeError, ValueError):
+            out.append(0.0)
+    return out
+
+
+# ---- charts -----------------------------------------------------------------------------------
+def _t(x: float, y: float, body: str, cls: str = "tick", anchor: str = "start", attrs: str = "") -> str:
+    """An SVG text element; `body` must already be escaped."""
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" class="{cls}"{attrs}>{body}</text>'
+
+
+def _vt(x: float, y: float, body: str) -> str:
+    """A vertical axis title."""
+    return _t(x, y, body, "axis", "middle", f' transform="rotate(-90 {x:.1f} {y:.1f})"')
+
+
+def _open(w: float, h: float, label: str) -> str:
+    return (f'<svg class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+            f'aria-label="{_e(label)}">')
+
+
+def _y_axis(x0: float, x1: float, y0: float, y1: float, top: float, step: float) -> str:
+    """Horizontal grid lines and labels for values 0..top mapped to y0 (bottom)..y1 (top)."""
+    parts = []
+    for i in range(round(top / step) + 1):
+        v = i * step
+        y = y0 - (y0 - y1) * v / top
+        parts.append(f'<line x1="{x0}" x2="{x1}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
+        parts.append(_t(x0 - 6, y + 4, _short(v), anchor="end"))
+    return "".join(parts)
+
+
+def histogram_svg(hist: dict | None, w: int = 960, h: int = 260) -> str:
+    """Documents per token-count bin."""
+    hist = hist or {}
+    counts = _ints(hist.get("counts"))
+    edges = _ints(hist.get("edges"))
+    if not counts or not any(counts):
+        return _empty("no length histogram in this report", w)
+    if len(edges) == len(counts):  # lower bounds only: close the last bin
+        edges = edges + [edges[-1] + (edges[-1] - edges[-2] if len(edges) > 1 else 1)]
+    if len(edges) != len(counts) + 1:
+        edges = list(range(len(counts) + 1))
+    left, right, top_m, bottom = 64, 16, 16, 48
+    pw, ph = w - left - right, h - top_m - bottom
+    base = top_m + ph
+    top, step = _nice_max(max(counts))
+    bw = pw / len(counts)
+    parts = [_open(w, h, "token count histogram"), _y_axis(left, w - right, base, top_m, top, step)]
+    total = sum(counts)
+    for i, c in enumerate(counts):
+        bh = ph * c / top
+        x = left + i * bw
+        span = f"{_edge(edges[i])}–{_edge(edges[i + 1])}"
+        tip = f"{span} tokens: {_num(int(c))} documents ({_pct(c / total)})"
+        parts.append(f'<rect x="{x + 1:.1f}" y="{base - bh:.1f}" width="{max(bw - 2, 1):.1f}" '
+                     f'height="{bh:.1f}" fill="{ACCENT}" rx="2"><title>{tip}</title></rect>')
+    label_every = max(1, math.ceil(len(edges) / 16))
+    for i, edge in enumerate(edges):
+        if i % label_every and i != len(edges) - 1:
+            continue
+        x = left + i * bw
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{base}" y2="{base + 4}" stroke="{MUTED}"/>')
+        parts.append(_t(x, base + 18, _edge(edge), anchor="middle"))
+    parts.append(_t(left + pw / 2, h - 6, "tokens per document", "axis", "middle"))
+    parts.append(_vt(14, top_m + ph / 2, "documents"))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def buckets_svg(buckets: Sequence[dict] | None, w: int = 960) -> str:
+    """Per length bucket: real tokens (solid) and the padding computed on top (amber)."""
+    rows = []
+    for b in buckets or []:
+        try:
+            rows.append((int(b.get("max_len", 0)), float(b.get("real_tokens", 0)),
+                         float(b.get("computed_tokens", 0)), int(b.get("batches", 0))))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    rows = [r for r in rows if r[2] > 0 or r[1] > 0]
+    if not rows:
+        return _empty("no micro-batch buckets in this report", w)
+    rows.sort()
+    bar_h, gap, top_m, left, right = 22, 10, 30, 92, 250
+    h = top_m + len(rows) * (bar_h + gap) + 44
+    pw = w - left - right
+    top, step = _nice_max(max(max(r[1], r[2]) for r in rows))
+    parts = [_open(w, h, "micro-batch fill per length bucket")]
+    for i in range(round(top / step) + 1):
+        x = left + pw * i * step / top
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top_m - 6}" y2="{h - 38}" stroke="{GRID}"/>')
+        parts.append(_t(x, h - 24, _short(i * step), anchor="middle"))
+    parts.append(_t(left - 8, top_m - 12, "tokens / row", "axis", "end"))
+    parts.append(f'<rect x="{left}" y="{top_m - 23}" width="12" height="12" rx="2" fill="{ACCENT}"/>'
+                 + _t(left + 17, top_m - 13, "real tokens")
+                 + f'<rect x="{left + 100}" y="{top_m - 23}" width="12" height="12" rx="2" fill="{PAD}" '
+                 f'opacity="0.5"/>' + _t(left + 117, top_m - 13, "padding computed"))
+    parts.append(_t(w - right + 12, top_m - 12, "fill · micro-batches", "axis"))
+    prev = 0
+    for i, (max_len, real, computed, batches) in enumerate(rows):
+        y = top_m + i * (bar_h + gap)
+        mid = y + bar_h / 2
+        computed = max(computed, real)
+        eff = real / computed if computed else 0.0
+        wr, wc = pw * real / top, pw * computed / top
+        label = f"{prev + 1}–{max_len}" if prev < max_len else f"≤ {max_len}"
+        prev = max_len
+        parts.append(_t(left - 8, mid + 4, label, anchor="end"))
+        parts.append(f'<rect x="{left}" y="{y}" width="{max(wc, 1):.1f}" height="{bar_h}" fill="{PAD}" '
+                     f'opacity="0.35" rx="3"><title>computed {_num(int(computed))} tokens</title></rect>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{max(wr, 1):.1f}" height="{bar_h}" fill="{ACCENT}" '
+                     f'rx="3"><title>real {_num(int(real))} tokens</title></rect>')
+        color = GOOD if eff >= 0.9 else (PAD if eff >= 0.7 else "#dc2626")
+        parts.append(_t(w - right + 12, mid + 5, _pct(eff), "val", attrs=f' fill="{color}"'))
+        parts.append(_t(w - right + 78, mid + 5, f"{_num(batches)} batches · {_short(computed)} tok"))
+    parts.append(_t(left + pw / 2, h - 4, "tokens computed in the bucket's micro-batches", "axis", "middle"))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _line_chart(points: list[tuple[float, float]], title: str, y_label: str, w: int, h: int,
+                color: str, area: bool, avg: float | None = None, step_line: bool = False) -> str:
+    left, right, top_m, bottom = 60, 16, 30, 44
+    pw, ph = w - left - right, h - top_m - bottom
+    xmax = max(p[0] for p in points) or 1.0
+    top, step = _nice_max(max([p[1] for p in points] + [avg or 0]))
+    xtop, xstep = _nice_max(xmax, 5)
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + pw * x / xtop, top_m + ph - ph * y / top
+
+    parts = [_open(w, h, title), _t(left, 18, _e(title), "ctitle"),
+             _y_axis(left, w - right, top_m + ph, top_m, top, step)]
+    for i in range(round(xtop / xstep) + 1):
+        parts.append(_t(xy(i * xstep, 0)[0], top_m + ph + 18, _short(i * xstep), anchor="middle"))
+    parts.append(_t(left + pw / 2, h - 6, "seconds since start", "axis", "middle"))
+    parts.append(_vt(14, top_m + ph / 2, _e(y_label)))
+    coords = []
+    for i, (x, y) in enumerate(points):
+        if step_line and i > 0:
+            coords.append(xy(points[i - 1][0], y))
+        coords.append(xy(x, y))
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
+    if area:
+        x0, y0 = xy(points[0][0], 0)
+        x1, _ = xy(points[-1][0], 0)
+        parts.append(f'<polygon points="{x0:.1f},{y0:.1f} {path} {x1:.1f},{y0:.1f}" fill="{color}" '
+                     f'opacity="0.12"/>')
+    parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2.2" '
+                 f'stroke-linejoin="round"/>')
+    if avg is not None and avg > 0:
+        _, ya = xy(0, avg)
+        dash = f'stroke="{INK}" stroke-dasharray="5 4" opacity="0.6"'
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{ya:.1f}" y2="{ya:.1f}" {dash}/>')
+        parts.append(f'<line x1="{w - right - 150}" x2="{w - right - 126}" y1="14" y2="14" {dash}/>')
+        parts.append(_t(w - right, 18, f"run average {_short(avg)}", anchor="end"))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def timeline_svgs(timeline: Sequence | None, avg_tokens_s: float | None = None, w: int = 468,
+                  h: int = 250) -> str:
+    """Cumulative documents, and tokens/s per interval, over the run."""
+    pts = []
+    for row in timeline or []:
+        try:
+            t, docs, toks = (float(v) for v in list(row)[:3])
+        except (TypeError, ValueError):
+            continue
+        pts.append((t, docs, toks))
+    pts.sort()
+    if len(pts) < 2:
+        return _empty("no throughput timeline in this report (needs two or more samples)", 2 * w + 16)
+    if pts[0][0] > 0:
+        pts.insert(0, (0.0, 0.0, 0.0))
+    docs = [(t, d) for t, d, _ in pts]
+    rate = []
+    for (t0, _, k0), (t1, _, k1) in zip(pts, pts[1:]):
+        if t1 > t0:
+            rate.append((t1, (k1 - k0) / (t1 - t0)))
+    if rate:
+        rate.insert(0, (pts[0][0], rate[0][1]))
+    left = _line_chart(docs, "documents embedded", "documents", w, h, ACCENT, area=True)
+    right = (_line_chart(rate, "throughput per interval", "tokens / s", w, h, GOOD, area=False,
+                         avg=avg_tokens_s, step_line=True)
+             if len(rate) >= 2 else _empty("too few samples for a rate", w, h))
+    return f'<div class="pair">{left}{right}</div>'
+
+
+def stages_svg(stages: dict | None, w: int = 960) -> str:
+    """Seconds per stage, as bars."""
+    items = []
+    for k, v in (stages or {}).items():
+        try:
+            items.append((str(k), float(v)))
+        except (TypeError, ValueError):
+            continue
+    if not items:
+        return _empty("no stage timings in this report", w)
+    bar_h, gap, top_m, left, right = 18, 8, 6, 140, 90
+    h = top_m + len(items) * (bar_h + gap) + 4
+    top = max(v for _, v in items) or 1.0
+    parts = [_open(w, h, "stage seconds")]
+    for i, (name, v) in enumerate(items):
+        y = top_m + i * (bar_h + gap)
+        bw = (w - left - right) * max(v, 0) / top
+        parts.append(_t(left - 8, y + bar_h - 4, _e(name), anchor="end"))
+        parts.append(f'<rect x="{left}" y="{y}" width="{max(bw, 1):.1f}" height="{bar_h}" fill="{MUTED}" '
+                     f'opacity="0.55" rx="3"/>')
+        parts.append(_t(left + bw + 6, y + bar_h - 4, f"{_num(v, 2)} s"))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---- page -----------------------------------------------------------------------------------
+def _card(label: str, value: str, sub: str = "", cls: str = "") -> str:
+    sub_html = f'<div class="sub">{sub}</div>' if sub else ""
+    return (f'<div class="card {cls}"><div class="label">{_e(label)}</div>'
+            f'<div class="value">{value}</div>{sub_html}</div>')
+
+
+def _kv_table(d: dict) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in d.items())
+    return f'<table class="kv">{rows}</table>'
+
+
+def _eval_table(ev: dict) -> str:
+    modes = [m for m in ("exact", "indexed") if isinstance(ev.get(m), dict)]
+    if not modes:
+        return ""
+    names = list(dict.fromkeys(n for m in modes for n in ev[m]))
+    head = "".join(f"<th>{_e(n)}</th>" for n in names)
+    body = "".join(
+        f"<tr><th>{_e(m)}</th>" + "".join(f"<td>{_num(ev[m].get(n), 3)}</td>" for n in names) + "</tr>"
+        for m in modes
+    )
+    note = f'<p class="note">{_e(ev["note"])}</p>' if ev.get("note") else ""
+    meta = (f'<p class="note">{_num(ev.get("queries"))} queries · vector index: '
+            f'{_e(ev.get("index", "none"))}</p>')
+    return (f'<section><h2>Retrieval quality</h2>{meta}<table class="grid"><tr><th></th>{head}</tr>'
+            f"{body}</table>{note}</section>")
+
+
+CSS = f"""
+*{{box-sizing:border-box}}
+body{{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:{INK};
+ background:#f3f4f6;margin:0;padding:24px}}
+main{{max-width:1000px;margin:0 auto;background:#fff;border-radius:10px;padding:24px 24px 8px;
+ box-shadow:0 1px 3px rgba(0,0,0,.08)}}
+h1{{font-size:22px;margin:0 0 2px}} h2{{font-size:16px;margin:22px 0 4px}}
+.meta{{color:{MUTED};margin:0 0 14px}} .meta code{{color:{INK}}}
+.cards{{display:grid;grid-template-columns:repeat(6,1fr);gap:10px}}
+.card{{border:1px solid {GRID};border-radius:8px;padding:8px 10px;min-width:0}}
+.card .label{{color:{MUTED};font-size:12px}} .card .value{{font-size:20px;font-weight:600;
+ white-space:nowrap;overflow:hidden;text-overflow:ellipsis}}
+.card .sub{{color:{MUTED};font-size:12px;overflow-wrap:anywhere}}
+.card.ok{{border-color:#86efac;background:#f0fdf4}} .card.bad{{border-color:#fca5a5;background:#fef2f2}}
+.note{{color:{MUTED};margin:2px 0 8px;font-size:13px}}
+svg.chart{{display:block;max-width:100%;height:auto;font-size:12px}}
+svg .tick{{fill:{MUTED};font-size:11px}} svg .axis{{fill:{MUTED};font-size:12px}}
+svg .val{{font-size:13px;font-weight:600}} svg .ctitle{{fill:{INK};font-size:13px;font-weight:600}}
+.pair{{display:flex;gap:16px;flex-wrap:wrap}} .pair svg.chart{{flex:1 1 300px;min-width:0}}
+table.kv,table.grid{{border-collapse:collapse;font-size:13px}}
+table.kv th,table.kv td,table.grid th,table.grid td{{padding:3px 12px 3px 0;text-align:left}}
+table.grid td{{font-variant-numeric:tabular-nums}} table.kv th,table.grid th{{color:{MUTED};font-weight:500}}
+footer{{color:{MUTED};font-size:12px;margin:18px 0 8px}}
+"""
+
+
+def render_html_report(report: dict) -> str:
+    """The page as a string."""
+    r = dict(report or {})
+    table = r.get("table") or "?"
+    before, after = r.get("version_before"), r.get("version")
+    version = f"{_num(before) if before is not None else 'new'} → {_num(after)}"
+    committed = "committed" if r.get("committed") else "nothing to commit"
+    add_up = r.get("counts_add_up")
+    eff = r.get("padding_efficiency")
+    cards_counts = "".join([
+        _card("rows read", _num(r.get("rows_read"))),
+        _card("new", _num(r.get("new"))),
+        _card("changed", _num(r.get("changed"))),
+        _card("unchanged", _num(r.get("unchanged"))),
+        _card("quarantined", _num(r.get("quarantined")), cls="bad" if r.get("quarantined") else ""),
+        _card("deleted", _num(r.get("deleted"))),
+    ])
+    cards_work = "".join([
+        _card("docs embedded", _num(r.get("docs_embedded")),
+              f"{_num(r.get('chunks_written'))} chunks written"),
+        _card("tokens", _short(float(r.get("tokens") or 0)),
+              f"{_short(float(r.get('padded_tokens') or 0))} computed"),
+        _card("padding efficiency", _pct(eff) if eff is not None else "–", "real / computed tokens"),
+        _card("seconds", _num(r.get("seconds"))),
+        _card("throughput", f"{_num(r.get('rows_per_s'))}<small> docs/s</small>",
+              f"{_num(r.get('tokens_per_s'), 0)} tokens/s"),
+        _card("counts add up", "yes" if add_up else "no",
+              "every row read is accounted for" if add_up
+              else "read ≠ new + changed + unchanged + quarantined",
+              cls="ok" if add_up else "bad"),
+    ])
+    keys = ("truncated", "oom_retries", "min_token_budget", "chunks_resumed", "quarantine_file")
+    extra = {k: r[k] for k in keys if r.get(k) not in (None, 0, "")}
+    upkeep = r.get("upkeep") if isinstance(r.get("upkeep"), dict) else {}
+    details = ""
+    if extra or upkeep:
+        details = "<h2>Details</h2>" + _kv_table({**extra, **{f"upkeep.{k}": v for k, v in upkeep.items()}})
+
+    buckets = r.get("buckets") or []
+    bucket_note = ""
+    if buckets:
+        try:
+            real = sum(float(b.get("real_tokens", 0)) for b in buckets)
+            comp = sum(float(b.get("computed_tokens", 0)) for b in buckets)
+            nb = sum(int(b.get("batches", 0)) for b in buckets)
+            share = _pct(real / comp if comp else 0)
+            bucket_note = (f'<p class="note">{_num(nb)} micro-batches; {share} of the computed tokens were '
+                           "real text, the rest padding.</p>")
+        except (TypeError, ValueError, AttributeError):
+            bucket_note = ""
+    hist = r.get("length_histogram") if isinstance(r.get("length_histogram"), dict) else None
+    hist_note = ""
+    if hist and hist.get("counts"):
+        n_docs = _num(int(sum(_ints(hist.get("counts")))))
+        hist_note = f'<p class="note">{n_docs} documents by token count.</p>'
+    ev = _eval_table(r["eval"]) if isinstance(r.get("eval"), dict) else ""
+
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>gpte-ray run report: {_e(table)}</title>
+<style>{CSS}</style></head>
+<body><main>
+<h1>Run report · table <code>{_e(table)}</code></h1>
+<p class="meta">run <code>{_e(r.get("run_id") or "?")}</code> · device {_e(r.get("device") or "?")} ·
+ version {version} ({committed}){" · full rebuild" if r.get("rebuild") else ""}</p>
+<section><h2>Summary</h2>
+<div class="cards">{cards_counts}</div><div style="height:10px"></div>
+<div class="cards">{cards_work}</div></section>
+<section><h2>Stage times</h2>{stages_svg(r.get("stage_seconds"))}</section>
+<section><h2>Corpus length distribution</h2>{hist_note}{histogram_svg(hist)}</section>
+<section><h2>Micro-batch fill per length bucket</h2>{bucket_note}{buckets_svg(buckets)}</section>
+<section><h2>Throughput over the run</h2>{timeline_svgs(r.get("timeline"), r.get("tokens_per_s"))}</section>
+{ev}
+{details}
+<footer>gpte-ray · self-contained report: no scripts, no network.</footer>
+</main></body></html>
+"""
+
+
+def write_html_report(report: dict, path: str) -> str:
+    """Write the page to `path` (folders created); returns the path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_html_report(report))
+    return path

@@ -1,0 +1,163 @@
+"""cluster.yaml, the cluster job config and the Kubernetes manifests, checked offline."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpte_ray.config import ResourceConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_YAML = ROOT / "cluster.yaml"
+CLUSTER_JOB = ROOT / "configs" / "cluster_job.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+@pytest.fixture(scope="module")
+def prepared(raw) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(copy.deepcopy(raw))  # validate_config alone fails on a raw file
+    validate_config(cfg)
+    return cfg
+
+
+def _workers(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+
+
+def _fits(node: dict, r: ResourceConfig, actors: int = 1) -> bool:
+    res = node.get("resources", {})
+    return res.get("GPU", 0) >= r.gpus_per_actor * actors and res.get("CPU", 0) >= r.cpus_per_actor * actors
+
+
+def test_cluster_yaml_is_valid_for_the_launcher(prepared):
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    assert prepared["idle_timeout_minutes"] > 0
+    assert prepared["max_workers"] >= max(t["max_workers"] for t in _workers(prepared).values())
+
+
+def test_head_runs_no_embedding_work(prepared):
+    head = prepared["available_node_types"][prepared["head_node_type"]]
+    assert head["resources"].get("CPU") == 0
+    assert head["resources"].get("GPU", 0) == 0
+    assert head.get("max_workers", 0) == 0
+    start = " ".join(prepared["head_start_ray_commands"])
+    assert "--num-cpus=0" in start and "RAY_AUTH_MODE=token" in start
+
+
+def test_gpu_workers_scale_from_zero_on_spot_with_on_demand_fallback(prepared):
+    workers = _workers(prepared)
+    gpu = {k: v for k, v in workers.items() if v["resources"].get("GPU", 0) > 0}
+    assert len(gpu) >= 2
+    for name, node in gpu.items():
+        assert node["min_workers"] == 0, name
+        assert 0 < node["max_workers"] <= prepared["max_workers"], name
+        assert set(node["resources"]) >= {"CPU", "GPU"}, f"{name}: declare CPU and GPU explicitly"
+    spot = {k for k, v in gpu.items() if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"}
+    on_demand = set(gpu) - spot
+    assert spot and on_demand
+    shapes = {k: (v["resources"]["CPU"], v["resources"]["GPU"]) for k, v in gpu.items()}
+    # the fallback can take what a spot type takes, and ranks below it
+    for od in on_demand:
+        assert any(shapes[od] == shapes[s] and gpu[s].get("priority", 0) > gpu[od].get("priority", 0) for s in spot)
+    # a single-GPU type and a multi-GPU type
+    assert {g for _, g in shapes.values()} >= {1, 4}
+
+
+def test_setup_pins_the_package_and_a_cuda_torch(prepared):
+    setup = " ".join(prepared["setup_commands"])
+    assert '"gpte-ray==0.1.0"' in setup and "torch==" in setup
+    start = " ".join(prepared["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in start and "RAY_AUTH_TOKEN" in start
+
+
+@pytest.mark.parametrize("source", ["default", "cluster_job"])
+def test_actor_requests_fit_a_worker_type(prepared, source):
+    cfg = load_config(CLUSTER_JOB if source == "cluster_job" else None)
+    r = cfg.resources
+    workers = _workers(prepared)
+    fitting = [k for k, v in workers.items() if _fits(v, r)]
+    assert fitting, f"{source}: an actor of {r.gpus_per_actor} GPU + {r.cpus_per_actor} CPU fits no worker type"
+    # room for reads and tokenizers beside the actor on every fitting node
+    for k in fitting:
+        assert workers[k]["resources"]["CPU"] >= r.cpus_per_actor + r.read_cpus + r.tokenize_cpus, k
+    # the whole pool at max_actors fits what the cluster may launch
+    gpus = sum(v["resources"].get("GPU", 0) * v["max_workers"] for v in workers.values())
+    assert gpus >= r.max_actors * r.gpus_per_actor
+
+
+def test_cluster_job_config_loads():
+    cfg = load_config(CLUSTER_JOB)
+    assert cfg.resources.device == "cuda"
+    assert cfg.resources.min_actors == 1 and cfg.resources.max_actors >= 2
+    assert not cfg.resources.fake_gpus
+    assert all(p.startswith("s3://") for p in cfg.input.paths)
+    assert cfg.output.db.startswith("s3://")
+    # no credentials in the file
+    secrets = {k.lower() for k in {**cfg.input.storage_options, **cfg.output.storage_options}}
+    assert not secrets & {"aws_access_key_id", "aws_secret_access_key", "access_key", "secret_key"}
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _token_env_ok(container: dict) -> bool:
+    env = _env(container)
+    ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    return env.get("RAY_AUTH_MODE", {}).get("value") == "token" and bool(ref.get("name") and ref.get("key"))
+
+
+def _check_ray_cluster_spec(spec: dict) -> None:
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for c in spec["headGroupSpec"]["template"]["spec"]["containers"]:
+        assert c["image"].startswith("rayproject/ray:2.60.0")
+        assert _token_env_ok(c)
+    assert spec["enableInTreeAutoscaling"] is True
+    assert _token_env_ok(spec["autoscalerOptions"])
+    for g in spec["workerGroupSpecs"]:
+        assert g["minReplicas"] == 0 and g["maxReplicas"] >= 1
+        for c in g["template"]["spec"]["containers"]:
+            assert _token_env_ok(c)
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == g["rayStartParams"]["num-gpus"]
+
+
+def test_k8s_rayjob():
+    docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / "rayjob.yaml").read_text()) if d]
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert "gpte_ray" in spec["entrypoint"] or "index_corpus.py" in spec["entrypoint"]
+    assert "gpte-ray==0.1.0" in yaml.safe_load(spec["runtimeEnvYAML"])["pip"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    _check_ray_cluster_spec(spec["rayClusterSpec"])
+    for c in spec["submitterPodTemplate"]["spec"]["containers"]:
+        assert _token_env_ok(c)
+
+
+def test_k8s_nightly_cronjob():
+    docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / "nightly-cronjob.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    cron = kinds["CronJob"]
+    assert cron["apiVersion"] == "batch/v1"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert _token_env_ok(c)
+    cmd = " ".join(c.get("command", []) + c.get("args", []))
+    assert "ray job submit" in cmd
+    assert '--submission-id "nightly-$(date' in cmd
+    assert "-- python jobs/nightly_reindex.py" in cmd
+    if "RayCluster" in kinds:
+        _check_ray_cluster_spec(kinds["RayCluster"]["spec"])
+        svc = f"{kinds['RayCluster']['metadata']['name']}-head-svc:8265"
+        assert svc in cmd or svc in str(_env(c).get("RAY_ADDRESS", {}).get("value"))

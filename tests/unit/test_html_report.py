@@ -1,0 +1,103 @@
+"""The HTML run report: self-contained, every section drawn or marked empty, text escaped."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+from gpte_ray.html_report import render_html_report, write_html_report
+
+FULL = {
+    "run_id": "abc123", "table": "docs", "version_before": 1, "version": 2, "committed": True,
+    "rows_read": 1200, "new": 1000, "changed": 150, "unchanged": 50, "quarantined": 0, "deleted": 3,
+    "docs_embedded": 1150, "chunks_written": 1400, "tokens": 250_000, "padded_tokens": 260_000,
+    "padding_efficiency": 0.9615, "device": "cpu", "seconds": 61.5, "rows_per_s": 18.7,
+    "tokens_per_s": 4065.0, "counts_add_up": True,
+    "stage_seconds": {"scan": 2.0, "embed": 55.1, "commit": 0.1},
+    "length_histogram": {"edges": [0, 32, 64, 128, 256, 512], "counts": [100, 400, 450, 200, 50]},
+    "buckets": [
+        {"max_len": 64, "real_tokens": 30_000, "computed_tokens": 31_000, "batches": 4},
+        {"max_len": 32, "real_tokens": 9_000, "computed_tokens": 9_500, "batches": 2},
+        {"max_len": 256, "real_tokens": 211_000, "computed_tokens": 219_500, "batches": 20},
+    ],
+    "timeline": [[5.0, 100, 20_000], [20.0, 500, 90_000], [40.0, 900, 170_000], [60.0, 1150, 250_000]],
+}
+
+
+def _svgs(page: str) -> list[str]:
+    return re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
+
+
+def test_full_report_has_every_section(tmp_path):
+    path = write_html_report(FULL, str(tmp_path / "sub" / "report.html"))
+    page = open(path, encoding="utf-8").read()
+    assert page.startswith("<!DOCTYPE html>")
+    for title in ("Summary", "Stage times", "Corpus length distribution",
+                  "Micro-batch fill per length bucket",
+                  "Throughput over the run"):
+        assert f"<h2>{title}</h2>" in page
+    labels = [re.search(r'aria-label="([^"]+)"', s).group(1) for s in _svgs(page)]
+    assert labels == ["stage seconds", "token count histogram", "micro-batch fill per length bucket",
+                      "documents embedded", "throughput per interval"]
+    assert "no length histogram" not in page and "no micro-batch buckets" not in page
+    # the figures people look for
+    assert "1,200" in page and "96.2%" in page and "4,065 tokens/s" in page
+    # 5 histogram bars, 3 buckets x (padding + real) bars, each with a tooltip
+    hist = _svgs(page)[1]
+    assert hist.count("<rect") == 5 and "32–64 tokens: 400 documents" in hist
+    fill = _svgs(page)[2]
+    assert [m for m in re.findall(r"(\d+\.\d)%", fill)] == ["94.7", "96.8", "96.1"]  # sorted by max_len
+    # every SVG is well-formed XML
+    for svg in _svgs(page):
+        ET.fromstring(svg)
+
+
+def test_self_contained():
+    page = render_html_report(FULL)
+    assert "<script" not in page.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "@import" not in page and "url(" not in page
+
+
+def test_missing_and_empty_fields_degrade_gracefully():
+    for report in ({}, {"table": "t", "length_histogram": None, "buckets": [], "timeline": []},
+                   {"length_histogram": {"edges": [], "counts": []}, "timeline": [[1.0, 5, 50]],
+                    "buckets": [{"max_len": "x"}], "stage_seconds": {}},
+                   {"length_histogram": {"edges": [0, 10], "counts": [0]}, "padding_efficiency": None}):
+        page = render_html_report(report)
+        assert "no length histogram in this report" in page
+        assert "no micro-batch buckets in this report" in page
+        assert "no throughput timeline in this report" in page
+        for svg in _svgs(page):
+            ET.fromstring(svg)
+
+
+def test_edges_as_lower_bounds_and_a_single_interval():
+    page = render_html_report({"length_histogram": {"edges": [0, 100, 200], "counts": [3, 2, 1]},
+                               "timeline": [[0, 0, 0], [10, 50, 1000]]})
+    hist = _svgs(page)[1]
+    assert hist.count("<rect") == 3 and "200–300 tokens" in hist
+    assert 'aria-label="documents embedded"' in page and 'aria-label="throughput per interval"' in page
+    page = render_html_report({"timeline": [[0, 0, 0], [0, 5, 50]]})  # no time passed: no rate
+    assert 'aria-label="documents embedded"' in page and "too few samples for a rate" in page
+
+
+def test_text_is_escaped():
+    evil = "<script>alert('x')</script>"
+    report = dict(FULL, table=evil, run_id='"><img src=x onerror=alert(1)>', device=evil,
+                  stage_seconds={evil: 1.0}, upkeep={"note": evil},
+                  eval={"queries": 3, "index": evil, "exact": {"recall@10": 0.5}, "note": evil})
+    page = render_html_report(report)
+    assert "<script" not in page.lower()
+    assert "<img" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    for svg in _svgs(page):
+        ET.fromstring(svg)
+
+
+def test_eval_section_when_present():
+    ev = {"queries": 150, "index": "IVF_PQ", "exact": {"recall@10": 0.84, "ndcg@10": 0.61},
+          "indexed": {"recall@10": 0.83, "ndcg@10": 0.6}}
+    page = render_html_report(dict(FULL, eval=ev))
+    assert "<h2>Retrieval quality</h2>" in page and "0.840" in page and "IVF_PQ" in page
+    assert "Retrieval quality" not in render_html_report(FULL)

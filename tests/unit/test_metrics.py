@@ -1,0 +1,150 @@
+"""Retrieval metrics against figures worked out by hand on a toy BEIR qrels file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpte_ray.evaluate import (
+    collapse_to_docs,
+    load_qrels,
+    load_queries,
+    mean_metrics,
+    metric_names,
+    mrr_at_k,
+    ndcg_at_k,
+    recall_at_k,
+    split_first_sentence,
+)
+
+QRELS = """query-id\tcorpus-id\tscore
+q1\td1\t2
+q1\td2\t1
+q1\td3\t0
+q2\td4\t1
+q3\td5\t0
+"""
+
+
+@pytest.fixture
+def beir(tmp_path):
+    (tmp_path / "qrels.tsv").write_text(QRELS)
+    with open(tmp_path / "queries.jsonl", "w") as f:
+        for qid, text in [("q1", "one"), ("q2", "two"), ("q3", "three"), ("q4", "four")]:
+            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    return load_queries(str(tmp_path / "queries.jsonl")), load_qrels(str(tmp_path / "qrels.tsv"))
+
+
+def test_files_load(beir):
+    queries, qrels = beir
+    assert list(queries) == ["q1", "q2", "q3", "q4"] and queries["q2"] == "two"
+    assert qrels == {"q1": {"d1": 2, "d2": 1, "d3": 0}, "q2": {"d4": 1}, "q3": {"d5": 0}}
+
+
+def test_bad_qrels_header_is_one_line(tmp_path):
+    (tmp_path / "q.tsv").write_text("qid\tdid\trel\nq1\td1\t1\n")
+    with pytest.raises(ValueError, match="^input error: .*header must be query-id"):
+        load_qrels(str(tmp_path / "q.tsv"))
+
+
+def test_graded_query_by_hand(beir):
+    _, qrels = beir
+    q1 = qrels["q1"]
+    ranked = ["d3", "d1", "d9", "d2", "d8"]  # d3 judged but grade 0
+    # relevant: d1 (2) and d2 (1), both in the top 10; only d1 in the top 2
+    assert recall_at_k(ranked, q1, 10) == 1.0
+    assert recall_at_k(ranked, q1, 2) == 0.5
+    assert recall_at_k(ranked, q1, 1) == 0.0
+    # linear gain: DCG = 0/log2(2) + 2/log2(3) + 0/log2(4) + 1/log2(5); ideal = 2/log2(2) + 1/log2(3)
+    dcg = 2 / math.log2(3) + 1 / math.log2(5)
+    idcg = 2 / 1 + 1 / math.log2(3)
+    assert ndcg_at_k(ranked, q1, 10) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k(ranked, q1, 10) == pytest.approx(0.643322, abs=1e-6)
+    assert ndcg_at_k(ranked, q1, 3) == pytest.approx((2 / math.log2(3)) / idcg)
+    assert mrr_at_k(ranked, q1, 10) == 0.5
+    assert mrr_at_k(ranked, q1, 1) == 0.0
+    # the grades matter: the same ranking with grades swapped scores lower
+    swapped = {"d1": 1, "d2": 2}
+    assert ndcg_at_k(ranked, swapped, 10) == pytest.approx(
+        (1 / math.log2(3) + 2 / math.log2(5)) / (2 + 1 / math.log2(3)))
+    assert ndcg_at_k(["d1", "d2"], q1, 10) == pytest.approx(1.0)
+
+
+def test_relevant_beyond_the_cutoff(beir):
+    _, qrels = beir
+    ranked = [f"x{i}" for i in range(10)] + ["d4"]  # the one relevant doc at rank 11
+    assert recall_at_k(ranked, qrels["q2"], 10) == 0.0
+    assert ndcg_at_k(ranked, qrels["q2"], 10) == 0.0
+    assert mrr_at_k(ranked, qrels["q2"], 10) == 0.0
+    assert recall_at_k(ranked, qrels["q2"], 100) == 1.0
+    assert mrr_at_k(ranked, qrels["q2"], 11) == pytest.approx(1 / 11)
+
+
+def test_query_without_relevant_docs_is_undefined_and_skipped(beir):
+    _, qrels = beir
+    # q3 has only a grade-0 judgement, q4 has none: no metric is defined for them
+    for judged in (qrels["q3"], qrels.get("q4", {})):
+        assert recall_at_k(["d5"], judged, 10) is None
+        assert ndcg_at_k(["d5"], judged, 10) is None
+        assert mrr_at_k(["d5"], judged, 10) is None
+    runs = {"q1": ["d3", "d1", "d9", "d2"], "q2": ["d4"], "q3": ["d5"], "q4": []}
+    means = mean_metrics(runs, qrels, ["recall@10", "ndcg@10", "mrr@10", "recall@1"])
+    assert means["evaluated"] == 2 and means["skipped"] == 2
+    # averages over q1 and q2 only (q2: d4 first -> 1, 1, 1, 1)
+    assert means["recall@10"] == pytest.approx((1.0 + 1.0) / 2)
+    assert means["recall@1"] == pytest.approx((0.0 + 1.0) / 2)
+    assert means["mrr@10"] == pytest.approx((0.5 + 1.0) / 2)
+    assert means["ndcg@10"] == pytest.approx((0.643322 + 1.0) / 2, abs=1e-6)
+    assert mean_metrics({"q3": ["d5"]}, qrels, ["mrr@10"]) == {"mrr@10": None, "evaluated": 0, "skipped": 1}
+
+
+def test_chunks_collapse_to_best_chunk_and_ties_break_by_doc_id():
+    rows = [("b", 0.9), ("a", 0.9), ("a", 0.5), ("c", 0.95), ("b", 0.2), ("d", 0.1), ("d", 0.7)]
+    assert collapse_to_docs(rows) == [("c", 0.95), ("a", 0.9), ("b", 0.9), ("d", 0.7)]
+    # same hits in another order (as an index may return them): same ranking
+    assert collapse_to_docs(reversed(rows)) == collapse_to_docs(rows)
+    assert collapse_to_docs([{"doc_id": "x", "chunk": 1, "score": 0.3},
+                             {"doc_id": "x", "chunk": 0, "score": 0.6}]) == [("x", 0.6)]
+    # a doc's many chunks do not push others out: metrics see distinct documents
+    ranked = [d for d, _ in collapse_to_docs(rows)]
+    assert mrr_at_k(ranked, {"b": 1}, 10) == pytest.approx(1 / 3)
+
+
+def test_repeated_ids_count_once():
+    assert recall_at_k(["a", "a", "a", "b"], {"b": 1}, 2) == 1.0
+    assert ndcg_at_k(["a", "a", "b"], {"a": 1}, 10) == pytest.approx(1.0)
+
+
+def test_metric_names():
+    assert metric_names(10) == ["recall@10", "ndcg@10", "mrr@10", "recall@100"]
+    assert metric_names(5) == ["recall@5", "ndcg@10", "mrr@10", "recall@10", "recall@100"]
+    assert metric_names(100) == ["recall@100", "ndcg@10", "mrr@10", "recall@10"]
+
+
+@given(
+    st.lists(st.sampled_from("abcdefgh"), max_size=12),
+    st.dictionaries(st.sampled_from("abcdefgh"), st.integers(0, 3), max_size=8),
+    st.integers(1, 12),
+)
+def test_metrics_bounded_and_ideal_is_one(ranked, qrels, k):
+    values = [recall_at_k(ranked, qrels, k), ndcg_at_k(ranked, qrels, k), mrr_at_k(ranked, qrels, k)]
+    if not any(g > 0 for g in qrels.values()):
+        assert values == [None, None, None]
+        return
+    assert all(0.0 <= v <= 1.0 + 1e-12 for v in values)
+    ideal = sorted(qrels, key=lambda d: -qrels[d])
+    assert ndcg_at_k(ideal, qrels, k) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("doc, first, rest", [
+    ("Read a file.  More words here.", "Read a file.", "More words here."),
+    ("Summary line without a stop\n\nBody. Two.", "Summary line without a stop", "Body. Two."),
+    ("Wrapped summary\nover two lines. Rest", "Wrapped summary over two lines.", "Rest"),
+    ("Version 1.2 is here! Yes", "Version 1.2 is here!", "Yes"),
+])
+def test_split_first_sentence(doc, first, rest):
+    assert split_first_sentence(doc) == (first, rest)
