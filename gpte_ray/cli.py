@@ -106,8 +106,11 @@ def _index(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
     from gpte_ray.pipeline import run_index
 
+    from gpte_ray.storage import secret_values
+
     overrides = {key: getattr(args, flag) for flag, key in _INDEX_FLAGS.items()}
     cfg = load_config(args.config, overrides)
+    args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     report = run_index(cfg, ray_address=address, num_cpus=args.num_cpus)
     line = report.to_json()
@@ -138,7 +141,10 @@ def _search(args: argparse.Namespace) -> int:
     from gpte_ray.search import search
     from gpte_ray.storage import lance_options
 
+    from gpte_ray.storage import secret_values
+
     cfg = load_config(args.config)
+    args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
     opts = lance_options(cfg.output.storage_options, args.db)
     for row in search(args.db, args.table, args.query, args.k, opts, args.model, args.where, args.exact):
         print(json.dumps(row, ensure_ascii=False))
@@ -146,9 +152,10 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpte_ray.storage import redact
+    from gpte_ray.storage import redact, secret_values
 
     args = _parser().parse_args(argv)
+    args.secrets = secret_values()
     try:
         return {"index": _index, "search": _search, "demo": _demo}[args.command](args)
     except KeyboardInterrupt:
@@ -158,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("GPTE_RAY_DEBUG"):
             import traceback
 
-            traceback.print_exc()
+            print(redact(traceback.format_exc(), args.secrets), file=sys.stderr)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not msg.startswith(("config error", "input error")):
             msg = f"{type(e).__name__}: {msg}"
-        print(f"gpte-ray: error: {redact(msg)}", file=sys.stderr)
+        print(f"gpte-ray: error: {redact(msg, args.secrets)}", file=sys.stderr)
         return 2 if msg.startswith("config error") else 1
 
 

@@ -258,6 +258,9 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
              nprobes: int | None = None, refine_factor: int | None = None) -> dict:
     """recall@k, nDCG@10, MRR@10, recall@10 and recall@100 of exact and indexed search.
 
+    Each metric comes from a search as deep as its cutoff (max(cutoff, 10) documents, fetched as
+    4x that many chunks, more if a query's chunks cover too few documents).
+
     Queries are those of `queries_path` that have judgements in `qrels_path`; a query with no
     relevant document is skipped (counted in "skipped"). `indexed` is the table's default search
     path (its vector index, or the same exact scan when there is none: then "note" says so).
@@ -283,7 +286,11 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
     missing = sum(1 for q in qrels if q not in queries)
 
     names = metric_names(k)
-    depth = max(int(n.split("@")[1]) for n in names)
+    # each metric is measured on a retrieval as deep as its cutoff needs (at least 10 documents),
+    # as a user's query for that many would be: an IVF index probes fewer partitions for a small k
+    passes: dict[int, list[str]] = {}
+    for name in names:
+        passes.setdefault(max(10, int(name.split("@")[1])), []).append(name)
     metric = "hamming" if fp["precision"] == "binary" else "cosine"
     n_rows = ds.count_rows()
     index = _vector_index(ds)
@@ -303,19 +310,16 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
     modes = [("exact", False)] + ([("indexed", True)] if index else [])
     for mode, use_index in modes:
         t = time.perf_counter()
-        runs: dict[str, list[str]] = {}
-        if n_rows and qids:
-            for start in range(0, len(qids), QUERY_BATCH):
+        means: dict = {}
+        for depth, group in sorted(passes.items()):
+            runs: dict[str, list[str]] = {q: [] for q in qids}
+            for start in range(0, len(qids) if n_rows else 0, QUERY_BATCH):
                 batch = qids[start : start + QUERY_BATCH]
                 ranked = _rank_docs(ds, vectors[start : start + QUERY_BATCH], depth, n_rows, metric,
                                     use_index, extra if use_index else {})
                 runs.update(zip(batch, ranked))
-        else:
-            runs = {q: [] for q in qids}
-        means = mean_metrics(runs, qrels, names)
-        means.pop("skipped")
-        means.pop("evaluated")
-        result[mode] = means
+            means.update({n: v for n, v in mean_metrics(runs, qrels, group).items() if n in group})
+        result[mode] = {n: means[n] for n in names}
         seconds[mode] = round(time.perf_counter() - t, 3)
     if not index:
         result["indexed"] = dict(result["exact"])
@@ -350,6 +354,10 @@ def run_eval(args) -> int:
     from gpte_ray.storage import lance_options
 
     cfg = load_config(getattr(args, "config", None))
+    if isinstance(getattr(args, "secrets", None), list):  # the CLI redacts these from error lines
+        from gpte_ray.storage import secret_values
+
+        args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
     opts = lance_options(cfg.output.storage_options, args.db)
     out = evaluate(args.db, args.table, args.queries, args.qrels, args.k, opts, args.model,
                    nprobes=getattr(args, "nprobes", None), refine_factor=getattr(args, "refine_factor", None))
@@ -377,15 +385,16 @@ def _good_query(sentence: str) -> bool:
 
 
 def build_docstring_retrieval_set(out_dir: str, n_docs: int, rows_per_shard: int = 1000,
-                                  root: str | None = None) -> dict:
+                                  root: str | None = None, max_chars: int | None = None) -> dict:
     """A small BEIR-layout retrieval set built offline from installed-package docstrings.
 
     Query = a docstring's first sentence; its one relevant document (grade 1) = the rest of
     that docstring, indexed WITHOUT the first sentence, so the query is not a substring of it.
     Docstrings whose first sentence is too short or long, whose rest is under 80 characters,
     or whose first sentence or rest repeats an earlier one are left out, so each query has a
-    single right answer. Writes out_dir/corpus/part-*.parquet (id, title, module, text),
-    out_dir/queries.jsonl and out_dir/qrels.tsv; returns their paths and counts.
+    single right answer; with `max_chars`, so are those whose rest is longer (a quicker set).
+    Writes out_dir/corpus/part-*.parquet (id, title, module, text), out_dir/queries.jsonl and
+    out_dir/qrels.tsv; returns their paths and counts.
     """
     from gpte_ray.corpus import docstring_docs, write_shards
 
@@ -395,7 +404,8 @@ def build_docstring_retrieval_set(out_dir: str, n_docs: int, rows_per_shard: int
     for d in docstring_docs(10**9, root=root):
         first, rest = split_first_sentence(d["text"])
         key_q, key_b = first.lower(), " ".join(rest.split()).lower()
-        if not _good_query(first) or len(rest) < 80 or key_q in seen_q or key_b in seen_body:
+        too_long = max_chars is not None and len(rest) > max_chars
+        if not _good_query(first) or len(rest) < 80 or too_long or key_q in seen_q or key_b in seen_body:
             continue
         seen_q.add(key_q)
         seen_body.add(key_b)

@@ -72,13 +72,24 @@ def _check_fits(cfg: JobConfig, device: str) -> None:
 
 
 def _user_error(e: BaseException) -> BaseException | None:
-    """The ShardError/ConfigError inside a Ray-wrapped exception, if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
+    """The original ShardError/ConfigError inside a Ray-wrapped exception, if any.
+
+    Ray re-raises a task's exception as a class derived from both RayTaskError and the
+    original type, with the remote traceback as its message; the original is its `cause`.
+    """
+    from ray.exceptions import RayTaskError
+
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
-        if isinstance(e, (ShardError, ConfigError)):
-            return e
-        e = e.__cause__ or e.__context__
+        if isinstance(e, (ShardError, ConfigError)) and not isinstance(e, RayTaskError):
+            # our messages are one line; Ray may append its retry advice below it
+            return type(e)(str(e).splitlines()[0])
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
 
 
@@ -237,7 +248,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         raise (_user_error(e) or e) from None
     plan = make_plan(scan, shards, existing, rebuild, cfg.output.max_delete_fraction, cfg.output.allow_mass_delete)
     report.stage_seconds["scan"] = time.perf_counter() - t
-    for k in ("rows_read", "new", "changed", "unchanged", "quarantined", "deleted", "rebuild"):
+    for k in ("rows_read", "new", "changed", "unchanged", "quarantined", "deleted", "bad_shards", "rebuild"):
         setattr(report, k, getattr(plan, k))
 
     calibration = None

@@ -25,6 +25,7 @@ class Plan:
     unchanged: int = 0
     quarantined: int = 0
     deleted: int = 0
+    bad_shards: int = 0
     rebuild: bool = False
     # doc_id -> (shard, row, content_hash) of every document to embed
     embed_docs: dict[str, tuple[int, int, str]] = field(default_factory=dict)
@@ -65,6 +66,7 @@ def make_plan(
     for shard, row, doc_id, chash, reason in sorted(scan, key=lambda r: (r[0], r[1])):
         if reason is not None:
             plan.quarantine.append({"shard": shard, "row": row, "doc_id": doc_id, "reason": reason})
+            plan.bad_shards += row < 0  # a whole shard skipped (--skip-bad-shards)
             continue
         if doc_id in winner:
             ws, wr = winner[doc_id]
@@ -85,8 +87,10 @@ def make_plan(
         plan.embed_docs[doc_id] = (shard, row, chash)
     plan.quarantined = len(plan.quarantine)
     if not rebuild:
-        # a document that vanished, or whose row is now bad, leaves the table
-        plan.delete_doc_ids = sorted(set(existing) - set(winner))
+        # a document that vanished, or whose row is now bad, leaves the table; but while a
+        # shard is unreadable we cannot tell vanished documents from unread ones: keep them
+        vanished = set() if plan.bad_shards else set(existing) - set(winner)
+        plan.delete_doc_ids = sorted(vanished)
         changed_ids = [d for d in plan.embed_docs if d in existing]
         plan.deleted = len(plan.delete_doc_ids)
         plan.delete_doc_ids += changed_ids  # their old chunks are replaced in the same commit

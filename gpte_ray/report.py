@@ -24,6 +24,7 @@ class RunReport:
     unchanged: int = 0
     quarantined: int = 0
     deleted: int = 0
+    bad_shards: int = 0
     docs_embedded: int = 0
     chunks_written: int = 0
     chunks_embedded: int = 0  # chunks that went through the model in this run (resumed ones did not)

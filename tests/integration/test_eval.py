@@ -20,7 +20,7 @@ METRICS = {"recall@10", "ndcg@10", "mrr@10", "recall@100"}
 @pytest.fixture(scope="module")
 def retrieval_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("evalset")
-    return build_docstring_retrieval_set(str(out), 150, rows_per_shard=75)
+    return build_docstring_retrieval_set(str(out), 150, rows_per_shard=75, max_chars=600)
 
 
 def test_retrieval_set_layout(retrieval_set):
@@ -33,6 +33,7 @@ def test_retrieval_set_layout(retrieval_set):
 
     corpus = pq.read_table(retrieval_set["corpus"]).to_pylist()
     by_id = {d["id"]: d["text"] for d in corpus}
+    assert all(80 <= len(t) <= 600 for t in by_id.values())
     for q, line in zip(queries, qrels[1:]):
         qid, doc, grade = line.split("\t")
         assert qid == q["_id"] and grade == "1"

@@ -169,6 +169,26 @@ class LocalHead:
         return subprocess.run([str(BIN / "ray"), *args], env={**self.env, **(env or {})}, capture_output=True,
                               text=True, timeout=timeout)
 
+    def job_submit(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        """`ray job submit --address <dashboard> ARGS`, retried while the head's job agent is not
+        registered yet (`ray start` returns before it is; the job is not created then)."""
+        deadline = time.time() + 240
+        while True:
+            out = self.ray("job", "submit", "--address", self.dashboard_url, *args, timeout=timeout)
+            if "No available agent to submit job" not in out.stdout + out.stderr:
+                return out
+            if time.time() > deadline:
+                out.stderr += "\n--- dashboard_agent.log ---\n" + self.log_tail("dashboard_agent.log")
+                return out
+            time.sleep(2)
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = Path(self.temp_dir) / "session_latest" / "logs" / name
+        try:
+            return path.read_text(errors="replace")[-chars:]
+        except OSError as e:
+            return f"({path}: {e.strerror})"
+
     def python(self, code: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run a driver script connected to this head (RAY_ADDRESS set), in its own process."""
         return run_python(code, timeout=timeout, env={**self.env, "RAY_ADDRESS": self.gcs_address, **(env or {})})

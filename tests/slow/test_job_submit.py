@@ -33,11 +33,11 @@ def test_job_submit_indexes_and_refuses_duplicate_submission_id(head, tmp_path):
     sid = f"gpte-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"excludes": EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}}
     submit = [
-        "job", "submit", "--address", head.dashboard_url, "--working-dir", str(REPO),
+        "--working-dir", str(REPO),
         "--runtime-env-json", json.dumps(runtime_env), "--submission-id", sid,
         "--", "python", "jobs/index_corpus.py", "--input", str(corpus), "--db", str(db), "--table", "docs",
     ]
-    out = head.ray(*submit, timeout=400)
+    out = head.job_submit(*submit)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert f"Job '{sid}' succeeded" in log
@@ -60,7 +60,7 @@ def test_job_submit_indexes_and_refuses_duplicate_submission_id(head, tmp_path):
 
     # the same submission id again: Ray refuses it, so a cron schedule is idempotent
     sep = submit.index("--")
-    again = head.ray(*submit[:sep], "--no-wait", *submit[sep:], timeout=120)
+    again = head.job_submit(*submit[:sep], "--no-wait", *submit[sep:], timeout=120)
     assert again.returncode != 0
     assert "already exists" in again.stdout + again.stderr
     assert lancedb.connect(str(db)).open_table("docs").count_rows() == table.num_rows
