@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 
-from gpte_ray.storage import filesystem, join
+from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = ["TableBusyError", "TableLock"]
 
@@ -54,7 +54,7 @@ class TableLock:
             return None
 
     def _write(self, run_id: str) -> None:
-        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        ensure_dir(self.fs, self.path.rsplit("/", 1)[0])
         body = {"token": self.token, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "heartbeat": time.time()}
         with self.fs.open_output_stream(self.path) as f:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from pydantic import SecretStr
 
-__all__ = ["filesystem", "is_remote", "join", "lance_options", "redact", "secret_values"]
+__all__ = ["ensure_dir", "filesystem", "is_remote", "join", "lance_options", "redact", "secret_values"]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 _SECRET_KEYS = re.compile(r"(secret|token|password|access_key|key_id)", re.I)
@@ -78,6 +78,14 @@ def filesystem(uri: str, options: Mapping[str, SecretStr | str] | None = None):
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8), **kwargs
     )
     return fs, uri.removeprefix("s3://")
+
+
+def ensure_dir(fs, path: str) -> None:
+    """Create a local folder; object stores have no folders (a marker object would only cost a request)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
 
 
 def secret_values(*option_maps: Mapping[str, SecretStr | str] | None) -> list[str]:

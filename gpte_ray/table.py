@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from gpte_ray.spec import ModelSpec
-from gpte_ray.storage import filesystem, join
+from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
     "FINGERPRINT_KEY",
@@ -201,7 +201,7 @@ class TableStore:
             "run_id": [run_id] * len(rows),
         })
         fs, path = filesystem(uri, self.storage_options)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        ensure_dir(fs, path.rsplit("/", 1)[0])
         pq.write_table(table, path, filesystem=fs)
         return uri
 
@@ -212,7 +212,7 @@ class TableStore:
     def write_marker(self, run_id: str, name: str, payload: dict) -> None:
         """Durably record fragments written (and the keys they hold), atomically per file."""
         fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
-        fs.create_dir(path, recursive=True)
+        ensure_dir(fs, path)
         tmp = f"{path}/.{name}.tmp"
         with fs.open_output_stream(tmp) as f:
             f.write(json.dumps(payload).encode())
