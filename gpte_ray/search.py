@@ -8,7 +8,7 @@ from gpte_ray.config import ConfigError
 from gpte_ray.spec import spec_from_fingerprint
 from gpte_ray.table import TableStore
 
-__all__ = ["embed_queries", "search"]
+__all__ = ["embed_queries", "nearest_params", "search"]
 
 
 def embed_queries(fp: dict, queries: list[str], calibration: dict | None, model_path: str | None = None) -> np.ndarray:
@@ -20,6 +20,18 @@ def embed_queries(fp: dict, queries: list[str], calibration: dict | None, model_
     chunks = TextTokenizer(spec).encode(queries, role="query")
     pooled = Embedder(spec, "cpu").embed([c.input_ids for c in chunks], [c.prompt_len for c in chunks])
     return postprocess(pooled, spec, calibration)
+
+
+def nearest_params(q: np.ndarray, k: int, metric: str, exact: bool = False) -> dict:
+    """Lance `nearest` settings: enough IVF partitions probed, and candidates re-ranked on the
+    full vectors, so indexed recall stays close to exact search."""
+    params = {"column": "vector", "q": q, "k": k, "metric": metric}
+    if exact:
+        params["use_index"] = False
+    else:
+        # HNSW must explore at least the k x refine candidates it is asked for
+        params.update(nprobes=32, refine_factor=10, ef=max(200, 2 * k * 10))
+    return params
 
 
 def search(db: str, table: str, query: str, k: int = 10, storage_options: dict | None = None,
@@ -35,9 +47,7 @@ def search(db: str, table: str, query: str, k: int = 10, storage_options: dict |
     vec = embed_queries(fp, [query], store.calibration(ds), model_path)[0]
     columns = [c for c in ("doc_id", "chunk", "text") if c in ds.schema.names]
     metric = "hamming" if fp["precision"] == "binary" else "cosine"
-    nearest = {"column": "vector", "q": vec, "k": k, "metric": metric}
-    if exact:
-        nearest["use_index"] = False
+    nearest = nearest_params(vec, k, metric, exact)
     result = ds.to_table(columns=columns, nearest=nearest, filter=where, prefilter=where is not None)
     rows = []
     for r in result.to_pylist():

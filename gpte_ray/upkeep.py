@@ -47,7 +47,7 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) 
         dim = fp["dim"]
         kwargs = {"num_partitions": max(1, min(4096, int(rows**0.5)))}
         if out.index_type == "IVF_PQ":
-            kwargs["num_sub_vectors"] = next(s for s in (dim // 16, dim // 8, dim // 4, dim // 2, dim)
+            kwargs["num_sub_vectors"] = next(s for s in (dim // 4, dim // 2, dim)
                                              if s and dim % s == 0)
         ds.create_index("vector", index_type=out.index_type, metric=vector_metric(fp), **kwargs)
         done["vector_index"] = f"created {out.index_type}"

@@ -1,0 +1,55 @@
+"""Table upkeep without Ray: compaction bound, indexes, ANN recall against exact search."""
+
+from __future__ import annotations
+
+import json
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from gpte_ray.config import OutputConfig
+from gpte_ray.search import nearest_params
+from gpte_ray.table import FINGERPRINT_KEY, vectors_to_arrow
+from gpte_ray.upkeep import finish_table
+
+DIM = 128
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(64, DIM))
+    v = centers[rng.integers(0, 64, n)] + 0.35 * rng.normal(size=(n, DIM))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("index_type,min_recall", [("IVF_HNSW_SQ", 0.95), ("IVF_PQ", 0.8)])
+def test_compaction_indexes_and_ann_recall(tmp_path, index_type, min_recall):
+    fp = {"precision": "float32", "dim": DIM, "normalize": True}
+    schema = pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("vector", pa.list_(pa.float32(), DIM))],
+                       metadata={FINGERPRINT_KEY: json.dumps(fp)})
+    vectors = _clustered(20_000, 0)
+    uri = str(tmp_path / "docs.lance")
+    for i in range(0, 20_000, 500):  # 40 small fragments, as 40 small runs would leave
+        t = pa.table({"doc_id": [f"d{j}" for j in range(i, i + 500)], "chunk": pa.array([0] * 500, pa.int32()),
+                      "vector": vectors_to_arrow(vectors[i:i + 500], schema.field("vector").type)}, schema=schema)
+        lance.write_dataset(t, uri, mode="append" if i else "create")
+    ds = lance.dataset(uri)
+    assert len(ds.get_fragments()) == 40
+    out = OutputConfig(max_fragments=16, index_min_rows=20_000, index_type=index_type, retention_hours=0)
+    done = finish_table(ds, out, "r1", fp, committed=True)
+    ds = lance.dataset(uri)
+    assert done["fragments"] <= 16 and len(ds.get_fragments()) <= 16
+    assert ds.count_rows() == 20_000
+    names = {f for idx in ds.describe_indices() for f in idx.field_names}
+    assert names == {"doc_id", "vector"}
+
+    queries = _clustered(50, 1)
+    recall = []
+    for q in queries:
+        exact = ds.to_table(columns=["doc_id"], nearest={"column": "vector", "q": q, "k": 10, "metric": "cosine",
+                                                          "use_index": False})["doc_id"].to_pylist()
+        ann = ds.to_table(columns=["doc_id"], nearest=nearest_params(q, 10, "cosine"))["doc_id"].to_pylist()
+        recall.append(len(set(exact) & set(ann)) / 10)
+    assert np.mean(recall) >= min_recall, np.mean(recall)  # the default index type: >= 0.95
