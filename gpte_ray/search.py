@@ -11,12 +11,18 @@ from gpte_ray.table import TableStore
 __all__ = ["embed_queries", "nearest_params", "search"]
 
 
-def embed_queries(fp: dict, queries: list[str], calibration: dict | None, model_path: str | None = None) -> np.ndarray:
-    """Query vectors exactly as the table's documents were embedded, with the query prompt."""
+def embed_queries(fp: dict, queries: list[str], calibration: dict | None, model_path: str | None = None,
+                  quantize: bool = True) -> np.ndarray:
+    """Query vectors exactly as the table's documents were embedded, with the query prompt
+    (left in float32 when `quantize` is false: asymmetric search over int8 codes)."""
+    import dataclasses
+
     from gpte_ray.embedder import Embedder, postprocess
     from gpte_ray.tokenize import TextTokenizer
 
     spec = spec_from_fingerprint(fp, model_path)
+    if not quantize:
+        spec = dataclasses.replace(spec, precision="float32")
     chunks = TextTokenizer(spec).encode(queries, role="query")
     pooled = Embedder(spec, "cpu").embed([c.input_ids for c in chunks], [c.prompt_len for c in chunks])
     return postprocess(pooled, spec, calibration)
@@ -44,15 +50,38 @@ def search(db: str, table: str, query: str, k: int = 10, storage_options: dict |
     fp = store.fingerprint(ds)
     if fp is None:
         raise ConfigError(f"config error: output.table: {table!r} was not written by gpte-ray")
-    vec = embed_queries(fp, [query], store.calibration(ds), model_path)[0]
     columns = [c for c in ("doc_id", "chunk", "text") if c in ds.schema.names]
-    metric = "hamming" if fp["precision"] == "binary" else "cosine"
-    nearest = nearest_params(vec, k, metric, exact)
-    result = ds.to_table(columns=columns, nearest=nearest, filter=where, prefilter=where is not None)
-    rows = []
-    for r in result.to_pylist():
-        dist = float(r.pop("_distance"))
-        score = 1.0 - dist if metric == "cosine" else -dist
-        rows.append({"doc_id": r["doc_id"], "chunk": r["chunk"], "score": round(score, 6),
-                     "text": (r.get("text") or "")[:200]})
-    return rows
+    calibration = store.calibration(ds)
+    if fp["precision"] == "int8":
+        vec = embed_queries(fp, [query], calibration, model_path, quantize=False)[0]
+        hits = _int8_search(ds, vec, calibration, k, columns, where)
+    else:
+        vec = embed_queries(fp, [query], calibration, model_path)[0]
+        metric = "hamming" if fp["precision"] == "binary" else "cosine"
+        result = ds.to_table(columns=columns, nearest=nearest_params(vec, k, metric, exact), filter=where,
+                             prefilter=where is not None)
+        hits = []
+        for r in result.to_pylist():
+            dist = float(r.pop("_distance"))
+            # cosine distance -> similarity; Hamming distance -> share of equal bits
+            r["score"] = 1.0 - dist if metric == "cosine" else 1.0 - dist / (8 * len(vec))
+            hits.append(r)
+    return [{"doc_id": r["doc_id"], "chunk": r["chunk"], "score": round(float(r["score"]), 6),
+             "text": (r.get("text") or "")[:200]} for r in hits]
+
+
+def _int8_search(ds, q: np.ndarray, calibration: dict, k: int, columns: list[str], where: str | None) -> list[dict]:
+    """Exact search over int8 codes (Lance's ANN search takes float vectors only): dequantise
+    each batch with the table's fixed ranges and score cosine against the float query."""
+    low, high = np.asarray(calibration["low"]), np.asarray(calibration["high"])
+    q = q / max(np.linalg.norm(q), 1e-12)
+    best: list[dict] = []
+    for batch in ds.to_batches(columns=[*columns, "vector"], filter=where, batch_size=16384):
+        codes = np.stack(batch["vector"].to_numpy(zero_copy_only=False)).astype(np.float64)
+        v = low + (codes + 128.0) / 255.0 * (high - low)  # (n, dim) back to floats
+        scores = (v @ q) / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+        top = np.argsort(-scores)[:k]
+        rows = batch.select(columns).take(top).to_pylist()
+        best += [r | {"score": float(scores[i])} for r, i in zip(rows, top)]
+        best = sorted(best, key=lambda r: -r["score"])[:k]
+    return best

@@ -136,6 +136,10 @@ class LocalHead:
             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
             f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp_dir}",
             f"--num-cpus={num_cpus}", f"--include-dashboard={'true' if dashboard else 'false'}",
+            # the dashboard agent's HTTP port is a fixed 52365 by default: a second Ray on the machine
+            # (any ray.init) holding it leaves this head without a job agent ("No available agent")
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
             "--disable-usage-stats",
         ]
         if autoscaling_config:
@@ -172,7 +176,7 @@ class LocalHead:
     def job_submit(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
         """`ray job submit --address <dashboard> ARGS`, retried while the head's job agent is not
         registered yet (`ray start` returns before it is; the job is not created then)."""
-        deadline = time.time() + 240
+        deadline = time.time() + 120
         while True:
             out = self.ray("job", "submit", "--address", self.dashboard_url, *args, timeout=timeout)
             if "No available agent to submit job" not in out.stdout + out.stderr:
