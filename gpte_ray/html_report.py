@@ -67,6 +67,13 @@ def _short(v: float) -> str:
     return f"{v:.2g}"
 
 
+def _maybe_short(v) -> str:
+    try:
+        return _short(float(v))
+    except (TypeError, ValueError):
+        return "–"
+
+
 def _edge(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
@@ -336,8 +343,10 @@ def _eval_table(ev: dict) -> str:
         for m in modes
     )
     note = f'<p class="note">{_e(ev["note"])}</p>' if ev.get("note") else ""
+    tuned = ev.get("search") if isinstance(ev.get("search"), dict) else {}
+    tuned_s = ", ".join(f"{_e(k)}={_e(v)}" for k, v in tuned.items() if v is not None)
     meta = (f'<p class="note">{_num(ev.get("queries"))} queries · vector index: '
-            f'{_e(ev.get("index", "none"))}</p>')
+            f'{_e(ev.get("index", "none"))}{" · indexed search with " + tuned_s if tuned_s else ""}</p>')
     return (f'<section><h2>Retrieval quality</h2>{meta}<table class="grid"><tr><th></th>{head}</tr>'
             f"{body}</table>{note}</section>")
 
@@ -388,8 +397,7 @@ def render_html_report(report: dict) -> str:
     cards_work = "".join([
         _card("docs embedded", _num(r.get("docs_embedded")),
               f"{_num(r.get('chunks_written'))} chunks written"),
-        _card("tokens", _short(float(r.get("tokens") or 0)),
-              f"{_short(float(r.get('padded_tokens') or 0))} computed"),
+        _card("tokens", _maybe_short(r.get("tokens")), f"{_maybe_short(r.get('padded_tokens'))} computed"),
         _card("padding efficiency", _pct(eff) if eff is not None else "–", "real / computed tokens"),
         _card("seconds", _num(r.get("seconds"))),
         _card("throughput", f"{_num(r.get('rows_per_s'))}<small> docs/s</small>",

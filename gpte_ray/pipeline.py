@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 
 import pyarrow as pa
@@ -18,10 +19,10 @@ import pyarrow as pa
 from gpte_ray.config import ConfigError, JobConfig
 from gpte_ray.lock import TableLock
 from gpte_ray.plan import Plan, make_plan
-from gpte_ray.report import Progress, RunReport
+from gpte_ray.report import Progress, ProgressCounter, RunReport
 from gpte_ray.sources import ShardError, list_shards
 from gpte_ray.spec import ModelSpec, resolve_model
-from gpte_ray.stages import EmbedStage, TokenizeStage, WriteStage, read_shard, scan_shard
+from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WriteStage, read_shard, scan_shard
 from gpte_ray.storage import lance_options
 from gpte_ray.table import CommitPlan, TableStore, table_schema
 from gpte_ray.upkeep import finish_table
@@ -45,8 +46,10 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     else:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
-    ctx.enable_progress_bars = False
+    import ray.data
+
+    # our own progress line counts rows; Ray's per-operator bars would interleave with it
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def _device(cfg: JobConfig) -> str:
@@ -157,6 +160,7 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
     r, b = cfg.resources, cfg.batch
     items = [{"shard": s, "uri": shards[s], "rows": rows} for s, rows in plan.rows_by_shard(doc_ids).items()]
     budget = b.token_budget or DEFAULT_BUDGET[device]
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     embed_resources = {"num_cpus": r.cpus_per_actor}
     if device == "cuda" or r.fake_gpus:
         embed_resources["num_gpus"] = r.gpus_per_actor
@@ -168,7 +172,7 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
                      batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, r.max_actors)),
                      num_cpus=r.tokenize_cpus)
         .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, b.min_fill, r.torch_threads,
-                                                      calibration),
+                                                      calibration, counter),
                      batch_size=b.window_rows, batch_format="pyarrow",
                      compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **embed_resources)
         .map_batches(WriteStage, fn_constructor_args=(store.db, store.table, store.storage_options, schema,
@@ -177,6 +181,25 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
                      num_cpus=0.1)
     )
     progress = Progress(len(doc_ids))
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(1.0):
+            report.timeline.append(progress.update(*ray.get(counter.totals.remote())))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        _collect(ds, report)
+    finally:
+        done.set()
+        poller.join()
+    report.timeline.append(progress.update(*ray.get(counter.totals.remote())))
+    ray.kill(counter)
+
+
+def _collect(ds, report: RunReport) -> None:
+    """Drive the pipeline; sum the writers' per-batch figures into the report."""
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in out.to_pylist():
             report.chunks_embedded += row["rows"]
@@ -186,7 +209,8 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
             report.oom_retries += row["oom_retries"]
             report.min_token_budget = min(report.min_token_budget or row["token_budget"], row["token_budget"])
             report.stage_seconds["embed_compute"] = report.stage_seconds.get("embed_compute", 0.0) + row["embed_seconds"]
-            progress.update(row["docs_done"], row["rows"], row["tokens"])
+            report.add_histograms(LENGTH_EDGES.tolist(), row["length_hist"], row["bucket_real"],
+                                  row["bucket_computed"], row["bucket_batches"])
 
 
 def _staged_state(store: TableStore, run_id: str, plan: Plan) -> tuple[list, frozenset, list[str]]:

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Progress", "RunReport"]
+__all__ = ["Progress", "ProgressCounter", "RunReport"]
 
 
 @dataclass
@@ -43,6 +43,22 @@ class RunReport:
     counts_add_up: bool = False
     quarantine_file: str | None = None
     upkeep: dict = field(default_factory=dict)
+    length_histogram: dict = field(default_factory=dict)  # edges (upper bounds) and chunk counts
+    buckets: list[dict] = field(default_factory=list)  # micro-batch fill per padded-length bucket
+    timeline: list[list[float]] = field(default_factory=list)  # [seconds, docs done, tokens done]
+
+    def add_histograms(self, edges: list[int], hist: list[int], real: list[int], computed: list[int],
+                       batches: list[int]) -> None:
+        if not self.length_histogram:
+            self.length_histogram = {"edges": [*edges, None], "counts": [0] * len(hist)}
+            self.buckets = [{"max_len": e, "real_tokens": 0, "computed_tokens": 0, "batches": 0}
+                            for e in [*edges, None]]
+        for i, n in enumerate(hist):
+            self.length_histogram["counts"][i] += n
+        for b, r, c, n in zip(self.buckets, real, computed, batches):
+            b["real_tokens"] += r
+            b["computed_tokens"] += c
+            b["batches"] += n
 
     def finish(self) -> RunReport:
         self.counts_add_up = self.rows_read == self.new + self.changed + self.unchanged + self.quarantined
@@ -53,6 +69,10 @@ class RunReport:
             self.tokens_per_s = round(self.tokens / self.seconds, 1)
         self.seconds = round(self.seconds, 3)
         self.stage_seconds = {k: round(v, 3) for k, v in self.stage_seconds.items()}
+        self.buckets = [b for b in self.buckets if b["batches"]]
+        if len(self.timeline) > 200:  # keep the report small on long runs; keep the last point
+            step = len(self.timeline) // 200 + 1
+            self.timeline = self.timeline[:-1:step] + self.timeline[-1:]
         return self
 
     def to_json(self) -> str:
@@ -70,21 +90,28 @@ class Progress:
         self.last = 0.0
         self.every = every_s if not self.tty else 0.2
         self.docs = self.rows = self.tokens = 0
+        self.printed = -1
 
-    def update(self, docs: int, rows: int, tokens: int) -> None:
-        self.docs += docs
-        self.rows += rows
-        self.tokens += tokens
+    def update(self, docs: int, rows: int, tokens: int) -> list[float]:
+        """Set the totals so far; returns the timeline point [seconds, docs, tokens]."""
+        self.docs, self.rows, self.tokens = docs, rows, tokens
         now = time.perf_counter()
+        point = [round(now - self.start, 3), self.docs, self.tokens]
+        self._print(now)
+        return point
+
+    def _print(self, now: float) -> None:
         if now - self.last < self.every and self.docs < self.total:
             return
-        self.last = now
+        if not self.tty and self.docs == self.printed:
+            return  # a log gets a line only when something moved
+        self.last, self.printed = now, self.docs
         elapsed = max(now - self.start, 1e-9)
         rate = self.docs / elapsed
-        eta = (self.total - self.docs) / rate if rate > 0 else float("inf")
+        eta = f"{(self.total - self.docs) / rate:.0f}s" if rate > 0 else "?"
         line = (
             f"embedded {self.docs}/{self.total} docs ({self.rows} chunks) "
-            f"{rate:.1f} docs/s {self.tokens / elapsed:.0f} tok/s ETA {eta:.0f}s"
+            f"{rate:.1f} docs/s {self.tokens / elapsed:.0f} tok/s ETA {eta}"
         )
         if self.tty:
             self.stream.write("\r" + line.ljust(100))
@@ -93,3 +120,18 @@ class Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+class ProgressCounter:
+    """Totals the embed actors report after each window (a zero-CPU Ray actor)."""
+
+    def __init__(self):
+        self.docs = self.rows = self.tokens = 0
+
+    def add(self, docs: int, rows: int, tokens: int) -> None:
+        self.docs += docs
+        self.rows += rows
+        self.tokens += tokens
+
+    def totals(self) -> tuple[int, int, int]:
+        return self.docs, self.rows, self.tokens

@@ -92,6 +92,10 @@ class TokenizeStage:
         return pa.table(cols, schema=CHUNK_SCHEMA)
 
 
+# token-count bin edges for the report's histograms: bin i holds lengths in (edge[i-1], edge[i]]
+LENGTH_EDGES = np.array([8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192])
+
+
 class OutOfMemory(RuntimeError):
     """Raised by a micro-batch that did not fit the device (real or injected)."""
 
@@ -100,7 +104,7 @@ class EmbedStage:
     """Sort the batch Ray hands over by length, cut micro-batches by a token budget, embed."""
 
     def __init__(self, spec: ModelSpec, device: str, token_budget: int, max_rows: int, min_fill: float,
-                 torch_threads: int | None, calibration: dict | None):
+                 torch_threads: int | None, calibration: dict | None, progress=None):
         import torch
 
         from gpte_ray.embedder import Embedder
@@ -115,6 +119,7 @@ class EmbedStage:
         self.min_fill = min_fill
         self.calibration = calibration
         self.oom_retries = 0
+        self.progress = progress  # a ProgressCounter actor handle, or None
 
     def _embed_safely(self, ids: list, plens: list, order: np.ndarray, out: np.ndarray,
                       padded: np.ndarray) -> None:
@@ -147,13 +152,16 @@ class EmbedStage:
         lengths = np.asarray(batch["n_tokens"].to_numpy(), dtype=np.int64)
         pooled = np.zeros((len(ids), self.spec.full_dim), dtype=np.float32)
         padded = np.zeros(len(ids), dtype=np.int32)  # padded length of each row's micro-batch
+        first = np.zeros(len(ids), dtype=np.int32)  # 1 on the first row of each micro-batch
         for rows in plan_micro_batches(lengths, self.budget, self.max_rows, self.min_fill):
             self._embed_safely(ids, plens, rows, pooled, padded)
+            first[rows[0]] = 1
         vectors = postprocess(pooled, self.spec, self.calibration)
         seconds = time.perf_counter() - start
         out = batch.drop_columns(["input_ids", "prompt_len"])
         out = out.append_column("vector", vectors_to_arrow(vectors, vector_type(self.spec)))
         out = out.append_column("padded_tokens", pa.array(padded))
+        out = out.append_column("batch_first", pa.array(first))
         per_row = seconds / max(len(ids), 1)
         out = out.append_column("embed_seconds", pa.array(np.full(len(ids), per_row)))
         retries = np.zeros(len(ids), np.int32)
@@ -161,6 +169,9 @@ class EmbedStage:
         out = out.append_column("oom_retries", pa.array(retries))
         out = out.append_column("token_budget", pa.array(np.full(len(ids), self.budget, np.int32)))
         self.oom_retries = 0
+        if self.progress is not None:
+            chunks, n_chunks = batch["chunk"].to_numpy(), batch["n_chunks"].to_numpy()
+            self.progress.add.remote(int((chunks == n_chunks - 1).sum()), len(ids), int(lengths.sum()))
         return out
 
 
@@ -190,7 +201,16 @@ class WriteStage:
         name = uuid.uuid4().hex
         self.store.write_marker(self.run_id, name, marker)  # after the data files: durable
         n_tokens = batch["n_tokens"].to_numpy()
+        padded = batch["padded_tokens"].to_numpy()
+        # per length bucket (by padded length): real tokens, computed tokens, micro-batches
+        bucket = np.searchsorted(LENGTH_EDGES, padded, side="left")
+        nb = len(LENGTH_EDGES) + 1
         return pa.table({
+            "length_hist": [np.bincount(np.searchsorted(LENGTH_EDGES, n_tokens, side="left"), minlength=nb).tolist()],
+            "bucket_real": [np.bincount(bucket, weights=n_tokens, minlength=nb).astype(int).tolist()],
+            "bucket_computed": [np.bincount(bucket, weights=padded, minlength=nb).astype(int).tolist()],
+            "bucket_batches": [np.bincount(bucket, weights=batch["batch_first"].to_numpy(), minlength=nb)
+                               .astype(int).tolist()],
             "marker": [name],
             "rows": [batch.num_rows],
             "docs_done": [int(sum(1 for c, n in zip(chunks, batch["n_chunks"].to_pylist()) if c == n - 1))],

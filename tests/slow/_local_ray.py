@@ -36,7 +36,8 @@ def free_port() -> int:
 def ray_env(**extra: str) -> dict:
     """The environment for everything the tests start: auth explicitly off, never attach to a
     stray cluster, the venv's `ray` first on PATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    drop = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     env.update(extra)
@@ -192,15 +193,6 @@ class LocalHead:
             return path.read_text(errors="replace")[-chars:]
         except OSError as e:
             return f"({path}: {e.strerror})"
-
-    def python(self, code: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-        """Run a driver script connected to this head (RAY_ADDRESS set), in its own process."""
-        return run_python(code, timeout=timeout, env={**self.env, "RAY_ADDRESS": self.gcs_address, **(env or {})})
-
-
-def run_python(code: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=env or ray_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=str(REPO))
 
 
 def last_json(stdout: str) -> dict:

@@ -54,7 +54,7 @@ def test_job_submit_indexes_and_refuses_duplicate_submission_id(head, tmp_path):
 
     table = lancedb.connect(str(db)).open_table("docs").to_arrow()
     assert table.num_rows == report["chunks_written"] >= len(docs)
-    keys = list(zip(table["doc_id"].to_pylist(), table["chunk"].to_pylist()))
+    keys = list(zip(table["doc_id"].to_pylist(), table["chunk"].to_pylist(), strict=True))
     assert len(set(keys)) == len(keys)
     assert set(table["doc_id"].to_pylist()) == {d["id"] for d in docs}
 

@@ -62,13 +62,15 @@ def test_gpu_workers_scale_from_zero_on_spot_with_on_demand_fallback(prepared):
         assert node["min_workers"] == 0, name
         assert 0 < node["max_workers"] <= prepared["max_workers"], name
         assert set(node["resources"]) >= {"CPU", "GPU"}, f"{name}: declare CPU and GPU explicitly"
-    spot = {k for k, v in gpu.items() if v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"}
+    market = {k: v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") for k, v in gpu.items()}
+    spot = {k for k, m in market.items() if m == "spot"}
     on_demand = set(gpu) - spot
     assert spot and on_demand
     shapes = {k: (v["resources"]["CPU"], v["resources"]["GPU"]) for k, v in gpu.items()}
     # the fallback can take what a spot type takes, and ranks below it
     for od in on_demand:
-        assert any(shapes[od] == shapes[s] and gpu[s].get("priority", 0) > gpu[od].get("priority", 0) for s in spot)
+        prio = gpu[od].get("priority", 0)
+        assert any(shapes[od] == shapes[s] and gpu[s].get("priority", 0) > prio for s in spot), od
     # a single-GPU type and a multi-GPU type
     assert {g for _, g in shapes.values()} >= {1, 4}
 
@@ -86,7 +88,7 @@ def test_actor_requests_fit_a_worker_type(prepared, source):
     r = cfg.resources
     workers = _workers(prepared)
     fitting = [k for k, v in workers.items() if _fits(v, r)]
-    assert fitting, f"{source}: an actor of {r.gpus_per_actor} GPU + {r.cpus_per_actor} CPU fits no worker type"
+    assert fitting, f"{source}: {r.gpus_per_actor} GPU + {r.cpus_per_actor} CPU per actor fits no worker type"
     # room for reads and tokenizers beside the actor on every fitting node
     for k in fitting:
         assert workers[k]["resources"]["CPU"] >= r.cpus_per_actor + r.read_cpus + r.tokenize_cpus, k

@@ -1,0 +1,107 @@
+"""The job on a three-node cluster (`ray.cluster_utils.Cluster`): a CPU head and two workers with
+one fake GPU each; two embed actors (`resources.fake_gpus`) must land one on each GPU node, and
+the table must hold every document exactly once.
+
+The cluster and its driver live in a subprocess: the test process already holds the session's
+`ray.init`. RAY_TMPDIR points the subprocess's Ray (node temp dirs and the `ray_current_cluster`
+address file) at a private folder, so nothing of other Ray users on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from _local_ray import REPO, free_port, processes_of, ray_env, terminate
+
+from gpte_ray.corpus import docstring_docs, write_shards
+
+pytestmark = pytest.mark.slow
+
+DRIVER = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from gpte_ray.config import load_config
+from gpte_ray.pipeline import run_index
+
+args = json.loads(sys.argv[1])
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 2, "num_gpus": 0, "include_dashboard": False,
+    "dashboard_agent_listen_port": args["agent_ports"][0],
+})
+gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=port)
+             for port in args["agent_ports"][1:]]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
+try:
+    cfg = load_config(None, {
+        "input.paths": [args["corpus"]], "output.db": args["db"], "output.table": "docs",
+        "resources.fake_gpus": True, "resources.min_actors": 2, "resources.max_actors": 2,
+        "resources.torch_threads": 1, "batch.window_rows": 8,
+    })
+    report = run_index(cfg, ray_address=cluster.address)
+    from ray._private.state import actors
+    placed = [
+        {"cls": a["ActorClassName"], "node": a["Address"]["NodeID"]}
+        for a in actors().values()
+    ]
+    out = {
+        "report": json.loads(report.to_json()),
+        "actors": placed,
+        "gpu_nodes": [n.node_id for n in gpu_nodes],
+        "head_node": cluster.head_node.node_id,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_embed_actors_on_two_gpu_nodes(tmp_path):
+    # short documents: one chunk each, so rows == documents
+    docs = [d for d in docstring_docs(400) if len(d["text"]) < 400][:40]
+    assert len(docs) == 40
+    corpus = tmp_path / "corpus"
+    write_shards(iter(docs), str(corpus), rows_per_shard=10)
+    db = tmp_path / "db"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths
+    args = {"corpus": str(corpus), "db": str(db), "agent_ports": [free_port() for _ in range(3)]}
+    try:
+        out = subprocess.run([sys.executable, str(script), json.dumps(args)], env=ray_env(RAY_TMPDIR=ray_tmp),
+                             capture_output=True, text=True, timeout=480, cwd=str(REPO))
+    finally:
+        terminate(processes_of(re.escape(ray_tmp)))  # anything the driver's shutdown left behind
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-5000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+
+    report = result["report"]
+    assert report["counts_add_up"] and report["new"] == len(docs) and report["committed"]
+
+    embed = [a for a in result["actors"] if "EmbedStage" in a["cls"]]
+    assert len(embed) == 2, result["actors"]
+    assert {a["node"] for a in embed} == set(result["gpu_nodes"]), (embed, result["gpu_nodes"])
+
+    import lancedb
+
+    table = lancedb.connect(str(db)).open_table("docs").to_arrow()
+    keys = list(zip(table["doc_id"].to_pylist(), table["chunk"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == len(docs) == report["chunks_written"]
+    assert {d for d, _ in keys} == {d["id"] for d in docs}
+    assert all(c == 0 for _, c in keys)
+    vectors = np.stack(table["vector"].to_numpy(zero_copy_only=False))
+    assert vectors.shape == (len(docs), 384) and np.isfinite(vectors).all()
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
