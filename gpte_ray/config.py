@@ -100,7 +100,9 @@ class ModelConfig(_Strict):
     long_documents: Literal["chunk", "truncate"] = Field(
         "chunk", description="Long documents: split into overlapping windows, or truncate."
     )
-    chunk_overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
+    chunk_overlap: int | None = Field(
+        None, ge=0, description="Tokens shared by consecutive chunks; default min(32, max_length / 8)."
+    )
 
 
 class BatchConfig(_Strict):

@@ -198,25 +198,54 @@ def _vector_index(ds) -> str | None:
     return None
 
 
-def _search_batch(ds, vectors: np.ndarray, limit: int, metric: str, use_index: bool,
-                  nearest_extra: dict) -> list[list[tuple[str, float]]]:
-    """Top `limit` chunks of each query vector as [(doc_id, score)], best first."""
-    nearest = {"column": "vector", "q": vectors, "k": limit, "metric": metric, "use_index": use_index,
-               **nearest_extra}
-    table = ds.to_table(columns=["doc_id", "_distance"], nearest=nearest)
-    out: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
-    qi = table.column("query_index").to_numpy() if "query_index" in table.column_names \
-        else np.zeros(table.num_rows, dtype=np.int64)
-    ids = table.column("doc_id").to_pylist()
-    dist = table.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
-    scores = 1.0 - dist if metric == "cosine" else -dist
-    for q, d, s in zip(qi.tolist(), ids, scores.tolist()):
-        out[q].append((d, s))
-    return out
+def _lance_search(ds, metric: str, use_index: bool, tune: dict):
+    """A batch searcher over the table's vector column, with search.py's `nearest` settings (so
+    `indexed` is what `gpte-ray search` does), `tune` overriding them."""
+    from gpte_ray.search import nearest_params
+
+    def run(vectors: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
+        nearest = nearest_params(vectors, limit, metric, exact=not use_index)
+        if use_index:
+            nearest.update(tune)
+        table = ds.to_table(columns=["doc_id", "_distance"], nearest=nearest)
+        out: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
+        qi = (table.column("query_index").to_numpy() if "query_index" in table.column_names
+              else np.zeros(table.num_rows, dtype=np.int64))
+        dist = table.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
+        # as search.py scores: cosine similarity, or the share of equal bits
+        scores = 1.0 - dist if metric == "cosine" else 1.0 - dist / (8 * vectors.shape[1])
+        for q, d, sc in zip(qi.tolist(), table.column("doc_id").to_pylist(), scores.tolist()):
+            out[q].append((d, sc))
+        return out
+
+    return run
 
 
-def _rank_docs(ds, vectors: np.ndarray, depth: int, n_rows: int, metric: str, use_index: bool,
-               nearest_extra: dict) -> list[list[str]]:
+def _int8_search(ds, calibration: dict):
+    """Exact cosine over the table's int8 codes, dequantised with its ranges (as search.py does:
+    Lance's ANN search takes float vectors only); float32 query vectors."""
+    low, high = np.asarray(calibration["low"]), np.asarray(calibration["high"])
+
+    def run(vectors: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
+        q = vectors.astype(np.float32)
+        q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        best_id = np.empty((len(q), 0), dtype=object)
+        for batch in ds.to_batches(columns=["doc_id", "vector"], batch_size=16384):
+            codes = np.stack(batch["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+            v = (low + (codes + 128.0) / 255.0 * (high - low)).astype(np.float32)
+            v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            ids = np.asarray(batch["doc_id"].to_pylist(), dtype=object)
+            sc = np.concatenate([best_s, q @ v.T], axis=1)
+            idx = np.concatenate([best_id, np.broadcast_to(ids, (len(q), len(ids)))], axis=1)
+            keep = np.argsort(-sc, axis=1, kind="stable")[:, :limit]
+            best_s, best_id = np.take_along_axis(sc, keep, 1), np.take_along_axis(idx, keep, 1)
+        return [list(zip(best_id[i].tolist(), best_s[i].astype(np.float64).tolist())) for i in range(len(q))]
+
+    return run
+
+
+def _rank_docs(search, vectors: np.ndarray, depth: int, n_rows: int) -> list[list[str]]:
     """For each query, at least `depth` distinct documents (when the table has them), best first.
 
     Fetches depth x OVERSAMPLE chunks; a query whose chunks covered fewer documents is fetched
@@ -225,7 +254,7 @@ def _rank_docs(ds, vectors: np.ndarray, depth: int, n_rows: int, metric: str, us
     ranked: list[list[str] | None] = [None] * len(vectors)
     todo = list(range(len(vectors)))
     while todo:
-        hits = _search_batch(ds, vectors[todo], limit, metric, use_index, nearest_extra)
+        hits = search(vectors[todo], limit)
         again = []
         for q, rows in zip(todo, hits):
             docs = collapse_to_docs(rows)
@@ -238,7 +267,8 @@ def _rank_docs(ds, vectors: np.ndarray, depth: int, n_rows: int, metric: str, us
     return ranked  # type: ignore[return-value]
 
 
-def _embed_all(fp: dict, texts: list[str], calibration: dict | None, model_path: str | None) -> np.ndarray:
+def _embed_all(fp: dict, texts: list[str], calibration: dict | None, model_path: str | None,
+               quantize: bool = True) -> np.ndarray:
     """Every query embedded once, in batches of similar length (little padding)."""
     from gpte_ray.search import embed_queries
 
@@ -246,7 +276,8 @@ def _embed_all(fp: dict, texts: list[str], calibration: dict | None, model_path:
     out: np.ndarray | None = None
     for start in range(0, len(order), QUERY_BATCH):
         idx = order[start : start + QUERY_BATCH]
-        vec = embed_queries(fp, [texts[i] for i in idx], calibration, model_path)
+        kw = {} if quantize else {"quantize": False}
+        vec = embed_queries(fp, [texts[i] for i in idx], calibration, model_path, **kw)
         if out is None:
             out = np.empty((len(texts), *vec.shape[1:]), dtype=vec.dtype)
         out[idx] = vec
@@ -263,8 +294,9 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
 
     Queries are those of `queries_path` that have judgements in `qrels_path`; a query with no
     relevant document is skipped (counted in "skipped"). `indexed` is the table's default search
-    path (its vector index, or the same exact scan when there is none: then "note" says so).
-    `nprobes` / `refine_factor` tune the indexed search (None: Lance's defaults).
+    path, with gpte_ray.search's `nearest` settings (its vector index, or the same exact scan when
+    there is none or the table is int8: then "note" says so). `nprobes` / `refine_factor`
+    override those settings for the indexed search.
     """
     from gpte_ray.config import ConfigError
     from gpte_ray.table import TableStore
@@ -292,16 +324,18 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
     for name in names:
         passes.setdefault(max(10, int(name.split("@")[1])), []).append(name)
     metric = "hamming" if fp["precision"] == "binary" else "cosine"
+    int8 = fp["precision"] == "int8"
+    calibration = store.calibration(ds)
     n_rows = ds.count_rows()
-    index = _vector_index(ds)
-    extra: dict = {}
+    index = None if int8 else _vector_index(ds)
+    tune: dict = {}
     if nprobes is not None:
-        extra["minimum_nprobes"] = extra["maximum_nprobes"] = nprobes
+        tune["nprobes"] = nprobes
     if refine_factor is not None:
-        extra["refine_factor"] = refine_factor
+        tune["refine_factor"] = refine_factor
 
     t = time.perf_counter()
-    vectors = _embed_all(fp, [queries[q] for q in qids], store.calibration(ds), model_path)
+    vectors = _embed_all(fp, [queries[q] for q in qids], calibration, model_path, quantize=not int8)
     embed_s = time.perf_counter() - t
 
     result: dict = {"queries": len(qids), "k": k, "table_rows": n_rows, "version": ds.version,
@@ -310,22 +344,22 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
     modes = [("exact", False)] + ([("indexed", True)] if index else [])
     for mode, use_index in modes:
         t = time.perf_counter()
+        search = _int8_search(ds, calibration) if int8 else _lance_search(ds, metric, use_index, tune)
         means: dict = {}
         for depth, group in sorted(passes.items()):
             runs: dict[str, list[str]] = {q: [] for q in qids}
             for start in range(0, len(qids) if n_rows else 0, QUERY_BATCH):
-                batch = qids[start : start + QUERY_BATCH]
-                ranked = _rank_docs(ds, vectors[start : start + QUERY_BATCH], depth, n_rows, metric,
-                                    use_index, extra if use_index else {})
-                runs.update(zip(batch, ranked))
+                ranked = _rank_docs(search, vectors[start : start + QUERY_BATCH], depth, n_rows)
+                runs.update(zip(qids[start : start + QUERY_BATCH], ranked))
             means.update({n: v for n, v in mean_metrics(runs, qrels, group).items() if n in group})
         result[mode] = {n: means[n] for n in names}
         seconds[mode] = round(time.perf_counter() - t, 3)
     if not index:
         result["indexed"] = dict(result["exact"])
-        result["note"] = "no vector index: indexed search is the exact scan"
-    elif extra:
-        result["search"] = {"nprobes": nprobes, "refine_factor": refine_factor}
+        result["note"] = ("int8 table: search scores the dequantised codes exactly, no vector index" if int8
+                          else "no vector index: indexed search is the exact scan")
+    elif tune:
+        result["search"] = tune
     result["skipped"] = {"no_relevant": no_relevant, "qrels_without_query": missing}
     seconds["total"] = round(time.perf_counter() - t0, 3)
     result["seconds"] = seconds

@@ -4,9 +4,12 @@
 or the JSON line `index` prints) and draws:
 
 * the run summary: counts, table version, seconds, throughput, padding efficiency, stage times;
-* the corpus length distribution: `length_histogram = {"edges": [...], "counts": [...]}`;
+* the corpus length distribution: `length_histogram = {"edges": [...], "counts": [...]}`, edges
+  as upper bounds (bin i: (edge[i-1], edge[i]], a last None: longer) or as n + 1 boundaries;
+  it counts chunks unless `"of"` says otherwise;
 * the micro-batch fill per length bucket: `buckets = [{"max_len", "real_tokens",
-  "computed_tokens", "batches"}, ...]` (real tokens vs padding computed on top of them);
+  "computed_tokens", "batches"}, ...]` (real tokens vs padding computed on top of them; a
+  max_len of None is the bucket past the last edge);
 * throughput over the run: `timeline = [[seconds_since_start, docs_done, tokens_done], ...]`;
 * retrieval quality, when the dict carries an `eval` result of `gpte_ray.evaluate.evaluate`.
 
@@ -138,17 +141,45 @@ def _y_axis(x0: float, x1: float, y0: float, y1: float, top: float, step: float)
     return "".join(parts)
 
 
+def _bounds(edges: Sequence, n: int) -> list[float | None]:
+    """n + 1 bin boundaries from a report's edges; None is an open upper end.
+
+    n edges: upper bounds (bin i holds lengths in (edge[i-1], edge[i]], the first from 0, a last
+    None: everything longer), as gpte_ray.stages.LENGTH_EDGES makes them. n + 1 edges: the
+    boundaries themselves. Anything else: bin numbers."""
+    def num(v):
+        try:
+            return None if v is None else float(v)
+        except (TypeError, ValueError):
+            return None
+
+    vals = [num(v) for v in edges or []]
+    if len(vals) == n and all(v is not None for v in vals[:-1]):
+        return [0.0, *vals]
+    if len(vals) == n + 1 and all(v is not None for v in vals[:-1]):
+        return vals
+    return [float(i) for i in range(n + 1)]
+
+
+def _span(lo: float | None, hi: float | None) -> str:
+    if hi is None:
+        return f"> {_edge(lo or 0)}"
+    if not lo:
+        return f"≤ {_edge(hi)}"
+    return f"{_edge(lo + 1) if float(lo).is_integer() else _edge(lo)}–{_edge(hi)}"
+
+
 def histogram_svg(hist: dict | None, w: int = 960, h: int = 260) -> str:
-    """Documents per token-count bin."""
+    """Chunks (or documents, per `hist["of"]`) per token-count bin; empty bins past the last
+    populated one are not drawn."""
     hist = hist or {}
     counts = _ints(hist.get("counts"))
-    edges = _ints(hist.get("edges"))
     if not counts or not any(counts):
         return _empty("no length histogram in this report", w)
-    if len(edges) == len(counts):  # lower bounds only: close the last bin
-        edges = edges + [edges[-1] + (edges[-1] - edges[-2] if len(edges) > 1 else 1)]
-    if len(edges) != len(counts) + 1:
-        edges = list(range(len(counts) + 1))
+    bounds = _bounds(hist.get("edges"), len(counts))
+    last = max(i for i, c in enumerate(counts) if c > 0)
+    counts, bounds = counts[: last + 1], bounds[: last + 2]
+    of = _e(hist.get("of") or "chunks")
     left, right, top_m, bottom = 64, 16, 16, 48
     pw, ph = w - left - right, h - top_m - bottom
     base = top_m + ph
@@ -159,19 +190,18 @@ def histogram_svg(hist: dict | None, w: int = 960, h: int = 260) -> str:
     for i, c in enumerate(counts):
         bh = ph * c / top
         x = left + i * bw
-        span = f"{_edge(edges[i])}–{_edge(edges[i + 1])}"
-        tip = f"{span} tokens: {_num(int(c))} documents ({_pct(c / total)})"
+        tip = f"{_e(_span(bounds[i], bounds[i + 1]))} tokens: {_num(int(c))} {of} ({_pct(c / total)})"
         parts.append(f'<rect x="{x + 1:.1f}" y="{base - bh:.1f}" width="{max(bw - 2, 1):.1f}" '
                      f'height="{bh:.1f}" fill="{ACCENT}" rx="2"><title>{tip}</title></rect>')
-    label_every = max(1, math.ceil(len(edges) / 16))
-    for i, edge in enumerate(edges):
-        if i % label_every and i != len(edges) - 1:
+    label_every = max(1, math.ceil(len(bounds) / 16))
+    for i, edge in enumerate(bounds):
+        if i % label_every and i != len(bounds) - 1:
             continue
         x = left + i * bw
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{base}" y2="{base + 4}" stroke="{MUTED}"/>')
-        parts.append(_t(x, base + 18, _edge(edge), anchor="middle"))
-    parts.append(_t(left + pw / 2, h - 6, "tokens per document", "axis", "middle"))
-    parts.append(_vt(14, top_m + ph / 2, "documents"))
+        parts.append(_t(x, base + 18, "∞" if edge is None else _edge(edge), anchor="middle"))
+    parts.append(_t(left + pw / 2, h - 6, f"tokens per {of.rstrip('s')}", "axis", "middle"))
+    parts.append(_vt(14, top_m + ph / 2, of))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -181,9 +211,10 @@ def buckets_svg(buckets: Sequence[dict] | None, w: int = 960) -> str:
     rows = []
     for b in buckets or []:
         try:
-            rows.append((int(b.get("max_len", 0)), float(b.get("real_tokens", 0)),
-                         float(b.get("computed_tokens", 0)), int(b.get("batches", 0))))
-        except (TypeError, ValueError, AttributeError):
+            cap = b.get("max_len")  # None: the open bucket past the last edge
+            rows.append((math.inf if cap is None else int(cap), float(b.get("real_tokens") or 0),
+                         float(b.get("computed_tokens") or 0), int(b.get("batches") or 0)))
+        except (TypeError, ValueError, AttributeError, OverflowError):
             continue
     rows = [r for r in rows if r[2] > 0 or r[1] > 0]
     if not rows:
@@ -211,9 +242,9 @@ def buckets_svg(buckets: Sequence[dict] | None, w: int = 960) -> str:
         computed = max(computed, real)
         eff = real / computed if computed else 0.0
         wr, wc = pw * real / top, pw * computed / top
-        label = f"{prev + 1}–{max_len}" if prev < max_len else f"≤ {max_len}"
-        prev = max_len
-        parts.append(_t(left - 8, mid + 4, label, anchor="end"))
+        label = _span(prev, None if max_len == math.inf else max_len)
+        prev = max_len if max_len != math.inf else prev
+        parts.append(_t(left - 8, mid + 4, _e(label), anchor="end"))
         parts.append(f'<rect x="{left}" y="{y}" width="{max(wc, 1):.1f}" height="{bar_h}" fill="{PAD}" '
                      f'opacity="0.35" rx="3"><title>computed {_num(int(computed))} tokens</title></rect>')
         parts.append(f'<rect x="{left}" y="{y}" width="{max(wr, 1):.1f}" height="{bar_h}" fill="{ACCENT}" '
@@ -407,7 +438,8 @@ def render_html_report(report: dict) -> str:
               else "read ≠ new + changed + unchanged + quarantined",
               cls="ok" if add_up else "bad"),
     ])
-    keys = ("truncated", "oom_retries", "min_token_budget", "chunks_resumed", "quarantine_file")
+    keys = ("bad_shards", "truncated", "oom_retries", "min_token_budget", "chunks_embedded", "chunks_resumed",
+            "quarantine_file")
     extra = {k: r[k] for k in keys if r.get(k) not in (None, 0, "")}
     upkeep = r.get("upkeep") if isinstance(r.get("upkeep"), dict) else {}
     details = ""
@@ -429,8 +461,8 @@ def render_html_report(report: dict) -> str:
     hist = r.get("length_histogram") if isinstance(r.get("length_histogram"), dict) else None
     hist_note = ""
     if hist and hist.get("counts"):
-        n_docs = _num(int(sum(_ints(hist.get("counts")))))
-        hist_note = f'<p class="note">{n_docs} documents by token count.</p>'
+        n = _num(int(sum(_ints(hist.get("counts")))))
+        hist_note = f'<p class="note">{n} {_e(hist.get("of") or "chunks")} by token count.</p>'
     ev = _eval_table(r["eval"]) if isinstance(r.get("eval"), dict) else ""
 
     return f"""<!DOCTYPE html>

@@ -152,6 +152,13 @@ def _model_id(name: str, packaged: bool) -> str:
 
 
 def _st_pooling(cfg: dict) -> str:
+    mode = cfg.get("pooling_mode")  # sentence-transformers >= 6 names the mode directly
+    if isinstance(mode, str):
+        named = {"cls": "cls", "mean": "mean", "lasttoken": "last-token", "last_token": "last-token",
+                 "weightedmean": "weighted-mean", "weighted_mean": "weighted-mean"}
+        if mode not in named:
+            raise ConfigError(f"config error: model.pooling: the model's pooling mode {mode!r} is not supported")
+        return named[mode]
     if cfg.get("pooling_mode_lasttoken"):
         return "last-token"
     if cfg.get("pooling_mode_weightedmean_tokens"):
@@ -224,7 +231,11 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
 
     hidden = int(hf.get("hidden_size") or hf.get("d_model") or 0)
     max_pos = int(hf.get("max_position_embeddings") or 512)
-    max_length = cfg.max_length or bert_cfg.get("max_seq_length") or min(max_pos, 8192)
+    # sentence-transformers < 6 keeps max_seq_length in its own file, >= 6 in the tokenizer's
+    st_max = bert_cfg.get("max_seq_length") or (
+        tok_cfg.get("model_max_length") if modules and (tok_cfg.get("model_max_length") or 1e9) < 1e6 else None
+    )
+    max_length = cfg.max_length or st_max or min(max_pos, 8192)
     if model_type in _ROBERTA_LIKE:
         max_pos -= 2  # two positions are reserved for padding_idx
     if max_length > max_pos:
@@ -253,7 +264,8 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
     pool = cfg.pooling or pooling or ("last-token" if is_decoder else "mean")
     if cfg.precision == "binary" and (cfg.dim or full_dim) % 8:
         raise ConfigError("config error: model.precision: binary needs a dimension divisible by 8")
-    if cfg.long_documents == "chunk" and cfg.chunk_overlap >= max_length // 2:
+    overlap = cfg.chunk_overlap if cfg.chunk_overlap is not None else min(32, int(max_length) // 8)
+    if cfg.long_documents == "chunk" and overlap >= max_length // 2:
         raise ConfigError("config error: model.chunk_overlap: must be below half of max_length")
 
     return ModelSpec(
@@ -277,6 +289,6 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
         dtype=cfg.dtype,
         precision=cfg.precision,
         long_documents=cfg.long_documents,
-        chunk_overlap=cfg.chunk_overlap,
+        chunk_overlap=overlap,
         dense=tuple(dense),
     )

@@ -133,3 +133,27 @@ def test_truncation_is_counted_when_asked():
 def test_impossible_model_settings_name_the_key(cfg, key):
     with pytest.raises(ConfigError, match=key):
         resolve_model(cfg)
+
+
+def test_sentence_transformers_folder_with_dense_and_cls(tmp_path, minilm_path):
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(0)
+    st = SentenceTransformer(modules=[
+        models.Transformer(minilm_path, max_seq_length=64),
+        models.Pooling(384, pooling_mode="cls"),
+        models.Dense(384, 96, activation_function=torch.nn.Tanh()),
+        models.Normalize(),
+    ], device="cpu")
+    st.prompts = {"query": "query: ", "passage": "passage: "}
+    folder = str(tmp_path / "st-dense")
+    st.save(folder)
+    spec = resolve_model(ModelConfig(path=folder))
+    assert (spec.pooling, spec.full_dim, spec.max_length, spec.document_prefix) == ("cls", 96, 64, "passage: ")
+    texts = ["dense projection", "a longer sentence for the dense head to project"]
+    _, ours = embed_texts(spec, texts)
+    ref = SentenceTransformer(folder, device="cpu").encode(texts, prompt_name="passage")
+    assert cos(ours, ref).min() >= 0.9999
+    _, q = embed_texts(spec, texts, role="query")
+    assert cos(q, SentenceTransformer(folder, device="cpu").encode(texts, prompt_name="query")).min() >= 0.9999
