@@ -105,7 +105,6 @@ def _parser() -> argparse.ArgumentParser:
 def _index(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
     from gpte_ray.pipeline import run_index
-
     from gpte_ray.storage import secret_values
 
     overrides = {key: getattr(args, flag) for flag, key in _INDEX_FLAGS.items()}
@@ -139,9 +138,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
     from gpte_ray.search import search
-    from gpte_ray.storage import lance_options
-
-    from gpte_ray.storage import secret_values
+    from gpte_ray.storage import lance_options, secret_values
 
     cfg = load_config(args.config)
     args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)

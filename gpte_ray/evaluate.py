@@ -358,8 +358,12 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
         result["indexed"] = dict(result["exact"])
         result["note"] = ("int8 table: search scores the dequantised codes exactly, no vector index" if int8
                           else "no vector index: indexed search is the exact scan")
-    elif tune:
-        result["search"] = tune
+    else:
+        from gpte_ray.search import nearest_params
+
+        defaults = nearest_params(vectors[:1], 10, metric)
+        result["search"] = {key: v for key, v in {**defaults, **tune}.items()
+                            if key not in ("column", "q", "k", "metric", "ef", "use_index")}
     result["skipped"] = {"no_relevant": no_relevant, "qrels_without_query": missing}
     seconds["total"] = round(time.perf_counter() - t0, 3)
     result["seconds"] = seconds

@@ -297,6 +297,21 @@ def _line_chart(points: list[tuple[float, float]], title: str, y_label: str, w: 
     return "".join(parts)
 
 
+def throughput_steps(pts: list[tuple[float, float, float]]) -> list[tuple[float, float]]:
+    """Tokens/s between consecutive samples where the token count moved: samples in between
+    (progress reported in bursts) fold into the next move, so a burst is spread over the time
+    it took instead of drawn as a spike. Step points [(t, rate)], the first at the start."""
+    out: list[tuple[float, float]] = []
+    t0, k0 = pts[0][0], pts[0][2]
+    for t, _, k in pts[1:]:
+        if k != k0 and t > t0:
+            out.append((t, (k - k0) / (t - t0)))
+            t0, k0 = t, k
+    if out:
+        out.insert(0, (pts[0][0], out[0][1]))
+    return out
+
+
 def timeline_svgs(timeline: Sequence | None, avg_tokens_s: float | None = None, w: int = 468,
                   h: int = 250) -> str:
     """Cumulative documents, and tokens/s per interval, over the run."""
@@ -313,14 +328,9 @@ def timeline_svgs(timeline: Sequence | None, avg_tokens_s: float | None = None, 
     if pts[0][0] > 0:
         pts.insert(0, (0.0, 0.0, 0.0))
     docs = [(t, d) for t, d, _ in pts]
-    rate = []
-    for (t0, _, k0), (t1, _, k1) in zip(pts, pts[1:]):
-        if t1 > t0:
-            rate.append((t1, (k1 - k0) / (t1 - t0)))
-    if rate:
-        rate.insert(0, (pts[0][0], rate[0][1]))
     left = _line_chart(docs, "documents embedded", "documents", w, h, ACCENT, area=True)
-    right = (_line_chart(rate, "throughput per interval", "tokens / s", w, h, GOOD, area=False,
+    rate = throughput_steps(pts)
+    right = (_line_chart(rate, "throughput", "tokens / s", w, h, GOOD, area=False,
                          avg=avg_tokens_s, step_line=True)
              if len(rate) >= 2 else _empty("too few samples for a rate", w, h))
     return f'<div class="pair">{left}{right}</div>'
@@ -464,6 +474,9 @@ def render_html_report(report: dict) -> str:
         n = _num(int(sum(_ints(hist.get("counts")))))
         hist_note = f'<p class="note">{n} {_e(hist.get("of") or "chunks")} by token count.</p>'
     ev = _eval_table(r["eval"]) if isinstance(r.get("eval"), dict) else ""
+    timeline_note = ('<p class="note">Tokens per second between successive progress updates '
+                     "(a burst of finished rows counts over the time since the previous one).</p>"
+                     if len(r.get("timeline") or []) >= 2 else "")
 
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -480,7 +493,8 @@ def render_html_report(report: dict) -> str:
 <section><h2>Stage times</h2>{stages_svg(r.get("stage_seconds"))}</section>
 <section><h2>Corpus length distribution</h2>{hist_note}{histogram_svg(hist)}</section>
 <section><h2>Micro-batch fill per length bucket</h2>{bucket_note}{buckets_svg(buckets)}</section>
-<section><h2>Throughput over the run</h2>{timeline_svgs(r.get("timeline"), r.get("tokens_per_s"))}</section>
+<section><h2>Throughput over the run</h2>{timeline_note}{timeline_svgs(r.get("timeline"), r.get("tokens_per_s"))}
+</section>
 {ev}
 {details}
 <footer>gpte-ray · self-contained report: no scripts, no network.</footer>

@@ -208,7 +208,8 @@ def _collect(ds, report: RunReport) -> None:
             report.truncated += row["truncated"]
             report.oom_retries += row["oom_retries"]
             report.min_token_budget = min(report.min_token_budget or row["token_budget"], row["token_budget"])
-            report.stage_seconds["embed_compute"] = report.stage_seconds.get("embed_compute", 0.0) + row["embed_seconds"]
+            seconds = report.stage_seconds
+            seconds["embed_compute"] = seconds.get("embed_compute", 0.0) + row["embed_seconds"]
             report.add_histograms(LENGTH_EDGES.tolist(), row["length_hist"], row["bucket_real"],
                                   row["bucket_computed"], row["bucket_batches"])
 

@@ -126,12 +126,13 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
     needed = _needed_columns(cfg)
     cols: dict[str, list] = {c: [] for c in needed}
     checked = False
-    line_no = -1
+    lines_read = 0
     try:
         # decompress ourselves: pyarrow's codec cannot tell a truncated gzip from its end
         raw = fs.open_input_stream(path, compression=None)
         stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else io.BufferedReader(raw)
-        for line_no, line in enumerate(stream):
+        for line in stream:
+            lines_read += 1
             if not line.strip():
                 _append_bad(cols, needed, "blank line")
             else:
@@ -153,7 +154,9 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
                 yield cols
                 cols = {c: [] for c in needed}
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise ShardError(f"input error: {uri}: truncated or corrupt gzip after line {line_no + 1} ({_short(e)})") from None
+        raise ShardError(
+            f"input error: {uri}: truncated or corrupt gzip after line {lines_read} ({_short(e)})"
+        ) from None
     except OSError as e:
         raise ShardError(f"input error: {uri}: unreadable ({_short(e)})") from None
     if cols[needed[0]]:

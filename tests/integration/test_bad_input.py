@@ -76,7 +76,8 @@ def test_every_bad_row_is_quarantined_with_its_reason(ray_session, tmp_path):
     assert reasons[("a.jsonl", 7)] == "whitespace-only text"
     assert "not valid UTF-8" in reasons[("a.jsonl", 8)]
     assert reasons[("a.jsonl", 9)] == "missing id"
-    assert reasons[("a.jsonl", 11)].startswith("duplicate doc_id (kept ") and "a.jsonl row 10" in reasons[("a.jsonl", 11)]
+    dup = reasons[("a.jsonl", 11)]
+    assert dup.startswith("duplicate doc_id (kept ") and "a.jsonl row 10" in dup
     assert "a.jsonl row 10" in reasons[("b.parquet", 0)]
     assert "not valid UTF-8" in reasons[("c.parquet", 1)]
     assert all(r["reason"] for r in q) and len(q) == 8

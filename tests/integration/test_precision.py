@@ -34,7 +34,7 @@ def test_int8_binary_and_matryoshka_tables(ray_session, tmp_path, short_docs, st
     db = str(tmp_path / "db")
     ref = {d["id"]: v for d, v in zip(short_docs, st_model.encode([d["text"] for d in short_docs]))}
 
-    int8 = _index(corpus, db, "int8", **{"model.precision": "int8", "model.calibration_sample": 50})
+    _index(corpus, db, "int8", **{"model.precision": "int8", "model.calibration_sample": 50})
     ds = lance.dataset(f"{db}/int8.lance")
     cal = json.loads(ds.schema.metadata[b"gpte_ray.calibration"])
     assert len(cal["low"]) == 384 and cal["sample"] == 50

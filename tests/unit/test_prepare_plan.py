@@ -21,6 +21,8 @@ def test_prepare_gives_one_verdict_per_row(rows):
     assert len(out) == len(rows)
     for (doc_id, text, reason), (raw_id, raw_text) in zip(out, rows):
         assert (reason is None) == (text is not None and doc_id is not None)
+        if raw_id is None or raw_text is None:
+            assert reason is not None
         if reason is None:
             assert text.strip() and isinstance(doc_id, str)
 
