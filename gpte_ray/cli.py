@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="cluster to join; default: $RAY_ADDRESS (set by `ray job submit`), else a local Ray")
     ix.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     ix.add_argument("--report", help="also write the JSON run report to this file")
+    ix.add_argument("--html", help="write the HTML run report here (default: beside the table)")
 
     de = sub.add_parser("demo", help="build a docstring corpus offline, index it locally, search it")
     de.add_argument("--out", default="demo_data", help="folder for the corpus and the LanceDB db")
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--where", help="SQL filter, e.g. \"doc_id = 'x'\"")
     se.add_argument("--exact", action="store_true", help="exact search, ignoring any vector index")
     se.add_argument("--config", help="job YAML (for output.storage_options)")
+
+    from gpte_ray.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
@@ -116,6 +121,12 @@ def _index(args: argparse.Namespace) -> int:
     if args.report:
         with open(args.report, "w") as f:
             f.write(line + "\n")
+    if args.html:
+        from gpte_ray.html_report import write_html_report
+
+        write_html_report(json.loads(line), args.html)
+    if report.report_file:
+        print(f"run report: {report.report_file}", file=sys.stderr)
     print(line, flush=True)
     return 0
 
@@ -154,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.secrets = secret_values()
     try:
-        return {"index": _index, "search": _search, "demo": _demo}[args.command](args)
+        from gpte_ray.evaluate import run_eval
+
+        commands = {"index": _index, "search": _search, "demo": _demo, "eval": run_eval}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("gpte-ray: interrupted", file=sys.stderr)
         return 130

@@ -256,7 +256,14 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     finally:
         lock.release()
     report.seconds = time.perf_counter() - t0
-    return report.finish()
+    report.finish()
+    if report.run_id:
+        from gpte_ray.html_report import render_html_report
+
+        report.report_file = store.report_uri(report.run_id)
+        line = report.to_json()
+        store.write_report(report.run_id, line, render_html_report(json.loads(line)))
+    return report
 
 
 def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,

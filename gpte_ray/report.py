@@ -42,6 +42,7 @@ class RunReport:
     tokens_per_s: float = 0.0
     counts_add_up: bool = False
     quarantine_file: str | None = None
+    report_file: str | None = None
     upkeep: dict = field(default_factory=dict)
     length_histogram: dict = field(default_factory=dict)  # edges (upper bounds) and chunk counts
     buckets: list[dict] = field(default_factory=list)  # micro-batch fill per padded-length bucket

@@ -36,7 +36,7 @@ def nearest_params(q: np.ndarray, k: int, metric: str, exact: bool = False) -> d
         params["use_index"] = False
     else:
         # HNSW must explore at least the k x refine candidates it is asked for
-        params.update(nprobes=32, refine_factor=10, ef=max(200, 2 * k * 10))
+        params.update(nprobes=64, refine_factor=10, ef=max(200, 2 * k * 10))
     return params
 
 

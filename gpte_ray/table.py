@@ -205,6 +205,18 @@ class TableStore:
         pq.write_table(table, path, filesystem=fs)
         return uri
 
+    def report_uri(self, run_id: str) -> str:
+        return join(self.db, f"{self.table}.reports", f"{run_id}.html")
+
+    def write_report(self, run_id: str, report_json: str, html: str) -> None:
+        """The run report as JSON and as an HTML page beside the table."""
+        uri = self.report_uri(run_id)
+        fs, path = filesystem(uri, self.storage_options)
+        ensure_dir(fs, path.rsplit("/", 1)[0])
+        for suffix, body in ((".json", report_json), (".html", html)):
+            with fs.open_output_stream(path.removesuffix(".html") + suffix) as f:
+                f.write(body.encode())
+
     # ---- staging ------------------------------------------------------------------------
     def staging_dir(self, run_id: str) -> str:
         return join(self.staging_root, run_id)

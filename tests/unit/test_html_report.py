@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from gpte_ray.html_report import render_html_report, write_html_report
+from gpte_ray.html_report import render_html_report, throughput_steps, write_html_report
 
 FULL = {
     "run_id": "abc123", "table": "docs", "version_before": 1, "version": 2, "committed": True,
@@ -38,13 +38,13 @@ def test_full_report_has_every_section(tmp_path):
         assert f"<h2>{title}</h2>" in page
     labels = [re.search(r'aria-label="([^"]+)"', s).group(1) for s in _svgs(page)]
     assert labels == ["stage seconds", "token count histogram", "micro-batch fill per length bucket",
-                      "documents embedded", "throughput per interval"]
+                      "documents embedded", "throughput"]
     assert "no length histogram" not in page and "no micro-batch buckets" not in page
     # the figures people look for
     assert "1,200" in page and "96.2%" in page and "4,065 tokens/s" in page
     # 5 histogram bars, 3 buckets x (padding + real) bars, each with a tooltip
     hist = _svgs(page)[1]
-    assert hist.count("<rect") == 5 and "32–64 tokens: 400 documents" in hist
+    assert hist.count("<rect") == 5 and "33–64 tokens: 400 chunks" in hist
     fill = _svgs(page)[2]
     assert [m for m in re.findall(r"(\d+\.\d)%", fill)] == ["94.7", "96.8", "96.1"]  # sorted by max_len
     # every SVG is well-formed XML
@@ -72,12 +72,34 @@ def test_missing_and_empty_fields_degrade_gracefully():
             ET.fromstring(svg)
 
 
-def test_edges_as_lower_bounds_and_a_single_interval():
-    page = render_html_report({"length_histogram": {"edges": [0, 100, 200], "counts": [3, 2, 1]},
-                               "timeline": [[0, 0, 0], [10, 50, 1000]]})
+def test_report_py_layout_upper_bound_edges_and_open_bucket():
+    """RunReport's layout: edges are upper bounds ending in None; the last bucket has no max_len."""
+    report = {
+        "length_histogram": {"edges": [8, 16, 32, 64, None], "counts": [3, 2, 0, 0, 1]},
+        "buckets": [{"max_len": None, "real_tokens": 900, "computed_tokens": 1000, "batches": 1},
+                    {"max_len": 8, "real_tokens": 70, "computed_tokens": 80, "batches": 2},
+                    {"max_len": 16, "real_tokens": 0, "computed_tokens": 0, "batches": 0}],
+    }
+    page = render_html_report(report)
     hist = _svgs(page)[1]
-    assert hist.count("<rect") == 3 and "200–300 tokens" in hist
-    assert 'aria-label="documents embedded"' in page and 'aria-label="throughput per interval"' in page
+    assert hist.count("<rect") == 5
+    assert "≤ 8 tokens: 3 chunks" in hist and "9–16 tokens: 2 chunks" in hist
+    assert "&gt; 64 tokens: 1 chunks" in hist
+    assert ">∞</text>" in hist
+    fill = _svgs(page)[2]
+    assert fill.index(">≤ 8<") < fill.index(">&gt; 8<")  # open bucket last; the empty one is left out
+    assert re.findall(r"(\d+\.\d)%", fill) == ["87.5", "90.0"]
+    # empty bins past the last populated one are not drawn
+    trimmed = render_html_report({"length_histogram": {"edges": [8, 16, 32, None], "counts": [1, 2, 0, 0]}})
+    assert _svgs(trimmed)[1].count("<rect") == 2
+    for svg in _svgs(page) + _svgs(trimmed):
+        ET.fromstring(svg)
+
+
+def test_a_single_interval_and_no_elapsed_time():
+    page = render_html_report({"timeline": [[0, 0, 0], [10, 50, 1000]]})
+    assert 'aria-label="documents embedded"' in page
+    assert 'aria-label="throughput"' in page
     page = render_html_report({"timeline": [[0, 0, 0], [0, 5, 50]]})  # no time passed: no rate
     assert 'aria-label="documents embedded"' in page and "too few samples for a rate" in page
 
@@ -101,3 +123,12 @@ def test_eval_section_when_present():
     page = render_html_report(dict(FULL, eval=ev))
     assert "<h2>Retrieval quality</h2>" in page and "0.840" in page and "IVF_PQ" in page
     assert "Retrieval quality" not in render_html_report(FULL)
+
+
+def test_bursty_progress_is_spread_over_the_time_it_took():
+    # progress arrives in bursts: samples in between fold into the next move
+    pts = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (10, 100, 1000), (11, 100, 1000), (20, 200, 1900),
+           (21, 200, 1900)]
+    assert throughput_steps(pts) == [(0, 100.0), (10, 100.0), (20, 90.0)]
+    page = render_html_report({"timeline": [list(p) for p in pts], "tokens_per_s": 95.0})
+    assert "run average 95" in page

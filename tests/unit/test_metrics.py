@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -148,3 +149,61 @@ def test_metrics_bounded_and_ideal_is_one(ranked, qrels, k):
 ])
 def test_split_first_sentence(doc, first, rest):
     assert split_first_sentence(doc) == (first, rest)
+
+
+# ---- the search helpers, on small hand-made Lance tables (no model, no Ray) --------------------
+def _table(tmp_path, ids, vectors, typ):
+    import lance
+    import pyarrow as pa
+
+    flat = pa.array(np.asarray(vectors).reshape(-1), type=typ)
+    arr = pa.FixedSizeListArray.from_arrays(flat, len(vectors[0]))
+    lance.write_dataset(pa.table({"doc_id": ids, "vector": arr}), str(tmp_path / "t.lance"))
+    return lance.dataset(str(tmp_path / "t.lance"))
+
+
+def test_rank_docs_fetches_more_chunks_when_one_doc_crowds_the_top(tmp_path):
+    import pyarrow as pa
+
+    from gpte_ray.evaluate import _lance_search, _rank_docs
+
+    rng = np.random.default_rng(0)
+    q = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    # doc "big" has 45 chunks, all closer to q than any other doc; then 12 one-chunk docs
+    big = q + 0.01 * rng.standard_normal((45, 4))
+    others = np.array([[1.0, 0.2 + 0.1 * i, 0.0, 0.0] for i in range(12)])
+    ids = ["big"] * 45 + [f"d{i:02d}" for i in range(12)]
+    ds = _table(tmp_path, ids, np.vstack([big, others]).astype(np.float32), pa.float32())
+    calls = []
+
+    def search(vectors, limit):
+        calls.append(limit)
+        return _lance_search(ds, "cosine", False, {})(vectors, limit)
+
+    # depth 5 -> 20 chunks, all of "big": fetched again with 80 (all 57 rows)
+    assert _rank_docs(search, q[None, :], depth=5, n_rows=57) == [["big"] + [f"d{i:02d}" for i in range(12)]]
+    assert calls == [20, 57]
+    calls.clear()
+    # depth 1: the first 4 chunks are enough
+    assert _rank_docs(search, q[None, :], depth=1, n_rows=57) == [["big"]] and calls == [4]
+
+
+def test_int8_search_matches_brute_force(tmp_path):
+    import pyarrow as pa
+
+    from gpte_ray.evaluate import _int8_search
+    from gpte_ray.quantize import calibrate_int8, quantize_int8
+
+    rng = np.random.default_rng(1)
+    floats = rng.standard_normal((300, 16)).astype(np.float32)
+    low, high = calibrate_int8(floats)
+    codes = quantize_int8(floats, np.asarray(low), np.asarray(high))
+    ds = _table(tmp_path, [f"d{i}" for i in range(300)], codes, pa.int8())
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    hits = _int8_search(ds, {"low": low, "high": high})(queries, 7)
+    deq = np.asarray(low) + (codes.astype(np.float64) + 128.0) / 255.0 * (np.asarray(high) - np.asarray(low))
+    deq /= np.linalg.norm(deq, axis=1, keepdims=True)
+    for qv, got in zip(queries, hits):
+        want = np.argsort(-(deq @ (qv / np.linalg.norm(qv))))[:7]
+        assert [d for d, _ in got] == [f"d{i}" for i in want]
+        assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
