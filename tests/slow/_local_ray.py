@@ -56,6 +56,12 @@ def require_job_submission() -> None:
         pytest.skip(f"job submission needs ray[default] (missing: {', '.join(missing)})")
 
 
+def _has_ray_client() -> bool:
+    from ray._private.utils import get_ray_client_dependency_error
+
+    return get_ray_client_dependency_error() is None
+
+
 def _proc_table() -> dict[int, tuple[int, str]]:
     """pid -> (ppid, command line) for this user's processes, from /proc."""
     out, uid = {}, os.getuid()
@@ -135,7 +141,7 @@ class LocalHead:
         self.args = [
             str(BIN / "ray"), "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-            f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self.temp_dir}",
             f"--num-cpus={num_cpus}", f"--include-dashboard={'true' if dashboard else 'false'}",
             # the dashboard agent's HTTP port is a fixed 52365 by default: a second Ray on the machine
             # (any ray.init) holding it leaves this head without a job agent ("No available agent")
@@ -143,6 +149,8 @@ class LocalHead:
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
             "--disable-usage-stats",
         ]
+        if _has_ray_client():  # without ray[client] (grpcio) `ray start` refuses this flag
+            self.args.append(f"--ray-client-server-port={self.client_port}")
         if autoscaling_config:
             self.args.append(f"--autoscaling-config={autoscaling_config}")
         self.args += extra_args or []
