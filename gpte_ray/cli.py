@@ -34,7 +34,6 @@ _INDEX_FLAGS = {
     "long_documents": "model.long_documents",
     "token_budget": "batch.token_budget",
     "window_rows": "batch.window_rows",
-    "rows_per_fragment": "batch.rows_per_fragment",
     "device": "resources.device",
     "min_actors": "resources.min_actors",
     "max_actors": "resources.max_actors",
@@ -71,7 +70,6 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--long-documents", choices=["chunk", "truncate"])
     ix.add_argument("--token-budget", type=int)
     ix.add_argument("--window-rows", type=int)
-    ix.add_argument("--rows-per-fragment", type=int)
     ix.add_argument("--device", choices=["auto", "cpu", "cuda"])
     ix.add_argument("--min-actors", type=int)
     ix.add_argument("--max-actors", type=int)

@@ -107,7 +107,9 @@ class ModelConfig(_Strict):
 
 class BatchConfig(_Strict):
     window_rows: int = Field(
-        2048, gt=0, description="Rows Ray hands the embed actor at once (the sorting window)."
+        2048, gt=0,
+        description="Rows the embed actor sorts and embeds at once; each window is staged as one "
+        "fragment (the unit a crashed run resumes from).",
     )
     token_budget: int | None = Field(
         None, gt=0, description="Max rows x padded length per micro-batch; default per device."
@@ -116,9 +118,6 @@ class BatchConfig(_Strict):
     min_fill: float = Field(
         0.9, ge=0, le=1,
         description="A row joins a micro-batch only if its length >= min_fill x the batch's longest.",
-    )
-    rows_per_fragment: int = Field(
-        50_000, gt=0, description="Rows a writer collects into one Lance fragment."
     )
 
 

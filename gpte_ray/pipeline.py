@@ -22,7 +22,7 @@ from gpte_ray.plan import Plan, make_plan
 from gpte_ray.report import Progress, ProgressCounter, RunReport
 from gpte_ray.sources import ShardError, list_shards
 from gpte_ray.spec import ModelSpec, resolve_model
-from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WriteStage, read_shard, scan_shard
+from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, read_shard, scan_shard
 from gpte_ray.storage import lance_options
 from gpte_ray.table import CommitPlan, TableStore, table_schema
 from gpte_ray.upkeep import finish_table
@@ -161,6 +161,7 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
     items = [{"shard": s, "uri": shards[s], "rows": rows} for s, rows in plan.rows_by_shard(doc_ids).items()]
     budget = b.token_budget or DEFAULT_BUDGET[device]
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    writer = WindowWriter(store.db, store.table, store.storage_options, schema, run_id, overwrite)
     embed_resources = {"num_cpus": r.cpus_per_actor}
     if device == "cuda" or r.fake_gpus:
         embed_resources["num_gpus"] = r.gpus_per_actor
@@ -168,17 +169,13 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_shard, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
                      num_cpus=r.read_cpus)
-        .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=256,
+        .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=b.window_rows,
                      batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, r.max_actors)),
                      num_cpus=r.tokenize_cpus)
         .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, b.min_fill, r.torch_threads,
-                                                      calibration, counter),
+                                                      calibration, counter, writer),
                      batch_size=b.window_rows, batch_format="pyarrow",
                      compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **embed_resources)
-        .map_batches(WriteStage, fn_constructor_args=(store.db, store.table, store.storage_options, schema,
-                                                      run_id, b.rows_per_fragment, overwrite),
-                     batch_size=b.rows_per_fragment, batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
-                     num_cpus=0.1)
     )
     progress = Progress(len(doc_ids))
     done = threading.Event()
@@ -207,7 +204,8 @@ def _collect(ds, report: RunReport) -> None:
             report.padded_tokens += row["padded_tokens"]
             report.truncated += row["truncated"]
             report.oom_retries += row["oom_retries"]
-            report.min_token_budget = min(report.min_token_budget or row["token_budget"], row["token_budget"])
+            if row["rows"]:
+                report.min_token_budget = min(report.min_token_budget or row["token_budget"], row["token_budget"])
             seconds = report.stage_seconds
             seconds["embed_compute"] = seconds.get("embed_compute", 0.0) + row["embed_seconds"]
             report.add_histograms(LENGTH_EDGES.tolist(), row["length_hist"], row["bucket_real"],

@@ -1,7 +1,7 @@
 """Ray Data stages: callables over pyarrow batches. Heavy imports live in `__init__`.
 
 scan_shard / read_shard (CPU tasks) -> TokenizeStage (CPU actors) -> EmbedStage (GPU or
-CPU actor pool) -> WriteStage (CPU tasks writing Lance fragments and a staging marker).
+CPU actor pool, each window staged by its WindowWriter as a Lance fragment and a marker).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from gpte_ray.config import InputConfig
 from gpte_ray.sources import ShardError, read_prepared
 from gpte_ray.spec import ModelSpec
 
-__all__ = ["EmbedStage", "TokenizeStage", "WriteStage", "read_shard", "scan_shard"]
+__all__ = ["EmbedStage", "TokenizeStage", "WindowWriter", "read_shard", "scan_shard"]
 
 SCAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
@@ -101,10 +101,16 @@ class OutOfMemory(RuntimeError):
 
 
 class EmbedStage:
-    """Sort the batch Ray hands over by length, cut micro-batches by a token budget, embed."""
+    """Sort the window Ray hands over by length, cut micro-batches by a token budget, embed,
+    and (with a writer) stage the window as a Lance fragment before returning its summary.
+
+    Writing here, not in a later stage, makes each window durable as soon as it is embedded:
+    Ray Data merges a task's small outputs into one block, so a downstream writer would only
+    see them when the whole task ends, and a crash would lose the task's work.
+    """
 
     def __init__(self, spec: ModelSpec, device: str, token_budget: int, max_rows: int, min_fill: float,
-                 torch_threads: int | None, calibration: dict | None, progress=None):
+                 torch_threads: int | None, calibration: dict | None, progress=None, writer=None):
         import torch
 
         from gpte_ray.embedder import Embedder
@@ -120,6 +126,7 @@ class EmbedStage:
         self.calibration = calibration
         self.oom_retries = 0
         self.progress = progress  # a ProgressCounter actor handle, or None
+        self.writer = writer  # a WindowWriter, or None to return the vectors
 
     def _embed_safely(self, ids: list, plens: list, order: np.ndarray, out: np.ndarray,
                       padded: np.ndarray) -> None:
@@ -172,52 +179,60 @@ class EmbedStage:
         if self.progress is not None:
             chunks, n_chunks = batch["chunk"].to_numpy(), batch["n_chunks"].to_numpy()
             self.progress.add.remote(int((chunks == n_chunks - 1).sum()), len(ids), int(lengths.sum()))
-        return out
+        return out if self.writer is None else self.writer(out)
 
 
-class WriteStage:
-    """Write one batch of embedded rows as Lance fragment(s) plus a durable staging marker."""
+class WindowWriter:
+    """Write one window of embedded rows as a Lance fragment plus a durable staging marker;
+    returns the window's summary (counts and histograms), never the vectors."""
 
     def __init__(self, db: str, table: str, storage_options: dict | None, schema: pa.Schema,
-                 run_id: str, max_rows_per_file: int, overwrite: bool):
+                 run_id: str, overwrite: bool):
         from gpte_ray.table import TableStore
 
         self.store = TableStore(db, table, storage_options)
         self.schema = schema
         self.run_id = run_id
-        self.max_rows_per_file = max_rows_per_file
         self.overwrite = overwrite
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        summary = self._summary(batch)
+        if batch.num_rows == 0:  # every chunk of this window was already staged
+            return summary.slice(0, 0)
         data = batch.select(self.schema.names).cast(self.schema)
-        fragments = self.store.write_fragments(data, self.schema, self.max_rows_per_file, self.overwrite)
+        fragments = self.store.write_fragments(data, self.schema, data.num_rows, self.overwrite)
         doc_ids = batch["doc_id"].to_pylist()
-        chunks = batch["chunk"].to_pylist()
         marker = {
             "fragments": [f.to_json() for f in fragments],
-            "keys": [[d, c] for d, c in zip(doc_ids, chunks)],
+            "keys": [[d, c] for d, c in zip(doc_ids, batch["chunk"].to_pylist())],
             "n_chunks": dict(zip(doc_ids, batch["n_chunks"].to_pylist())),
         }
-        name = uuid.uuid4().hex
-        self.store.write_marker(self.run_id, name, marker)  # after the data files: durable
+        self.store.write_marker(self.run_id, uuid.uuid4().hex, marker)  # after the data files: durable
+        return summary
+
+    @staticmethod
+    def _summary(batch: pa.Table) -> pa.Table:
         n_tokens = batch["n_tokens"].to_numpy()
         padded = batch["padded_tokens"].to_numpy()
+        chunks, n_chunks = batch["chunk"].to_numpy(), batch["n_chunks"].to_numpy()
         # per length bucket (by padded length): real tokens, computed tokens, micro-batches
         bucket = np.searchsorted(LENGTH_EDGES, padded, side="left")
         nb = len(LENGTH_EDGES) + 1
+
+        def hist(idx, weights=None) -> list[int]:
+            return np.bincount(idx, weights=weights, minlength=nb).astype(int).tolist()
+
         return pa.table({
-            "length_hist": [np.bincount(np.searchsorted(LENGTH_EDGES, n_tokens, side="left"), minlength=nb).tolist()],
-            "bucket_real": [np.bincount(bucket, weights=n_tokens, minlength=nb).astype(int).tolist()],
-            "bucket_computed": [np.bincount(bucket, weights=padded, minlength=nb).astype(int).tolist()],
-            "bucket_batches": [np.bincount(bucket, weights=batch["batch_first"].to_numpy(), minlength=nb)
-                               .astype(int).tolist()],
-            "marker": [name],
+            "length_hist": [hist(np.searchsorted(LENGTH_EDGES, n_tokens, side="left"))],
+            "bucket_real": [hist(bucket, n_tokens)],
+            "bucket_computed": [hist(bucket, padded)],
+            "bucket_batches": [hist(bucket, batch["batch_first"].to_numpy())],
             "rows": [batch.num_rows],
-            "docs_done": [int(sum(1 for c, n in zip(chunks, batch["n_chunks"].to_pylist()) if c == n - 1))],
+            "docs_done": [int((chunks == n_chunks - 1).sum())],
             "tokens": [int(n_tokens.sum())],
-            "padded_tokens": [int(batch["padded_tokens"].to_numpy().sum())],
+            "padded_tokens": [int(padded.sum())],
             "embed_seconds": [float(batch["embed_seconds"].to_numpy().sum())],
             "truncated": [int(batch["truncated"].to_numpy(zero_copy_only=False).sum())],
             "oom_retries": [int(batch["oom_retries"].to_numpy().sum())],
-            "token_budget": [int(batch["token_budget"].to_numpy().min())],
+            "token_budget": [int(batch["token_budget"].to_numpy().min()) if batch.num_rows else 0],
         })

@@ -127,7 +127,7 @@ def test_killed_embed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, 
     shards = [write_parquet(str(tmp_path / "c" / f"p{i}.parquet"), docs[i * 50:(i + 1) * 50]) for i in range(4)]
     db = str(tmp_path / "db")
     cfg = load_config(None, {"input.paths": shards, "output.db": db, "output.table": "docs",
-                             "batch.window_rows": 16, "batch.rows_per_fragment": 32})
+                             "batch.window_rows": 16})
     killed = []
 
     def staged() -> int:

@@ -101,7 +101,7 @@ def test_sigkill_mid_run_then_resume(ray_session, tmp_path, varied_docs):
     shards = [write_parquet(tmp_path / "c" / f"part-{i}.parquet", docs[i * 60:(i + 1) * 60]) for i in range(4)]
     db = str(tmp_path / "db")
     flags = ["--input", *shards, "--db", db, "--table", "docs", "--window-rows", "16",
-             "--rows-per-fragment", "16", "--num-cpus", "2"]
+             "--num-cpus", "2"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "gpte_ray.cli", "index", *flags], env=env,
@@ -119,7 +119,7 @@ def test_sigkill_mid_run_then_resume(ray_session, tmp_path, varied_docs):
     assert not os.path.exists(f"{db}/docs.lance/_versions") or lance.dataset(f"{db}/docs.lance") is None
 
     resumed = run_index(load_config(None, {"input.paths": shards, "output.db": db, "output.table": "docs",
-                                           "batch.window_rows": 16, "batch.rows_per_fragment": 16}))
+                                           "batch.window_rows": 16}))
     staged_before = resumed.chunks_resumed
     assert staged_before >= 7 * 16 - 16
     # the rerun embedded only what was not staged (the staged chunks never reached the model)
