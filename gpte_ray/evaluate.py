@@ -301,18 +301,12 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
     override those settings for the indexed search.
     """
     from gpte_ray.config import ConfigError
-    from gpte_ray.table import TableStore
+    from gpte_ray.search import open_embedded_table
 
     if k < 1:
         raise ConfigError(f"config error: k: must be >= 1, got {k}")
     t0 = time.perf_counter()
-    store = TableStore(db, table, storage_options)
-    ds = store.open()
-    if ds is None:
-        raise ConfigError(f"config error: output.table: no table {table!r} in {db}")
-    fp = store.fingerprint(ds)
-    if fp is None:
-        raise ConfigError(f"config error: output.table: {table!r} was not written by gpte-ray")
+    store, ds, fp = open_embedded_table(db, table, storage_options)
     queries = load_queries(queries_path)
     qrels = load_qrels(qrels_path)
     qids = [q for q in queries if _relevant(qrels.get(q, {}))]

@@ -68,6 +68,7 @@ class TableLock:
         return True
 
     def acquire(self, run_id: str) -> None:
+        """Take the lease for `run_id` (a label shown to a refused second run), or raise."""
         held = self._read()
         if held and held.get("token") != self.token and self._holder_alive(held):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held.get("heartbeat", 0)))

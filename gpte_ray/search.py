@@ -8,7 +8,7 @@ from gpte_ray.config import ConfigError
 from gpte_ray.spec import spec_from_fingerprint
 from gpte_ray.table import TableStore
 
-__all__ = ["embed_queries", "nearest_params", "search"]
+__all__ = ["embed_queries", "nearest_params", "open_embedded_table", "search"]
 
 
 def embed_queries(fp: dict, queries: list[str], calibration: dict | None, model_path: str | None = None,
@@ -40,9 +40,8 @@ def nearest_params(q: np.ndarray, k: int, metric: str, exact: bool = False) -> d
     return params
 
 
-def search(db: str, table: str, query: str, k: int = 10, storage_options: dict | None = None,
-           model_path: str | None = None, where: str | None = None, exact: bool = False) -> list[dict]:
-    """Top-k chunks, best first: doc_id, chunk, score (cosine similarity) and text."""
+def open_embedded_table(db: str, table: str, storage_options: dict | None = None):
+    """(store, dataset, fingerprint) of a table gpte-ray wrote; one-line errors otherwise."""
     store = TableStore(db, table, storage_options)
     ds = store.open()
     if ds is None:
@@ -50,6 +49,13 @@ def search(db: str, table: str, query: str, k: int = 10, storage_options: dict |
     fp = store.fingerprint(ds)
     if fp is None:
         raise ConfigError(f"config error: output.table: {table!r} was not written by gpte-ray")
+    return store, ds, fp
+
+
+def search(db: str, table: str, query: str, k: int = 10, storage_options: dict | None = None,
+           model_path: str | None = None, where: str | None = None, exact: bool = False) -> list[dict]:
+    """Top-k chunks, best first: doc_id, chunk, score (cosine similarity) and text."""
+    store, ds, fp = open_embedded_table(db, table, storage_options)
     columns = [c for c in ("doc_id", "chunk", "text") if c in ds.schema.names]
     calibration = store.calibration(ds)
     if fp["precision"] == "int8":
