@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--model", help="local folder of the table's model, if not findable by its id")
     se.add_argument("--where", help="SQL filter, e.g. \"doc_id = 'x'\"")
     se.add_argument("--exact", action="store_true", help="exact search, ignoring any vector index")
+    se.add_argument("--hybrid", action="store_true", help="fuse with full-text (BM25) search over chunk texts")
+    se.add_argument("--chunks", action="store_true", help="one result per chunk instead of per document")
     se.add_argument("--config", help="job YAML (for output.storage_options)")
 
     from gpte_ray.evaluate import add_eval_parser
@@ -152,7 +154,8 @@ def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
     opts = lance_options(cfg.output.storage_options, args.db)
-    for row in search(args.db, args.table, args.query, args.k, opts, args.model, args.where, args.exact):
+    for row in search(args.db, args.table, args.query, args.k, opts, args.model, args.where, args.exact,
+                      hybrid=args.hybrid, group=not args.chunks):
         print(json.dumps(row, ensure_ascii=False))
     return 0
 

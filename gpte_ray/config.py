@@ -164,6 +164,7 @@ class OutputConfig(_Strict):
     index_min_rows: int = Field(
         100_000, ge=0, description="Build the vector index once the table has this many rows."
     )
+    fts_index: bool = Field(True, description="Keep a full-text index on text (for search --hybrid).")
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ"] = Field("IVF_HNSW_SQ", description="Vector index type.")
     retention_hours: float = Field(
         168, ge=0, description="Keep old table versions (and run tags) this long, then clean up."

@@ -42,6 +42,9 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) 
     if not _has_index(ds, "doc_id"):
         ds.create_scalar_index("doc_id", "BTREE")
         done["doc_id_index"] = "created"
+    if out.fts_index and "text" in ds.schema.names and not _has_index(ds, "text"):
+        ds.create_scalar_index("text", "INVERTED")
+        done["text_index"] = "created"
     vector_ready = fp.get("precision") in {"float32", "float16"} and rows >= out.index_min_rows
     if vector_ready and not _has_index(ds, "vector"):
         dim = fp["dim"]

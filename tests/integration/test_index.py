@@ -59,6 +59,18 @@ def test_index_parity_rerun_and_search(ray_session, corpus_dir, tmp_path, st_mod
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert {"doc_id", "chunk", "score", "text"} <= set(hits[0])
 
+    from gpte_ray.search import search
+
+    long_doc = max(varied_docs, key=lambda d: len(d["text"]))
+    grouped = search(db, "docs", long_doc["text"][:400], k=5)
+    assert grouped[0]["doc_id"] == long_doc["id"] and len({g["doc_id"] for g in grouped}) == 5
+    per_chunk = search(db, "docs", long_doc["text"][:400], k=5, group=False)
+    assert len(per_chunk) == 5 and per_chunk[0]["doc_id"] == long_doc["id"]
+    hybrid = search(db, "docs", varied_docs[10]["text"], k=3, hybrid=True)
+    assert hybrid[0]["doc_id"] == varied_docs[10]["id"]
+    only = search(db, "docs", "anything", k=3, where=f"doc_id = '{varied_docs[3]['id']}'")
+    assert {h["doc_id"] for h in only} == {varied_docs[3]["id"]}
+
 
 def test_bad_config_is_one_line_and_nonzero(tmp_path):
     cfg = tmp_path / "job.yaml"

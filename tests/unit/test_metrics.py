@@ -207,3 +207,20 @@ def test_int8_search_matches_brute_force(tmp_path):
         want = np.argsort(-(deq @ (qv / np.linalg.norm(qv))))[:7]
         assert [d for d, _ in got] == [f"d{i}" for i in want]
         assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+
+
+def test_search_grouping_and_rank_fusion_by_hand():
+    from gpte_ray.search import fuse_rankings, group_by_document
+
+    hits = [{"doc_id": "a", "chunk": 2, "score": 0.9}, {"doc_id": "b", "chunk": 0, "score": 0.8},
+            {"doc_id": "a", "chunk": 0, "score": 0.7}]
+    grouped = group_by_document(hits)
+    assert [g["doc_id"] for g in grouped] == ["a", "b"]
+    assert grouped[0]["chunk"] == 2 and [c["chunk"] for c in grouped[0]["chunks"]] == [2, 0]
+
+    vector = [{"doc_id": "a", "chunk": 0}, {"doc_id": "b", "chunk": 0}]
+    text = [{"doc_id": "b", "chunk": 0}, {"doc_id": "c", "chunk": 0}]
+    fused = fuse_rankings(vector, text)
+    # b: 1/62 + 1/61 beats a: 1/61 beats c: 1/62
+    assert [r["doc_id"] for r in fused] == ["b", "a", "c"]
+    assert abs(fused[0]["score"] - (1 / 62 + 1 / 61)) < 1e-12
