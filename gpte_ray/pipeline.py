@@ -200,6 +200,7 @@ def _collect(ds, report: RunReport) -> None:
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in out.to_pylist():
             report.chunks_embedded += row["rows"]
+            report.embed_nodes[row["node"]] = report.embed_nodes.get(row["node"], 0) + 1
             report.tokens += row["tokens"]
             report.padded_tokens += row["padded_tokens"]
             report.truncated += row["truncated"]

@@ -36,6 +36,7 @@ class RunReport:
     oom_retries: int = 0
     min_token_budget: int | None = None
     device: str = ""
+    embed_nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> windows embedded there
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     rows_per_s: float = 0.0

@@ -212,6 +212,8 @@ class WindowWriter:
 
     @staticmethod
     def _summary(batch: pa.Table) -> pa.Table:
+        import ray
+
         n_tokens = batch["n_tokens"].to_numpy()
         padded = batch["padded_tokens"].to_numpy()
         chunks, n_chunks = batch["chunk"].to_numpy(), batch["n_chunks"].to_numpy()
@@ -235,4 +237,5 @@ class WindowWriter:
             "truncated": [int(batch["truncated"].to_numpy(zero_copy_only=False).sum())],
             "oom_retries": [int(batch["oom_retries"].to_numpy().sum())],
             "token_budget": [int(batch["token_budget"].to_numpy().min()) if batch.num_rows else 0],
+            "node": [ray.get_runtime_context().get_node_id()],  # where this window was embedded
         })
