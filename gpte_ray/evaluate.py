@@ -209,7 +209,7 @@ def _lance_search(ds, metric: str, use_index: bool, tune: dict):
             nearest.update(tune)
             if "ef" in nearest and "refine_factor" in tune:  # HNSW must explore k x refine candidates
                 nearest["ef"] = max(nearest["ef"], 2 * limit * tune["refine_factor"])
-        table = ds.to_table(columns=["doc_id", "_distance"], nearest=nearest)
+        table = ds.to_table(columns=["doc_id", "_distance"], nearest=nearest, disable_scoring_autoprojection=True)
         out: list[list[tuple[str, float]]] = [[] for _ in range(len(vectors))]
         qi = (table.column("query_index").to_numpy() if "query_index" in table.column_names
               else np.zeros(table.num_rows, dtype=np.int64))

@@ -71,8 +71,8 @@ def search(db: str, table: str, query: str, k: int = 10, storage_options: dict |
     else:
         vec = embed_queries(fp, [query], calibration, model_path)[0]
         metric = "hamming" if fp["precision"] == "binary" else "cosine"
-        result = ds.to_table(columns=columns, nearest=nearest_params(vec, depth, metric, exact), filter=where,
-                             prefilter=where is not None)
+        result = ds.to_table(columns=[*columns, "_distance"], nearest=nearest_params(vec, depth, metric, exact),
+                             filter=where, prefilter=where is not None, disable_scoring_autoprojection=True)
         hits = []
         for r in result.to_pylist():
             dist = float(r.pop("_distance"))
@@ -115,7 +115,8 @@ def _text_search(ds, query: str, k: int, columns: list[str], where: str | None) 
     if not any("text" in idx.field_names for idx in ds.describe_indices()):
         raise ConfigError("config error: search --hybrid: the table has no full-text index on text "
                           "(set output.fts_index: true and run index)")
-    result = ds.to_table(columns=columns, full_text_query=query, limit=k, filter=where)
+    result = ds.to_table(columns=[*columns, "_score"], full_text_query=query, limit=k, filter=where,
+                         disable_scoring_autoprojection=True)
     return [r | {"score": float(r.pop("_score"))} for r in result.to_pylist()]
 
 
