@@ -7,11 +7,17 @@ Per corpus (real docstrings and a synthetic long-tailed one, same N texts for ev
   st     sentence-transformers `SentenceTransformer(path).encode(texts, batch_size=32)` in
          this process, Ray not running (ST sorts by text length internally: it is the baseline
          users pick). Timed: encode only (model load reported separately).
-  naive  the plain Ray Data pattern in the same Ray as the job, after it:
+  naive  the plain Ray Data pattern, end to end too (`ray.init` timed and included):
          read_parquet -> map_batches(NaiveEmbedder, batch_size=32, ActorPoolStrategy(size=1)),
          fixed 32-row batches in arrival order padded to their longest text, forward + mean
-         pooling + normalise, vectors collected to the driver. Its Ray start is the job's
-         (measured once per corpus) and is added to its time for the end-to-end comparison.
+         pooling + normalise, vectors collected to the driver.
+
+Each Ray method starts its own fresh local Ray (`ray.init(address="local", num_cpus=2,
+include_dashboard=False)`) and shuts it down after, so neither inherits warm workers; ST runs
+while no Ray is up. With --rounds K every method runs K times, the order rotating per round,
+and the fastest round of each method is reported (the least disturbed by other load; all
+rounds are in the JSON). CPU seconds of the process tree and the rest of the machine's load
+are recorded per run as a noise indicator.
 
 Same model (default: the packaged all-MiniLM-L6-v2, float32), same torch thread count (2:
 `torch.set_num_threads` here for ST, `resources.torch_threads` for the job's embed actor, and
@@ -103,7 +109,14 @@ def model_flops(lengths: np.ndarray, shape: dict) -> float:
 def load_docs(corpus: str, n: int) -> list[dict]:
     from gpte_ray.corpus import docstring_docs, synthetic_docs
 
-    docs = list(docstring_docs(n) if corpus == "real" else synthetic_docs(n))
+    gen = docstring_docs(2 * n + 100) if corpus == "real" else synthetic_docs(n)
+    docs, seen = [], set()
+    for d in gen:  # unique ids (a property's getter and setter share a qualname): same texts for all
+        if d["id"] not in seen:
+            seen.add(d["id"])
+            docs.append(d)
+            if len(docs) == n:
+                break
     if len(docs) < n:
         print(f"note: corpus {corpus} has only {len(docs)} documents", file=sys.stderr)
     return docs
@@ -128,15 +141,46 @@ class CPUMeter:
         self.psutil, self.interval = psutil, interval
         self.seen: dict = {}
         self.base: dict = {}
+        self.names: dict = {}
 
     def _sample(self) -> None:
         me = self.psutil.Process()
         for p in [me, *me.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                self.seen[(p.pid, p.create_time())] = t.user + t.system
+                key = (p.pid, p.create_time())
+                self.seen[key] = t.user + t.system
+                name = self._name(p)  # Ray renames a worker when it becomes an actor or runs a task
+                if key not in self.names or name not in ("ray::IDLE", "default_worker", "?"):
+                    self.names[key] = name
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                 pass
+
+    @staticmethod
+    def _name(p) -> str:
+        """A short role for a process: driver, raylet, gcs_server, ray::<actor or task>..."""
+        import psutil
+
+        try:
+            if p.pid == os.getpid():
+                return "driver"
+            title = " ".join(p.cmdline()) or p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return "?"
+        if title.startswith("ray::"):
+            return title.split()[0]
+        for part in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "default_worker"):
+            if part in title:
+                return part
+        return os.path.basename(title.split()[0])
+
+    def by_role(self) -> dict[str, float]:
+        """CPU seconds per process role (worker processes renamed by Ray report their last name)."""
+        out: dict[str, float] = {}
+        for k, v in self.seen.items():
+            name = self.names.get(k, "?")
+            out[name] = round(out.get(name, 0.0) + v - self.base.get(k, 0.0), 2)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def _loop(self) -> None:
         while not self.stop.wait(self.interval):
@@ -280,6 +324,53 @@ def start_ray(num_cpus: int) -> float:
     return secs
 
 
+def run_method(name: str, corpus: str, rnd: int, args, path: str, texts: list[str], lengths: np.ndarray,
+               shard_dir: str, work: str, overrides: dict) -> dict:
+    """One measured run of one method; Ray methods start (and stop) their own local Ray."""
+    if name == "st":
+        r = run_st(path, texts, args.threads, args.batch_size)
+        real, comp = st_padding(texts, lengths, args.batch_size)
+        gc.collect()
+        return {"seconds": round(r["seconds"], 3), "padding_efficiency": round(real / comp, 4),
+                "cpu_seconds": round(r["cpu"].cpu_seconds, 2), "others_load": round(r["cpu"].others, 3),
+                "load_seconds": round(r["load_seconds"], 2)}
+    import ray
+
+    with CPUMeter() as cpu:
+        ray_start = start_ray(args.num_cpus)
+        try:
+            if name.startswith("job"):
+                db = os.path.join(work, corpus, f"db-{name.replace('@', '-')}-{rnd}")
+                over = overrides | args.variants.get(name, {})
+                r, report = run_job(shard_dir, db, args.threads, args.model, args.long_documents, over)
+                secs = ray_start + r["run_seconds"]
+            else:
+                r = run_naive(path, shard_dir, args.threads, args.batch_size)
+                secs = ray_start + r["seconds"]
+        finally:
+            t = time.perf_counter()
+            ray.shutdown()
+            shutdown_s = time.perf_counter() - t
+    wait_children()
+    out = {"seconds": round(secs, 3), "cpu_seconds": round(cpu.cpu_seconds, 2), "others_load": round(cpu.others, 3),
+           "cpu_by_process": cpu.by_role(),
+           "ray_start_seconds": round(ray_start, 2), "ray_shutdown_seconds": round(shutdown_s, 2)}
+    if name == "naive":
+        assert r["rows"] == len(texts), r["rows"]
+        return out | {"padding_efficiency": round(r["padding_efficiency"], 4),
+                      "pipeline_seconds": round(r["seconds"], 2)}
+    import lancedb
+
+    rows = lancedb.connect(db).open_table("bench").count_rows()
+    assert report.committed and report.docs_embedded == len(texts) and not report.quarantined, (
+        report.docs_embedded, report.quarantined)
+    if args.long_documents == "truncate" and report.tokens != int(lengths.sum()):
+        print(f"  warning: job embedded {report.tokens} tokens, the tokenizer counts {int(lengths.sum())}")
+    return out | {"padding_efficiency": report.padding_efficiency, "run_index_seconds": round(r["run_seconds"], 2),
+                  "table_rows": rows, "stage_seconds": report.stage_seconds, "job_tokens": report.tokens,
+                  "padded_tokens": report.padded_tokens}
+
+
 # ----------------------------------------------------------------------------- main
 def parse_value(v: str):
     try:
@@ -300,8 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows-per-shard", type=int, default=1000)
     ap.add_argument("--long-documents", default="truncate", choices=["truncate", "chunk"],
                     help="job setting; truncate embeds exactly ST's tokens")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="an extra job run 'job@NAME' with these overrides, measured in the same rounds "
+                         "(e.g. b4k:batch.token_budget=4096); repeatable")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="job config override, e.g. batch.token_budget=4096 (repeatable)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every method; the order rotates per round and the best round is kept")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--keep", default=None, help="keep shards and tables in this folder")
     args = ap.parse_args(argv)
@@ -313,6 +409,11 @@ def main(argv: list[str] | None = None) -> dict:
     from gpte_ray.spec import default_model_path
 
     methods = args.methods.split(",")
+    args.variants = {}
+    for v in args.variant:
+        vname, _, kvs = v.partition(":")
+        args.variants[f"job@{vname}"] = {k: parse_value(x) for k, x in (kv.split("=", 1) for kv in kvs.split(","))}
+        methods.append(f"job@{vname}")
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
     path = args.model or default_model_path()
@@ -352,61 +453,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n## corpus {corpus}: {len(texts)} docs, {tokens:,} tokens (<= {MAX_LEN} each), "
               f"token length p50/p90/p99 {res['token_len_p50_p90_p99']}", flush=True)
 
-        def record(name: str, secs: float, eff: float | None, cpu_s: float, others: float,
-                   extra: dict) -> None:
-            m = {"seconds": round(secs, 3), "docs_per_s": round(len(texts) / secs, 1),
-                 "tokens_per_s": round(tokens / secs, 1),
-                 "padding_efficiency": None if eff is None else round(eff, 4),
-                 "mfu": round(flops / secs / peak["flops_per_s"], 4),
-                 "cpu_seconds": round(cpu_s, 2), "tokens_per_cpu_s": round(tokens / cpu_s, 1),
-                 "others_load": round(others, 3), **extra}
-            res["methods"][name] = m
-            print(f"{name:>6}: {secs:8.2f} s  {m['docs_per_s']:8.1f} docs/s  {m['tokens_per_s']:9.0f} tok/s  "
-                  f"pad eff {m['padding_efficiency']}  MFU {m['mfu']:.3f}  cpu {cpu_s:.1f} s "
-                  f"({m['tokens_per_cpu_s']:.0f} tok/cpu-s)  others' load {others:.2f}  {extra}", flush=True)
-
-        if "st" in methods:
-            r = run_st(path, texts, args.threads, args.batch_size)
-            real, comp = st_padding(texts, lengths, args.batch_size)
-            record("st", r["seconds"], real / comp, r["cpu"].cpu_seconds, r["cpu"].others,
-                   {"load_seconds": round(r["load_seconds"], 2)})
-        gc.collect()
-
-        if "job" in methods or "naive" in methods:
-            import ray
-
-            with CPUMeter() as ray_cpu:
-                ray_start = start_ray(args.num_cpus)
-            res["ray_start_seconds"] = round(ray_start, 3)
-            print(f"  ray.init: {ray_start:.2f} s ({ray_cpu.cpu_seconds:.1f} cpu-s)", flush=True)
-            try:
-                if "job" in methods:
-                    db = os.path.join(work, corpus, "db")
-                    with CPUMeter() as cpu:
-                        r, report = run_job(shard_dir, db, args.threads, args.model, args.long_documents,
-                                            overrides)
-                    import lancedb
-
-                    rows = lancedb.connect(db).open_table("bench").count_rows()
-                    assert report.committed and report.docs_embedded == len(texts), report
-                    if args.long_documents == "truncate" and report.tokens != tokens:
-                        print(f"  warning: job embedded {report.tokens} tokens, tokenizer says {tokens}")
-                    e2e = ray_start + r["run_seconds"]
-                    record("job", e2e, report.padding_efficiency, ray_cpu.cpu_seconds + cpu.cpu_seconds,
-                           cpu.others, {
-                        "run_index_seconds": round(r["run_seconds"], 2), "table_rows": rows,
-                        "stage_seconds": report.stage_seconds, "job_tokens": report.tokens,
-                        "padded_tokens": report.padded_tokens})
-                if "naive" in methods:
-                    with CPUMeter() as cpu:
-                        r = run_naive(path, shard_dir, args.threads, args.batch_size)
-                    assert r["rows"] == len(texts)
-                    record("naive", ray_start + r["seconds"], r["padding_efficiency"],
-                           ray_cpu.cpu_seconds + cpu.cpu_seconds, cpu.others,
-                           {"pipeline_seconds": round(r["seconds"], 2)})
-            finally:
-                ray.shutdown()
-                wait_children()
+        res["rounds"] = []
+        for rnd in range(args.rounds):
+            order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
+            got = {}
+            for name in order:
+                m = run_method(name, corpus, rnd, args, path, texts, lengths, shard_dir, work, overrides)
+                m.update({"docs_per_s": round(len(texts) / m["seconds"], 1),
+                          "tokens_per_s": round(tokens / m["seconds"], 1),
+                          "mfu": round(flops / m["seconds"] / peak["flops_per_s"], 4),
+                          "tokens_per_cpu_s": round(tokens / m["cpu_seconds"], 1)})
+                got[name] = m
+                extra = {k: v for k, v in m.items() if k in ("ray_start_seconds", "run_index_seconds",
+                                                             "pipeline_seconds", "load_seconds", "stage_seconds")}
+                print(f"[{rnd + 1}] {name:>8}: {m['seconds']:8.2f} s {m['docs_per_s']:7.1f} docs/s "
+                      f"{m['tokens_per_s']:7.0f} tok/s  pad eff {m['padding_efficiency']}  MFU {m['mfu']:.3f}  "
+                      f"cpu {m['cpu_seconds']:.1f} s ({m['tokens_per_cpu_s']:.0f} tok/cpu-s)  "
+                      f"others' load {m['others_load']:.2f}  {extra}", flush=True)
+            res["rounds"].append(got)
+        for name in methods:  # best round per method: the least disturbed one
+            res["methods"][name] = min((r[name] for r in res["rounds"]), key=lambda m: m["seconds"])
         m = res["methods"]
         if "job" in m:
             for other in ("st", "naive"):
@@ -430,20 +496,20 @@ def print_table(results: dict) -> None:
     print(f"\n# summary (torch threads {results['env']['torch_threads']}, matmul peak "
           f"{results['env']['matmul_peak_gflops']} GFLOP/s, loadavg start {results['env']['loadavg_start']} "
           f"end {results['env']['loadavg_end']})")
-    print(f"{'corpus':<10}{'method':<7}{'seconds':>9}{'docs/s':>9}{'tok/s':>9}{'pad eff':>9}{'MFU':>7}"
+    print(f"{'corpus':<10}{'method':<14}{'seconds':>9}{'docs/s':>9}{'tok/s':>9}{'pad eff':>9}{'MFU':>7}"
           f"{'job/x':>8}{'cpu-s':>9}{'tok/cpu-s':>10}{'job/x cpu':>10}{'others':>8}")
     for corpus, res in results["corpora"].items():
         for name, m in res["methods"].items():
             ratio = res.get(f"job_over_{name}", "")
             cratio = res.get(f"job_over_{name}_cpu", "")
             eff = "" if m["padding_efficiency"] is None else f"{m['padding_efficiency']:.3f}"
-            print(f"{corpus:<10}{name:<7}{m['seconds']:>9.2f}{m['docs_per_s']:>9.1f}{m['tokens_per_s']:>9.0f}"
+            print(f"{corpus:<10}{name:<14}{m['seconds']:>9.2f}{m['docs_per_s']:>9.1f}{m['tokens_per_s']:>9.0f}"
                   f"{eff:>9}{m['mfu']:>7.3f}{ratio!s:>8}{m['cpu_seconds']:>9.1f}{m['tokens_per_cpu_s']:>10.0f}"
                   f"{cratio!s:>10}{m['others_load']:>8.2f}")
-        if "job" in res["methods"]:
-            j = res["methods"]["job"]
-            print(f"{'':<10}job: ray.init {res.get('ray_start_seconds')} s, run_index {j['run_index_seconds']} s, "
-                  f"stages {j['stage_seconds']}")
+        for name, j in res["methods"].items():
+            if name.startswith("job"):
+                print(f"{'':<10}{name}: ray.init {j['ray_start_seconds']} s, run_index {j['run_index_seconds']} s, "
+                      f"stages {j['stage_seconds']}")
     targets = []
     for corpus, res in results["corpora"].items():
         m = res["methods"]
