@@ -2,11 +2,14 @@
 while indexing N1 and N2 short documents (default 5,000 and 50,000), each in a fresh
 subprocess so the peaks are independent. Target: peak(N2) / peak(N1) <= 1.2.
 
-The driver is measured two ways: `resource.getrusage(RUSAGE_SELF).ru_maxrss` (the kernel's
-exact high-water mark of the driver process alone; Ray's raylet, workers and object store
-are other processes and are not counted) and a psutil RSS sampler thread (every 20 ms),
-which also gives the RSS just before `run_index` (after imports), so the growth during the
-run is visible on its own.
+The driver is measured two ways: a psutil RSS sampler thread (every 20 ms; also gives the
+RSS just before `run_index`, after imports, so the growth during the run shows on its own)
+and `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the kernel's exact high-water mark of the
+driver process alone (Ray's raylet, workers and object store are other processes). Linux
+keeps ru_maxrss across fork+exec, so a child would inherit its parent's peak: the parent
+here imports nothing heavy, and builds the model and the shards in a subprocess of its own.
+With --profile the child also records the RSS peak inside each pipeline step (the
+module-level functions `run_index` calls) and the top Python allocation sites (tracemalloc).
 
 Corpus: synthetic short documents (5 to 30 words), written by the parent as Parquet shards of
 --rows-per-shard rows before the child starts (the child never holds the corpus). Model: by
@@ -65,7 +68,10 @@ def tiny_bert(folder: str) -> str:
     return folder
 
 
-def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: int) -> None:
+STEPS = ("_scan", "make_plan", "_staged_state", "_embed", "_collect", "finish_table", "render_html_report")
+
+
+def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: int, profile: bool) -> None:
     """Runs in a fresh interpreter: index the shards, print one JSON line with the peaks."""
     import logging
 
@@ -75,16 +81,41 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
     import warnings
 
     warnings.filterwarnings("ignore")
+    import gpte_ray.pipeline as pipeline
     from gpte_ray.config import load_config
-    from gpte_ray.pipeline import run_index
 
     proc = psutil.Process()
     peak = {"rss": proc.memory_info().rss}
+    step = {"name": "setup"}
+    step_peak: dict[str, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.02):
-            peak["rss"] = max(peak["rss"], proc.memory_info().rss)
+            rss = proc.memory_info().rss
+            peak["rss"] = max(peak["rss"], rss)
+            step_peak[step["name"]] = max(step_peak.get(step["name"], 0), rss)
+
+    if profile:
+        import functools
+        import tracemalloc
+
+        tracemalloc.start(8)
+
+        def wrap(name, fn):
+            @functools.wraps(fn)
+            def inner(*a, **k):
+                outer, step["name"] = step["name"], name
+                try:
+                    return fn(*a, **k)
+                finally:
+                    step_peak[name] = max(step_peak.get(name, 0), proc.memory_info().rss)
+                    step["name"] = outer
+            return inner
+
+        for name in STEPS:
+            if hasattr(pipeline, name):
+                setattr(pipeline, name, wrap(name, getattr(pipeline, name)))
 
     cfg = load_config(None, {"input.paths": [shard_dir], "output.db": db, "output.table": "mem",
                              "model.path": model, "resources.device": "cpu",
@@ -94,23 +125,44 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t = time.perf_counter()
-    report = run_index(cfg, num_cpus=num_cpus)
+    step["name"] = "run_index"
+    report = pipeline.run_index(cfg, num_cpus=num_cpus)
     secs = time.perf_counter() - t
     stop.set()
     thread.join()
     peak["rss"] = max(peak["rss"], proc.memory_info().rss)
-    print(json.dumps({
+    out = {
         "docs_embedded": report.docs_embedded, "chunks_written": report.chunks_written,
         "committed": report.committed, "seconds": round(secs, 2),
         "rss_before_run_mb": round(before / 2**20, 1),
         "maxrss_before_run_mb": round(maxrss_before / 2**20, 1),
         "peak_rss_sampled_mb": round(peak["rss"] / 2**20, 1),
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_after_run_mb": round(proc.memory_info().rss / 2**20, 1),
         "stage_seconds": report.stage_seconds,
-    }), flush=True)
+    }
+    if profile:
+        out["step_peak_rss_mb"] = {k: round(v / 2**20, 1) for k, v in step_peak.items()}
+        current, traced_peak = tracemalloc.get_traced_memory()
+        out["python_heap_mb"] = {"current": round(current / 2**20, 1), "peak": round(traced_peak / 2**20, 1)}
+        snap = tracemalloc.take_snapshot()
+        out["top_retained"] = [f"{st.size / 2**20:.1f} MiB {st.count} blocks {st.traceback[-1]}"
+                               for st in snap.statistics("traceback")[:8]]
+    print(json.dumps(out), flush=True)
     import ray
 
     ray.shutdown()
+
+
+def prepare(work: str, sizes: list[int], rows_per_shard: int, model: str) -> None:
+    """In a subprocess: the tiny model (if asked) and the shards, so the parent stays small."""
+    from gpte_ray.corpus import write_shards
+
+    if model == "tiny":
+        tiny_bert(os.path.join(work, "tiny-bert"))
+    shards = {n: len(write_shards(short_docs(n), os.path.join(work, f"corpus{n}"), rows_per_shard=rows_per_shard))
+              for n in sizes}
+    print(json.dumps(shards))
 
 
 def main() -> None:
@@ -120,57 +172,70 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="tiny (random 2-layer BERT), minilm, or a folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="RSS peak per pipeline step, tracemalloc top sites")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", nargs=3, metavar=("SHARDS", "DB", "MODEL"), help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", metavar="WORK", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
     if args.child:
         shard_dir, db, model = args.child
-        child(shard_dir, db, None if model == "-" else model, args.threads, args.num_cpus)
+        child(shard_dir, db, None if model == "-" else model, args.threads, args.num_cpus, args.profile)
+        return
+    if args.prepare:
+        prepare(args.prepare, sizes, args.rows_per_shard, args.model)
         return
 
-    from gpte_ray.corpus import write_shards
-
-    work = tempfile.mkdtemp(prefix="gpte_mem_")
-    model = {"tiny": None, "minilm": "-"}.get(args.model, args.model)
-    if model is None:
-        model = tiny_bert(os.path.join(work, "tiny-bert"))
-    sizes = [int(x) for x in args.sizes.split(",")]
-    results = {"model": args.model, "rows_per_shard": args.rows_per_shard, "runs": {}}
-    print(f"# driver peak RSS, model {args.model}, shards of {args.rows_per_shard} rows, "
-          f"{args.num_cpus}-CPU local Ray, loadavg {[round(x, 1) for x in os.getloadavg()]}", flush=True)
-    for n in sizes:
-        shard_dir = os.path.join(work, f"corpus{n}")
-        paths = write_shards(short_docs(n), shard_dir, rows_per_shard=args.rows_per_shard)
-        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--num-cpus",
-               str(args.num_cpus), "--child", shard_dir, os.path.join(work, f"db{n}"), model]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if out.returncode != 0:
-            sys.stderr.write(out.stderr[-4000:])
-            raise SystemExit(f"child for {n} documents failed ({out.returncode})")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        assert r["committed"] and r["docs_embedded"] == n, r
-        r["shards"] = len(paths)
-        results["runs"][str(n)] = r
-        print(f"{n:>8} docs ({len(paths)} shards): driver peak RSS {r['ru_maxrss_mb']:.1f} MiB (ru_maxrss), "
-              f"{r['peak_rss_sampled_mb']:.1f} MiB (sampled); {r['rss_before_run_mb']:.1f} MiB before run_index; "
-              f"{r['seconds']:.1f} s", flush=True)
-    base, big = results["runs"][str(sizes[0])], results["runs"][str(sizes[-1])]
-    ratio = big["ru_maxrss_mb"] / base["ru_maxrss_mb"]
-    ratio_s = big["peak_rss_sampled_mb"] / base["peak_rss_sampled_mb"]
-    growth = (big["peak_rss_sampled_mb"] - big["rss_before_run_mb"],
-              base["peak_rss_sampled_mb"] - base["rss_before_run_mb"])
-    results.update({"ratio_ru_maxrss": round(ratio, 3), "ratio_sampled": round(ratio_s, 3),
-                    "growth_during_run_mb": {str(sizes[-1]): growth[0], str(sizes[0]): growth[1]}})
-    print(f"peak ratio {sizes[-1]}/{sizes[0]}: {ratio:.3f} (ru_maxrss), {ratio_s:.3f} (sampled); "
-          f"growth during run_index {growth[1]:.1f} -> {growth[0]:.1f} MiB; "
-          f"target <= 1.2: {'ok' if max(ratio, ratio_s) <= 1.2 else 'MISS'}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.out}")
     import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+    me = [sys.executable, os.path.abspath(__file__)]
+    work = tempfile.mkdtemp(prefix="gpte_mem_")
+    try:
+        out = subprocess.run([*me, "--prepare", work, "--sizes", args.sizes, "--rows-per-shard",
+                              str(args.rows_per_shard), "--model", args.model],
+                             capture_output=True, text=True, timeout=1800, check=True)
+        n_shards = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+        model = {"tiny": os.path.join(work, "tiny-bert"), "minilm": "-"}.get(args.model, args.model)
+        results = {"model": args.model, "rows_per_shard": args.rows_per_shard, "runs": {}}
+        print(f"# driver peak RSS, model {args.model}, shards of {args.rows_per_shard} rows, "
+              f"{args.num_cpus}-CPU local Ray, parent RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
+              f"MiB, loadavg {[round(x, 1) for x in os.getloadavg()]}", flush=True)
+        for n in sizes:
+            cmd = [*me, "--threads", str(args.threads), "--num-cpus", str(args.num_cpus),
+                   *(["--profile"] if args.profile else []),
+                   "--child", os.path.join(work, f"corpus{n}"), os.path.join(work, f"db{n}"), model]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr[-4000:])
+                raise SystemExit(f"child for {n} documents failed ({out.returncode})")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            assert r["committed"] and r["docs_embedded"] == n, r
+            r["shards"] = n_shards[n]
+            results["runs"][str(n)] = r
+            print(f"{n:>8} docs ({r['shards']} shards): driver peak RSS {r['ru_maxrss_mb']:.1f} MiB (ru_maxrss), "
+                  f"{r['peak_rss_sampled_mb']:.1f} MiB (sampled); {r['rss_before_run_mb']:.1f} MiB before run_index, "
+                  f"{r['rss_after_run_mb']:.1f} after; {r['seconds']:.1f} s", flush=True)
+            if args.profile:
+                print(f"          peak RSS per step (MiB): {r['step_peak_rss_mb']}")
+                print(f"          python heap (MiB): {r['python_heap_mb']}; top retained:")
+                for line in r["top_retained"]:
+                    print(f"            {line}")
+        base, big = results["runs"][str(sizes[0])], results["runs"][str(sizes[-1])]
+        ratio = big["ru_maxrss_mb"] / base["ru_maxrss_mb"]
+        ratio_s = big["peak_rss_sampled_mb"] / base["peak_rss_sampled_mb"]
+        growth = {str(n): round(results["runs"][str(n)]["peak_rss_sampled_mb"]
+                                - results["runs"][str(n)]["rss_before_run_mb"], 1) for n in sizes}
+        results.update({"ratio_ru_maxrss": round(ratio, 3), "ratio_sampled": round(ratio_s, 3),
+                        "growth_during_run_mb": growth})
+        print(f"peak ratio {sizes[-1]}/{sizes[0]}: {ratio:.3f} (ru_maxrss), {ratio_s:.3f} (sampled); "
+              f"growth during run_index (MiB): {growth}; "
+              f"target <= 1.2: {'ok' if max(ratio, ratio_s) <= 1.2 else 'MISS'}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+            print(f"wrote {args.out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
