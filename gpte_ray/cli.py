@@ -1,7 +1,10 @@
-"""`gpte-ray index | search`: the command-line edge, where flags override the config.
+"""`gpte-ray index | search | eval | demo`: the command-line edge, where flags override the config.
 
-Every failure ends as one line on stderr (secrets scrubbed) and a non-zero exit code; the
-run report is the last line of stdout.
+Flags that set a config field take their help, default and choices from the field itself
+(`gpte_ray.config`), so `--help` cannot drift from the config. Runs are quiet: library output
+goes to a log (`gpte_ray.console`), `-v` shows it. Every failure ends as one line on stderr
+(secrets scrubbed): exit 2 for the user's input or configuration, 1 otherwise. The run report
+is the last line of stdout.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ import argparse
 import json
 import os
 import sys
+import types
+import typing
+from typing import Any, Literal
 
 __all__ = ["main"]
 
@@ -44,79 +50,172 @@ _INDEX_FLAGS = {
     "allow_mass_delete": "output.allow_mass_delete",
 }
 
+_CONFIG_HELP = "job YAML (see configs/example.yaml); flags override its fields (default: none)"
+_STORAGE_CONFIG_HELP = "job YAML, for output.storage_options of an s3:// db (default: none)"
+
+
+# ---- flags from the config's fields -------------------------------------------------------------
+def config_field(dotted: str):
+    """The pydantic FieldInfo of a dotted config key, e.g. 'batch.window_rows'."""
+    from gpte_ray.config import JobConfig
+
+    model: Any = JobConfig
+    *parents, name = dotted.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    return model.model_fields[name]
+
+
+def _plain_type(annotation):
+    """`X | None` -> X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _default_text(info) -> str | None:
+    default = info.get_default(call_default_factory=True)
+    if default is None or default == []:
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def field_help(dotted: str, default: str | None = None) -> str:
+    """One line: the field's description and its default (unless the description gives it)."""
+    info = config_field(dotted)
+    text = (info.description or "").rstrip(".")
+    default = default if default is not None else _default_text(info)
+    if "default:" not in text:
+        text += f" (default: {default if default is not None else 'none'})"
+    return text.replace("%", "%%")
+
+
+def _add_config_flag(parser: argparse.ArgumentParser, flag: str, dotted: str, *names: str,
+                     default: str | None = None) -> None:
+    """`--flag` for a config field: its type, choices (from a Literal) and help from the field."""
+    info = config_field(dotted)
+    typ = _plain_type(info.annotation)
+    kwargs: dict[str, Any] = {"help": field_help(dotted, default)}
+    if typing.get_origin(typ) is Literal:
+        kwargs["choices"] = list(typing.get_args(typ))
+    elif typ is bool:
+        kwargs.update(action="store_true", default=None)  # unset: the config file decides
+    elif typing.get_origin(typ) is list:
+        kwargs["nargs"] = "+"
+    elif typ in (int, float):
+        kwargs["type"] = typ
+    parser.add_argument(*(names or (f"--{flag.replace('_', '-')}",)), dest=flag, **kwargs)
+
+
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and the model libraries' own output on stderr (default: off, kept in a log)")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpte-ray", description="Batch text embeddings into LanceDB on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{index,search,eval,demo}")
 
-    ix = sub.add_parser("index", help="make a table reflect a corpus (first run or incremental)")
-    ix.add_argument("--config", help="job YAML; flags override its fields")
-    ix.add_argument("--input", nargs="+", help="shards: files, directories, globs, s3:// URIs")
-    ix.add_argument("--id-column")
-    ix.add_argument("--text-column")
-    ix.add_argument("--template", help='format template over columns, e.g. "{title}\\n\\n{body}"')
-    ix.add_argument("--format", choices=["auto", "parquet", "jsonl"])
-    ix.add_argument("--skip-bad-shards", action="store_true", default=None)
-    ix.add_argument("--model", help="Hugging Face id or local folder (default: packaged all-MiniLM-L6-v2)")
-    ix.add_argument("--revision")
-    ix.add_argument("--pooling", choices=["cls", "mean", "last-token", "weighted-mean"])
-    ix.add_argument("--max-length", type=int)
-    ix.add_argument("--dim", type=int, help="Matryoshka truncation dimension")
-    ix.add_argument("--precision", choices=["float32", "float16", "int8", "binary"])
-    ix.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
-    ix.add_argument("--document-prompt")
-    ix.add_argument("--query-prompt")
-    ix.add_argument("--task")
-    ix.add_argument("--long-documents", choices=["chunk", "truncate"])
-    ix.add_argument("--token-budget", type=int)
-    ix.add_argument("--window-rows", type=int)
-    ix.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    ix.add_argument("--min-actors", type=int)
-    ix.add_argument("--max-actors", type=int)
-    ix.add_argument("--torch-threads", type=int)
-    ix.add_argument("--db")
-    ix.add_argument("--table")
-    ix.add_argument("--max-delete-fraction", type=float)
-    ix.add_argument("--allow-mass-delete", action="store_true", default=None)
+    ix = sub.add_parser("index", help="make a table reflect a corpus (first run or incremental)",
+                        description="Make the table reflect the corpus: embed new and changed documents, "
+                        "delete vanished ones, skip the rest; prints the run report (JSON) as the last line.")
+    ix.add_argument("--config", help=_CONFIG_HELP)
+    for flag, key in _INDEX_FLAGS.items():
+        _add_config_flag(ix, flag, key)
     ix.add_argument("--ray-address", default=None,
-                    help="cluster to join; default: $RAY_ADDRESS (set by `ray job submit`), else a local Ray")
-    ix.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    ix.add_argument("--report", help="also write the JSON run report to this file")
-    ix.add_argument("--html", help="write the HTML run report here (default: beside the table)")
+                    help="cluster to join (default: $RAY_ADDRESS, set by `ray job submit`, else a private local Ray)")
+    ix.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all of this machine's)")
+    ix.add_argument("--report", help="also write the full JSON run report to this file (default: none)")
+    ix.add_argument("--html", help="also write the HTML run report here (default: only beside the table)")
+    _verbose_flag(ix)
 
-    de = sub.add_parser("demo", help="build a docstring corpus offline, index it locally, search it")
-    de.add_argument("--out", default="demo_data", help="folder for the corpus and the LanceDB db")
-    de.add_argument("--docs", type=int, default=3000)
-    de.add_argument("--query", default="read a parquet file into a table")
+    se = sub.add_parser("search", help="query a table; prints JSON lines, best first",
+                        description="Query a table with the model it was embedded with; prints one JSON line "
+                        "per result (doc_id, chunk, score, text), best first.")
+    se.add_argument("query", help="the query text, or - to read queries from stdin, one per line "
+                    "(each result line then carries its query)")
+    _add_config_flag(se, "db", "output.db", default="./gpte_db, or output.db of --config")
+    _add_config_flag(se, "table", "output.table", default="docs, or output.table of --config")
+    se.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
+    se.add_argument("--model", help="local folder of the table's model, if its id is not findable offline "
+                    "(default: the model the table records)")
+    se.add_argument("--where", help="SQL filter on the table's columns, e.g. \"doc_id = 'x'\" (default: none)")
+    se.add_argument("--exact", action="store_true", help="exact search, ignoring any vector index (default: off)")
+    se.add_argument("--hybrid", action="store_true",
+                    help="fuse with a full-text (BM25) ranking by reciprocal rank; scores are then "
+                    "rank-fusion scores, not similarities (default: off)")
+    se.add_argument("--chunks", action="store_true", help="one result per chunk instead of per document (default: off)")
+    se.add_argument("--config", help=_STORAGE_CONFIG_HELP)
+    _verbose_flag(se)
 
-    se = sub.add_parser("search", help="query a table; prints JSON lines, best first")
-    se.add_argument("query")
-    se.add_argument("--db", required=True)
-    se.add_argument("--table", required=True)
-    se.add_argument("-k", type=int, default=10)
-    se.add_argument("--model", help="local folder of the table's model, if not findable by its id")
-    se.add_argument("--where", help="SQL filter, e.g. \"doc_id = 'x'\"")
-    se.add_argument("--exact", action="store_true", help="exact search, ignoring any vector index")
-    se.add_argument("--hybrid", action="store_true", help="fuse with full-text (BM25) search over chunk texts")
-    se.add_argument("--chunks", action="store_true", help="one result per chunk instead of per document")
-    se.add_argument("--config", help="job YAML (for output.storage_options)")
+    ev = sub.add_parser("eval", help="recall/nDCG/MRR of a table on BEIR-layout queries and qrels",
+                        description="Score exact and indexed search of a table on a BEIR-layout retrieval set; "
+                        "prints the metrics as one JSON line.")
+    _add_config_flag(ev, "db", "output.db", default="./gpte_db, or output.db of --config")
+    _add_config_flag(ev, "table", "output.table", default="docs, or output.table of --config")
+    ev.add_argument("--queries", required=True, help="queries.jsonl: {\"_id\": ..., \"text\": ...} per line (required)")
+    ev.add_argument("--qrels", required=True, help="qrels.tsv with header query-id, corpus-id, score (required)")
+    ev.add_argument("-k", type=int, default=10, help="documents per query for recall@k (default: 10)")
+    ev.add_argument("--model", help="local folder of the table's model, if its id is not findable offline "
+                    "(default: the model the table records)")
+    ev.add_argument("--nprobes", type=int, help="IVF partitions probed by the indexed search (default: 64)")
+    ev.add_argument("--refine-factor", type=int, help="re-rank k x this many index hits exactly (default: 10)")
+    ev.add_argument("--config", help=_STORAGE_CONFIG_HELP)
+    _verbose_flag(ev)
 
-    from gpte_ray.evaluate import add_eval_parser
-
-    add_eval_parser(sub)
+    de = sub.add_parser("demo", help="build a docstring corpus offline, index it locally, search it",
+                        description="Build a corpus of installed-package docstrings, index it on a local Ray, "
+                        "and search it.")
+    de.add_argument("--out", default="demo_data", help="folder for the corpus and the LanceDB db (default: demo_data)")
+    de.add_argument("--docs", type=int, default=3000, help="documents in the corpus (default: 3000)")
+    de.add_argument("--query", default="read a parquet file into a table",
+                    help="the query to search with (default: 'read a parquet file into a table')")
+    _verbose_flag(de)
     return p
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def _check_output_file(flag: str, path: str | None) -> None:
+    """A report file's folder must exist before the run, not after an hour of embedding."""
+    from gpte_ray.config import ConfigError
+
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"config error: {flag}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"config error: {flag}: {path} is a folder, give a file name")
+
+
+def _stdout_report(report: dict) -> str:
+    """The run report for stdout: everything but the throughput timeline (kept in the files)."""
+    return json.dumps({k: v for k, v in report.items() if k != "timeline"})
 
 
 def _index(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
+    from gpte_ray.console import console
     from gpte_ray.pipeline import run_index
+    from gpte_ray.preflight import local_db_exists, tidy_after_failure
     from gpte_ray.storage import secret_values
 
     overrides = {key: getattr(args, flag) for flag, key in _INDEX_FLAGS.items()}
     cfg = load_config(args.config, overrides)
     args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
+    _check_output_file("--report", args.report)
+    _check_output_file("--html", args.html)
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    report = run_index(cfg, ray_address=address, num_cpus=args.num_cpus)
+    existed = local_db_exists(cfg.output.db)
+    try:
+        report = run_index(cfg, ray_address=address, num_cpus=args.num_cpus)
+    except BaseException:
+        tidy_after_failure(cfg.output.db, cfg.output.table, existed)
+        raise
     line = report.to_json()
     if args.report:
         with open(args.report, "w") as f:
@@ -126,63 +225,101 @@ def _index(args: argparse.Namespace) -> int:
 
         write_html_report(json.loads(line), args.html)
     if report.report_file:
-        print(f"run report: {report.report_file}", file=sys.stderr)
-    print(line, flush=True)
+        print(f"run report: {report.report_file}", file=console())
+    print(_stdout_report(json.loads(line)), flush=True)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from gpte_ray.console import console
     from gpte_ray.corpus import docstring_docs, write_shards
 
     corpus = os.path.join(args.out, "corpus")
     db = os.path.join(args.out, "db")
     if not os.path.isdir(corpus):
         shards = write_shards(docstring_docs(args.docs), corpus, rows_per_shard=500)
-        print(f"wrote {len(shards)} Parquet shards of installed-package docstrings to {corpus}", file=sys.stderr)
-    rc = main(["index", "--input", corpus, "--db", db, "--table", "docstrings"])
+        print(f"wrote {len(shards)} Parquet shards of installed-package docstrings to {corpus}", file=console())
+    verbose = ["-v"] if args.verbose else []
+    rc = main(["index", "--input", corpus, "--db", db, "--table", "docstrings", *verbose])
     if rc == 0:
-        print(f"search: {args.query!r}", file=sys.stderr)
-        rc = main(["search", "--db", db, "--table", "docstrings", "-k", "5", args.query])
+        print(f"search: {args.query!r}", file=console())
+        rc = main(["search", "--db", db, "--table", "docstrings", "-k", "5", *verbose, args.query])
     return rc
 
 
 def _search(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
-    from gpte_ray.search import search
+    from gpte_ray.search import Searcher
     from gpte_ray.storage import lance_options, secret_values
 
     cfg = load_config(args.config)
     args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
-    opts = lance_options(cfg.output.storage_options, args.db)
-    for row in search(args.db, args.table, args.query, args.k, opts, args.model, args.where, args.exact,
-                      hybrid=args.hybrid, group=not args.chunks):
-        print(json.dumps(row, ensure_ascii=False))
+    db, table = args.db or cfg.output.db, args.table or cfg.output.table
+    if args.query == "-":
+        queries = [q.strip() for q in sys.stdin if q.strip()]
+    else:
+        queries = [args.query]
+    searcher = Searcher(db, table, lance_options(cfg.output.storage_options, db), args.model)
+    results = searcher.search_many(queries, args.k, args.where, args.exact, hybrid=args.hybrid,
+                                   group=not args.chunks) if queries else []
+    for query, rows in zip(queries, results):
+        for row in rows:
+            print(json.dumps({"query": query, **row} if args.query == "-" else row, ensure_ascii=False))
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from gpte_ray.config import load_config
+    from gpte_ray.evaluate import evaluate
+    from gpte_ray.storage import lance_options, secret_values
+
+    cfg = load_config(args.config)
+    args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
+    db, table = args.db or cfg.output.db, args.table or cfg.output.table
+    out = evaluate(db, table, args.queries, args.qrels, args.k, lance_options(cfg.output.storage_options, db),
+                   args.model, nprobes=args.nprobes, refine_factor=args.refine_factor)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """The user's input or configuration is at fault (exit 2), as opposed to the job or the system."""
+    from gpte_ray.config import ConfigError
+    from gpte_ray.sources import ShardError
+
+    if isinstance(e, (ConfigError, ShardError)):
+        return True
+    return type(e).__name__ == "MassDeleteError"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from gpte_ray.console import console, file_noise_log, noise_log, one_line, quiet, unwrap
     from gpte_ray.storage import redact, secret_values
 
     args = _parser().parse_args(argv)
     args.secrets = secret_values()
+    if not args.verbose:
+        quiet(args.command)
     try:
-        from gpte_ray.evaluate import run_eval
-
-        commands = {"index": _index, "search": _search, "demo": _demo, "eval": run_eval}
+        commands = {"index": _index, "search": _search, "demo": _demo, "eval": _eval}
         return commands[args.command](args)
     except KeyboardInterrupt:
-        print("gpte-ray: interrupted", file=sys.stderr)
+        print("gpte-ray: interrupted", file=console())
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI edge: one line, never a bare traceback
         if os.environ.get("GPTE_RAY_DEBUG"):
             import traceback
 
-            print(redact(traceback.format_exc(), args.secrets), file=sys.stderr)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not msg.startswith(("config error", "input error")):
-            msg = f"{type(e).__name__}: {msg}"
-        print(f"gpte-ray: error: {redact(msg, args.secrets)}", file=sys.stderr)
-        return 2 if msg.startswith("config error") else 1
+            print(redact(traceback.format_exc(), args.secrets), file=console())
+        file_noise_log()
+        cause = unwrap(e)
+        msg = one_line(cause)
+        if not _is_user_error(cause) and noise_log():
+            msg += f" (library output: {noise_log()})"
+        print(f"gpte-ray: error: {redact(msg, args.secrets)}", file=console())
+        return 2 if _is_user_error(cause) else 1
+    finally:
+        file_noise_log()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class InputConfig(_Strict):
     template: str | None = Field(
         None,
         description='Python format template over several columns, e.g. "{title}\\n\\n{body}"; '
-        "replaces text_column.",
+        "replaces text_column; default: none (text_column is the text).",
     )
     skip_bad_shards: bool = Field(
         False, description="Quarantine unreadable shards instead of failing the run."
@@ -60,7 +60,9 @@ class ModelConfig(_Strict):
     path: str | None = Field(
         None, description="Hugging Face id or local folder; default: the packaged all-MiniLM-L6-v2."
     )
-    revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+    revision: str | None = Field(
+        None, description="Hub revision (commit) to pin; default: none (the local folder or the hub's main)."
+    )
     pooling: Literal["cls", "mean", "last-token", "weighted-mean"] | None = Field(
         None, description="Pooling; default: the sentence-transformers config, else mean."
     )
@@ -68,20 +70,27 @@ class ModelConfig(_Strict):
         None, description="L2-normalise vectors; default: the model's Normalize module, else true."
     )
     max_length: int | None = Field(
-        None, gt=1, description="Max tokens per chunk including prompt and special tokens."
+        None, gt=1,
+        description="Max tokens per chunk including prompt and special tokens; "
+        "default: the model's max_seq_length.",
     )
     dim: int | None = Field(
-        None, gt=0, description="Matryoshka truncation: keep the first dim values, renormalise."
+        None, gt=0,
+        description="Matryoshka truncation: keep the first dim values, renormalise; "
+        "default: the model's full dimension.",
     )
     document_prompt: str | None = Field(
         None,
         description="Prompt for indexed documents: a named prompt of the model or a template "
-        "with {text}, e.g. 'passage: {text}'.",
+        "with {text}, e.g. 'passage: {text}'; default: the model's 'document' or 'passage' prompt, "
+        "else none.",
     )
     query_prompt: str | None = Field(
-        None, description="Prompt for search queries (named prompt or template with {text})."
+        None,
+        description="Prompt for search queries (named prompt or template with {text}); "
+        "default: the model's 'query' prompt, else none.",
     )
-    task: str | None = Field(None, description="Value for {task} in prompt templates.")
+    task: str | None = Field(None, description="Value for {task} in prompt templates; default: none.")
     include_prompt_in_pooling: bool | None = Field(
         None, description="Whether prompt tokens count in mean pooling; default: the model's."
     )
@@ -112,7 +121,7 @@ class BatchConfig(_Strict):
         "fragment (the unit a crashed run resumes from).",
     )
     token_budget: int | None = Field(
-        None, gt=0, description="Max rows x padded length per micro-batch; default per device."
+        None, gt=0, description="Max rows x padded length per micro-batch; default: 8192 on CPU, 32768 on GPU."
     )
     max_rows: int = Field(256, gt=0, description="Max rows per micro-batch.")
     min_fill: float = Field(
@@ -149,7 +158,10 @@ class ResourceConfig(_Strict):
 
 class OutputConfig(_Strict):
     db: str = Field("./gpte_db", description="LanceDB URI: a local folder or s3://bucket/prefix.")
-    table: str = Field("docs", pattern=r"^[A-Za-z0-9_.-]+$", description="Table name.")
+    table: str = Field(
+        "docs", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$",
+        description="Table name: letters, digits, '_', '-', '.', not starting with '.'.",
+    )
     store_text: bool = Field(True, description="Store each chunk's text in the table.")
     max_delete_fraction: float = Field(
         0.1, ge=0, le=1, description="Refuse runs that would delete more than this share."
@@ -166,6 +178,11 @@ class OutputConfig(_Strict):
     )
     fts_index: bool = Field(True, description="Keep a full-text index on text (for search --hybrid).")
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ"] = Field("IVF_HNSW_SQ", description="Vector index type.")
+    lease_seconds: float = Field(
+        120.0, gt=0,
+        description="A run holds the table's lease while its heartbeat is younger than this; an older "
+        "lease is taken over by the next run (the commit itself is fenced: see README).",
+    )
     retention_hours: float = Field(
         168, ge=0, description="Keep old table versions (and run tags) this long, then clean up."
     )

@@ -20,8 +20,9 @@ import pyarrow as pa
 from gpte_ray.config import ConfigError, JobConfig
 from gpte_ray.lock import TableLock
 from gpte_ray.plan import Plan, make_plan
+from gpte_ray.preflight import preflight
 from gpte_ray.report import Progress, ProgressCounter, RunReport
-from gpte_ray.sources import ShardError, list_shards
+from gpte_ray.sources import ShardError
 from gpte_ray.spec import ModelSpec, resolve_model
 from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, read_shard, scan_shard
 from gpte_ray.storage import lance_options
@@ -247,7 +248,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     t0 = time.perf_counter()
     report = RunReport(table=cfg.output.table)
     spec = resolve_model(cfg.model)
-    shards = list_shards(cfg.input)
+    shards = preflight(cfg)  # the user's columns and template, checked before Ray starts
     connect_ray(ray_address, num_cpus)
     device = _device(cfg)
     _check_fits(cfg, device)

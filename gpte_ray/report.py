@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
+
+from gpte_ray.console import console
 
 __all__ = ["Progress", "ProgressCounter", "RunReport"]
 
@@ -86,13 +87,14 @@ class Progress:
 
     def __init__(self, total_docs: int, stream=None, every_s: float = 5.0):
         self.total = total_docs
-        self.stream = stream or sys.stderr
+        self.stream = stream or console()  # the terminal, also when the CLI silences libraries
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
         self.last = 0.0
         self.every = every_s if not self.tty else 0.2
         self.docs = self.rows = self.tokens = 0
-        self.printed = -1
+        self.printed: tuple[int, int] | None = None
+        self.quiet_s = 30.0  # longest gap between two lines of a log
 
     def update(self, docs: int, rows: int, tokens: int) -> list[float]:
         """Set the totals so far; returns the timeline point [seconds, docs, tokens]."""
@@ -105,9 +107,9 @@ class Progress:
     def _print(self, now: float) -> None:
         if now - self.last < self.every and self.docs < self.total:
             return
-        if not self.tty and self.docs == self.printed:
-            return  # a log gets a line only when something moved
-        self.last, self.printed = now, self.docs
+        if not self.tty and (self.docs, self.rows) == self.printed and now - self.last < self.quiet_s:
+            return  # a log gets a line when something moved, and a heartbeat while nothing does
+        self.last, self.printed = now, (self.docs, self.rows)
         elapsed = max(now - self.start, 1e-9)
         rate = self.docs / elapsed
         eta = f"{(self.total - self.docs) / rate:.0f}s" if rate > 0 else "?"

@@ -1,43 +1,22 @@
-"""Query a table with the model, prompt, dimension and precision it was embedded with."""
+"""Query a table with the model, prompt, dimension and precision it was embedded with.
+
+`Searcher(db, table)` opens the table and its query model once, for programs that search many
+times; `search(...)` is one call of it (the model stays cached for the process).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from gpte_ray.config import ConfigError
-from gpte_ray.spec import spec_from_fingerprint
+from gpte_ray.query import collapse_to_docs, index_on, int8_search, nearest_params, query_encoder, vector_search
 from gpte_ray.table import TableStore
 
-__all__ = ["embed_queries", "fuse_rankings", "group_by_document", "nearest_params", "open_embedded_table", "search"]
+__all__ = ["Searcher", "fuse_rankings", "group_by_document", "nearest_params", "open_embedded_table", "search"]
 
-
-def embed_queries(fp: dict, queries: list[str], calibration: dict | None, model_path: str | None = None,
-                  quantize: bool = True) -> np.ndarray:
-    """Query vectors exactly as the table's documents were embedded, with the query prompt
-    (left in float32 when `quantize` is false: asymmetric search over int8 codes)."""
-    import dataclasses
-
-    from gpte_ray.embedder import Embedder, postprocess
-    from gpte_ray.tokenize import TextTokenizer
-
-    spec = spec_from_fingerprint(fp, model_path)
-    if not quantize:
-        spec = dataclasses.replace(spec, precision="float32")
-    chunks = TextTokenizer(spec).encode(queries, role="query")
-    pooled = Embedder(spec, "cpu").embed([c.input_ids for c in chunks], [c.prompt_len for c in chunks])
-    return postprocess(pooled, spec, calibration)
-
-
-def nearest_params(q: np.ndarray, k: int, metric: str, exact: bool = False) -> dict:
-    """Lance `nearest` settings: enough IVF partitions probed, and candidates re-ranked on the
-    full vectors, so indexed recall stays close to exact search."""
-    params = {"column": "vector", "q": q, "k": k, "metric": metric}
-    if exact:
-        params["use_index"] = False
-    else:
-        # HNSW must explore at least the k x refine candidates it is asked for
-        params.update(nprobes=64, refine_factor=10, ef=max(200, 2 * k * 10))
-    return params
+SNIPPET_CHARS = 200
 
 
 def open_embedded_table(db: str, table: str, storage_options: dict | None = None):
@@ -52,53 +31,100 @@ def open_embedded_table(db: str, table: str, storage_options: dict | None = None
     return store, ds, fp
 
 
+class Searcher:
+    """One table, opened once, with its query model loaded once.
+
+    Reads the table version it opened; `refresh()` moves to the latest one. Scores are cosine
+    similarity (binary tables: the share of equal bits); with `hybrid`, reciprocal-rank-fusion
+    scores (see `fuse_rankings`), which rank but are not similarities.
+    """
+
+    def __init__(self, db: str, table: str, storage_options: dict | None = None, model_path: str | None = None):
+        self.db, self.table = db, table
+        self.storage_options = storage_options
+        self.model_path = model_path
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Open the table's latest version (and its model, if that changed)."""
+        from gpte_ray.upkeep import vector_metric
+
+        self.store, self.ds, self.fp = open_embedded_table(self.db, self.table, self.storage_options)
+        self.calibration = self.store.calibration(self.ds)
+        self.metric = vector_metric(self.fp)
+        self.encoder = query_encoder(self.fp, self.model_path)
+        self.columns = [c for c in ("doc_id", "chunk", "text") if c in self.ds.schema.names]
+
+    def embed(self, queries: Sequence[str]) -> np.ndarray:
+        """Query vectors as the table stores them (float32 for int8 tables: scored asymmetrically)."""
+        return self.encoder.encode(list(queries), self.calibration, quantize=self.fp["precision"] != "int8")
+
+    def search(self, query: str, k: int = 10, where: str | None = None, exact: bool = False,
+               hybrid: bool = False, group: bool = True) -> list[dict]:
+        """The best k results for one query, best first (see `search_many`)."""
+        return self.search_many([query], k, where, exact, hybrid, group)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 10, where: str | None = None, exact: bool = False,
+                    hybrid: bool = False, group: bool = True) -> list[list[dict]]:
+        """The best k results per query, best first: doc_id, chunk, score and a text snippet.
+
+        With `group`, results are documents: a document's score is its best chunk's (ties by
+        doc_id), and its matching chunks are listed under `chunks`. With `hybrid`, the vector
+        ranking is fused with a full-text (BM25) ranking of the chunk texts by reciprocal rank.
+        `where` is a SQL filter on the table's columns.
+        """
+        depth = k * 4 if group else k  # enough chunks to fill k documents in the usual case
+        vectors = self.embed(queries)
+        if self.fp["precision"] == "int8":
+            hits = int8_search(self.ds, vectors, self.calibration, depth, self.columns, where)
+        else:
+            hits = vector_search(self.ds, vectors, depth, self.metric, self.columns, where, exact)
+        out = []
+        for query, rows in zip(queries, hits):
+            if hybrid:
+                rows = fuse_rankings(rows, self._text_search(query, depth, where))
+            rows = [{"doc_id": r["doc_id"], "chunk": r["chunk"], "score": round(float(r["score"]), 6),
+                     "text": (r.get("text") or "")[:SNIPPET_CHARS]} for r in rows]
+            out.append(group_by_document(rows)[:k] if group else rows[:k])
+        return out
+
+    def _text_search(self, query: str, k: int, where: str | None) -> list[dict]:
+        """BM25 full-text ranking over the chunk texts (needs the table's text column and index)."""
+        if "text" not in self.ds.schema.names:
+            raise ConfigError("config error: search --hybrid: the table stores no text (output.store_text)")
+        if index_on(self.ds, "text") is None:
+            raise ConfigError("config error: search --hybrid: the table has no full-text index on text "
+                              "(set output.fts_index: true and run index)")
+        result = self.ds.to_table(columns=[*self.columns, "_score"], full_text_query=query, limit=k, filter=where,
+                                  disable_scoring_autoprojection=True)
+        return [r | {"score": float(r.pop("_score"))} for r in result.to_pylist()]
+
+
 def search(db: str, table: str, query: str, k: int = 10, storage_options: dict | None = None,
            model_path: str | None = None, where: str | None = None, exact: bool = False,
            hybrid: bool = False, group: bool = True) -> list[dict]:
-    """The best k results, best first: doc_id, chunk, score and a text snippet.
-
-    With `group`, results are documents: a document's score is its best chunk's, and its other
-    matching chunks are listed under `chunks`. With `hybrid`, the vector ranking is fused with
-    a full-text ranking of the chunk texts (reciprocal rank fusion; `score` is then the fused one).
-    """
-    store, ds, fp = open_embedded_table(db, table, storage_options)
-    columns = [c for c in ("doc_id", "chunk", "text") if c in ds.schema.names]
-    calibration = store.calibration(ds)
-    depth = k * 4 if group else k  # enough chunks to fill k documents in the usual case
-    if fp["precision"] == "int8":
-        vec = embed_queries(fp, [query], calibration, model_path, quantize=False)[0]
-        hits = _int8_search(ds, vec, calibration, depth, columns, where)
-    else:
-        vec = embed_queries(fp, [query], calibration, model_path)[0]
-        metric = "hamming" if fp["precision"] == "binary" else "cosine"
-        result = ds.to_table(columns=[*columns, "_distance"], nearest=nearest_params(vec, depth, metric, exact),
-                             filter=where, prefilter=where is not None, disable_scoring_autoprojection=True)
-        hits = []
-        for r in result.to_pylist():
-            dist = float(r.pop("_distance"))
-            # cosine distance -> similarity; Hamming distance -> share of equal bits
-            r["score"] = 1.0 - dist if metric == "cosine" else 1.0 - dist / (8 * len(vec))
-            hits.append(r)
-    if hybrid:
-        hits = fuse_rankings(hits, _text_search(ds, query, depth, columns, where))
-    rows = [{"doc_id": r["doc_id"], "chunk": r["chunk"], "score": round(float(r["score"]), 6),
-             "text": (r.get("text") or "")[:200]} for r in hits]
-    return group_by_document(rows)[:k] if group else rows[:k]
+    """The best k results for `query`, best first (`Searcher.search_many` describes them)."""
+    return Searcher(db, table, storage_options, model_path).search(query, k, where, exact, hybrid, group)
 
 
 def group_by_document(rows: list[dict]) -> list[dict]:
-    """Chunk hits (best first) -> one entry per document, at its best chunk's rank."""
+    """Chunk hits -> one entry per document (its best chunk's row, plus `chunks`: each of its
+    hit chunks with its score, best first), ranked as `collapse_to_docs` ranks documents."""
     docs: dict[str, dict] = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: -r["score"]):
+        entry = {"chunk": r["chunk"], "score": r["score"]}
         if r["doc_id"] in docs:
-            docs[r["doc_id"]]["chunks"].append({"chunk": r["chunk"], "score": r["score"]})
+            docs[r["doc_id"]]["chunks"].append(entry)
         else:
-            docs[r["doc_id"]] = r | {"chunks": [{"chunk": r["chunk"], "score": r["score"]}]}
-    return list(docs.values())
+            docs[r["doc_id"]] = r | {"chunks": [entry]}
+    return [docs[d] for d, _ in collapse_to_docs(rows)]
 
 
 def fuse_rankings(*rankings: list[dict], k0: int = 60) -> list[dict]:
-    """Reciprocal rank fusion of ranked chunk lists: score = sum over lists of 1 / (k0 + rank)."""
+    """Reciprocal rank fusion of ranked chunk lists: score = sum over lists of 1 / (k0 + rank).
+
+    A fused score is at most (number of lists) / (k0 + 1), about 0.033 for two lists: it orders
+    results, it is not a similarity."""
     fused: dict[tuple, dict] = {}
     for ranking in rankings:
         for rank, r in enumerate(ranking, start=1):
@@ -106,32 +132,3 @@ def fuse_rankings(*rankings: list[dict], k0: int = 60) -> list[dict]:
             entry = fused.setdefault(key, r | {"score": 0.0})
             entry["score"] += 1.0 / (k0 + rank)
     return sorted(fused.values(), key=lambda r: -r["score"])
-
-
-def _text_search(ds, query: str, k: int, columns: list[str], where: str | None) -> list[dict]:
-    """BM25 full-text ranking over the chunk texts (needs the table's text column and index)."""
-    if "text" not in ds.schema.names:
-        raise ConfigError("config error: search --hybrid: the table stores no text (output.store_text)")
-    if not any("text" in idx.field_names for idx in ds.describe_indices()):
-        raise ConfigError("config error: search --hybrid: the table has no full-text index on text "
-                          "(set output.fts_index: true and run index)")
-    result = ds.to_table(columns=[*columns, "_score"], full_text_query=query, limit=k, filter=where,
-                         disable_scoring_autoprojection=True)
-    return [r | {"score": float(r.pop("_score"))} for r in result.to_pylist()]
-
-
-def _int8_search(ds, q: np.ndarray, calibration: dict, k: int, columns: list[str], where: str | None) -> list[dict]:
-    """Exact search over int8 codes (Lance's ANN search takes float vectors only): dequantise
-    each batch with the table's fixed ranges and score cosine against the float query."""
-    low, high = np.asarray(calibration["low"]), np.asarray(calibration["high"])
-    q = q / max(np.linalg.norm(q), 1e-12)
-    best: list[dict] = []
-    for batch in ds.to_batches(columns=[*columns, "vector"], filter=where, batch_size=16384):
-        codes = np.stack(batch["vector"].to_numpy(zero_copy_only=False)).astype(np.float64)
-        v = low + (codes + 128.0) / 255.0 * (high - low)  # (n, dim) back to floats
-        scores = (v @ q) / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
-        top = np.argsort(-scores)[:k]
-        rows = batch.select(columns).take(top).to_pylist()
-        best += [r | {"score": float(scores[i])} for r, i in zip(rows, top)]
-        best = sorted(best, key=lambda r: -r["score"])[:k]
-    return best

@@ -1,14 +1,15 @@
-"""Shared fixtures: offline models, small corpora, one session-scoped local Ray."""
+"""Shared fixtures: offline models, small corpora, one session-scoped local Ray.
+
+Helpers that tests call directly live in `tests/support/`."""
 
 from __future__ import annotations
 
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from gpte_ray.corpus import docstring_docs, write_shards
+from tests.support.models import save_tiny
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +42,6 @@ def corpus_dir(tmp_path, varied_docs):
     return str(out)
 
 
-def write_parquet(path, rows: list[dict]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """One private local Ray for all integration tests; never attaches to another cluster."""
@@ -62,31 +57,6 @@ def ray_session():
     ray.shutdown()
 
 
-def _save_tiny(folder: str, config, model_cls, tokenizer_src: str, st_pooling: dict | None = None) -> str:
-    import json
-
-    import torch
-    from transformers import AutoTokenizer
-
-    torch.manual_seed(0)
-    model_cls(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(folder)
-    if st_pooling is not None:
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ]
-        os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
-        with open(os.path.join(folder, "modules.json"), "w") as f:
-            json.dump(modules, f)
-        with open(os.path.join(folder, "1_Pooling", "config.json"), "w") as f:
-            json.dump({"word_embedding_dimension": config.hidden_size, **st_pooling}, f)
-        with open(os.path.join(folder, "sentence_bert_config.json"), "w") as f:
-            json.dump({"max_seq_length": 128, "do_lower_case": False}, f)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory, minilm_path) -> str:
     """A 2-layer randomly initialised Qwen2 (no download), with a BERT tokenizer."""
@@ -94,7 +64,7 @@ def tiny_qwen2(tmp_path_factory, minilm_path) -> str:
 
     cfg = Qwen2Config(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return _save_tiny(str(tmp_path_factory.mktemp("qwen2")), cfg, Qwen2Model, minilm_path)
+    return save_tiny(str(tmp_path_factory.mktemp("qwen2")), cfg, Qwen2Model, minilm_path)
 
 
 @pytest.fixture(scope="session")
@@ -104,5 +74,5 @@ def tiny_llama_st(tmp_path_factory, minilm_path) -> str:
 
     cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return _save_tiny(str(tmp_path_factory.mktemp("llama")), cfg, LlamaModel, minilm_path,
+    return save_tiny(str(tmp_path_factory.mktemp("llama")), cfg, LlamaModel, minilm_path,
                       {"pooling_mode_lasttoken": True, "include_prompt": True})

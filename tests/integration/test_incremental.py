@@ -17,7 +17,7 @@ import pytest
 from gpte_ray.config import load_config
 from gpte_ray.pipeline import run_index
 from gpte_ray.plan import MassDeleteError
-from tests.conftest import write_parquet
+from tests.support.files import write_parquet
 
 pytestmark = pytest.mark.ray
 

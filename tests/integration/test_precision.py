@@ -28,7 +28,7 @@ def _index(corpus, db, table, **over):
 
 
 def test_int8_binary_and_matryoshka_tables(ray_session, tmp_path, short_docs, st_model):
-    from tests.conftest import write_parquet
+    from tests.support.files import write_parquet
 
     corpus = write_parquet(str(tmp_path / "c" / "p.parquet"), short_docs)
     db = str(tmp_path / "db")

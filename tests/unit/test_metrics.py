@@ -10,17 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpte_ray.evaluate import (
-    collapse_to_docs,
-    load_qrels,
-    load_queries,
-    mean_metrics,
-    metric_names,
-    mrr_at_k,
-    ndcg_at_k,
-    recall_at_k,
-    split_first_sentence,
-)
+from gpte_ray.beir import load_qrels, load_queries
+from gpte_ray.evalset import split_first_sentence
+from gpte_ray.metrics import mean_metrics, metric_names, mrr_at_k, ndcg_at_k, recall_at_k
+from gpte_ray.query import collapse_to_docs
 
 QRELS = """query-id\tcorpus-id\tscore
 q1\td1\t2
@@ -165,7 +158,8 @@ def _table(tmp_path, ids, vectors, typ):
 def test_rank_docs_fetches_more_chunks_when_one_doc_crowds_the_top(tmp_path):
     import pyarrow as pa
 
-    from gpte_ray.evaluate import _lance_search, _rank_docs
+    from gpte_ray.evaluate import rank_docs
+    from gpte_ray.query import vector_search
 
     rng = np.random.default_rng(0)
     q = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
@@ -178,20 +172,20 @@ def test_rank_docs_fetches_more_chunks_when_one_doc_crowds_the_top(tmp_path):
 
     def search(vectors, limit):
         calls.append(limit)
-        return _lance_search(ds, "cosine", False, {})(vectors, limit)
+        return vector_search(ds, vectors, limit, "cosine", ["doc_id"], exact=True)
 
     # depth 5 -> 20 chunks, all of "big": fetched again with 80 (all 57 rows)
-    assert _rank_docs(search, q[None, :], depth=5, n_rows=57) == [["big"] + [f"d{i:02d}" for i in range(12)]]
+    assert rank_docs(search, q[None, :], depth=5, n_rows=57) == [["big"] + [f"d{i:02d}" for i in range(12)]]
     assert calls == [20, 57]
     calls.clear()
     # depth 1: the first 4 chunks are enough
-    assert _rank_docs(search, q[None, :], depth=1, n_rows=57) == [["big"]] and calls == [4]
+    assert rank_docs(search, q[None, :], depth=1, n_rows=57) == [["big"]] and calls == [4]
 
 
 def test_int8_search_matches_brute_force(tmp_path):
     import pyarrow as pa
 
-    from gpte_ray.evaluate import _int8_search
+    from gpte_ray.query import int8_search
     from gpte_ray.quantize import calibrate_int8, quantize_int8
 
     rng = np.random.default_rng(1)
@@ -200,7 +194,8 @@ def test_int8_search_matches_brute_force(tmp_path):
     codes = quantize_int8(floats, np.asarray(low), np.asarray(high))
     ds = _table(tmp_path, [f"d{i}" for i in range(300)], codes, pa.int8())
     queries = rng.standard_normal((5, 16)).astype(np.float32)
-    hits = _int8_search(ds, {"low": low, "high": high})(queries, 7)
+    hits = [[(r["doc_id"], r["score"]) for r in rows]
+            for rows in int8_search(ds, queries, {"low": low, "high": high}, 7, ["doc_id"])]
     deq = np.asarray(low) + (codes.astype(np.float64) + 128.0) / 255.0 * (np.asarray(high) - np.asarray(low))
     deq /= np.linalg.norm(deq, axis=1, keepdims=True)
     for qv, got in zip(queries, hits):

@@ -1,0 +1,115 @@
+"""The user's terminal: what gpte-ray says on it, and where everything else goes.
+
+gpte-ray's own lines (progress, the run report, errors) go to `console()`. The CLI runs
+quiet by default: `quiet()` points file descriptor 2 at a log file, so what Ray's C++ core,
+Ray Data and the model libraries print on stderr lands there (Ray also keeps its own copies
+in its session logs), while `console()` keeps the real terminal. `-v` leaves stderr alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import TextIO
+
+__all__ = ["console", "file_noise_log", "noise_log", "one_line", "quiet", "unwrap"]
+
+_console: TextIO | None = None
+_noise_log: str | None = None
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def console() -> TextIO:
+    """The stream for gpte-ray's own messages: the terminal's stderr, even when quiet."""
+    return _console or sys.stderr
+
+
+def noise_log() -> str | None:
+    """The file that holds the libraries' stderr of this process, when quiet."""
+    return _noise_log
+
+
+def quiet(command: str) -> None:
+    """Silence library chatter for the rest of this process (the CLI's default).
+
+    Python loggers of Ray and the model libraries drop to WARNING, progress bars of the
+    Hugging Face libraries are off, and file descriptor 2 (where C++ and Python libraries
+    write) goes to a log file; `console()` is a copy of the original stderr.
+    """
+    global _console, _noise_log
+    if _console is not None:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("ray", "ray.data", "transformers", "sentence_transformers", "huggingface_hub", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    sys.stderr.flush()
+    original = os.dup(2)
+    folder = os.path.join(tempfile.gettempdir(), "gpte-ray")
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{command}-{os.getpid()}-", suffix=".log", dir=folder)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _console = os.fdopen(original, "w", buffering=1, encoding="utf-8", errors="replace")
+    _noise_log = path
+    atexit.register(_drop_empty_log)
+
+
+def file_noise_log() -> None:
+    """Move the noise log into the running Ray session's log folder, beside Ray's own logs
+    (call while Ray is up; later writes follow the file)."""
+    global _noise_log
+    ray = sys.modules.get("ray")
+    if _noise_log is None or ray is None or not ray.is_initialized():
+        return
+    try:
+        logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+        target = os.path.join(logs, f"gpte-ray-{os.path.basename(_noise_log)}")
+        os.replace(_noise_log, target)
+    except Exception:  # noqa: BLE001 - a remote or odd session dir: the log stays in the temp folder
+        return
+    _noise_log = target
+
+
+def _drop_empty_log() -> None:
+    if _noise_log is not None and os.path.exists(_noise_log) and os.path.getsize(_noise_log) == 0:
+        os.unlink(_noise_log)
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The failure itself inside Ray's wrappers: a task's exception is re-raised on the driver
+    as a RayTaskError (with the remote traceback as its message) whose `cause` is the original."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if not _is_ray_wrapper(cur):
+            return cur
+        todo += [getattr(cur, "cause", None), cur.__cause__, cur.__context__]
+    return e
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: its first non-blank line without ANSI colour codes; gpte-ray's
+    own `config error` / `input error` messages as they are, others prefixed by their type."""
+    text = _ANSI.sub("", str(e)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(e).__name__
+    if not msg.startswith(("config error", "input error")):
+        msg = f"{type(e).__name__}: {msg}"
+    return msg
+
+
+def _is_ray_wrapper(e: BaseException) -> bool:
+    """Ray's wrappers around a failure elsewhere (RayTaskError, Ray Data's UserCodeException)."""
+    if any(c.__name__ == "RayTaskError" for c in type(e).__mro__):
+        return True
+    return type(e).__module__.startswith("ray.") and (e.__cause__ or getattr(e, "cause", None)) is not None

@@ -1,0 +1,171 @@
+"""Checks of the user's input that need no Ray, run before Ray starts.
+
+A typo in a column name or template should cost a second, not a cluster start and a page of
+Ray tracebacks. These checks read only the shard list and the first shard's schema (Parquet
+footer) or first JSON objects, so they stay cheap on any corpus; later shards are still checked
+by the job itself, which names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+
+import pyarrow as pa
+
+from gpte_ray.config import ConfigError, InputConfig, JobConfig
+from gpte_ray.sources import ShardError, list_shards, shard_format
+from gpte_ray.storage import filesystem
+
+__all__ = [
+    "check_first_shard",
+    "check_template",
+    "local_db_exists",
+    "needed_columns",
+    "preflight",
+    "tidy_after_failure",
+]
+
+# how far into a JSONL shard to look for the columns it has
+_SAMPLE_OBJECTS = 100
+_SAMPLE_LINES = 1000
+
+
+def preflight(cfg: JobConfig) -> list[str]:
+    """The run's shards, after checking the template and the first shard's columns."""
+    check_template(cfg.input.template)
+    shards = list_shards(cfg.input)
+    if not cfg.input.skip_bad_shards:  # a bad first shard is then quarantined, not fatal
+        check_first_shard(shards[0], cfg.input)
+    return shards
+
+
+def check_template(template: str | None) -> None:
+    """A template must be a str.format template over named columns only."""
+    if template is None:
+        return
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"config error: input.template: {template!r} is not a valid template ({e})") from None
+    fields = [f for _, f, _, _ in parts if f is not None]
+    if not fields:
+        raise ConfigError(f"config error: input.template: {template!r} names no column (write e.g. {{text}})")
+    for f in fields:
+        if f == "" or f.isdigit():
+            raise ConfigError(
+                f"config error: input.template: {template!r} has a positional field {{{f}}}; "
+                "name a column instead, e.g. {title}"
+            )
+        if not f.isidentifier() and any(ch in f for ch in ".[]"):
+            raise ConfigError(
+                f"config error: input.template: field {{{f}}}: use plain column names "
+                "(no attribute or index access)"
+            )
+
+
+def needed_columns(cfg: InputConfig) -> list[str]:
+    """The id column, then every column the text is made of."""
+    fields = [f for _, f, _, _ in string.Formatter().parse(cfg.template) if f] if cfg.template \
+        else [cfg.text_column]
+    return [cfg.id_column, *dict.fromkeys(f for f in fields if f != cfg.id_column)]
+
+
+def check_first_shard(uri: str, cfg: InputConfig) -> None:
+    """The needed columns exist in the first shard (types too, for Parquet; in JSONL, in at
+    least one of its first objects).
+
+    A shard that cannot be read at all is left to the job, which reports it as a bad shard.
+    """
+    fs, path = filesystem(uri, cfg.storage_options)
+    if shard_format(uri, cfg.format) == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            with fs.open_input_file(path) as f:
+                schema = pq.read_schema(f)
+        except (OSError, pa.ArrowException):
+            return
+        _check_names(uri, schema.names, cfg)
+        _check_types(uri, schema, cfg)
+        return
+    seen = _json_keys(fs, path)
+    if not seen:
+        return
+    # one object may lack a column (that row is quarantined); a column that none of the first
+    # objects has is a wrong name. A template field may be optional, but not all of them.
+    needed = needed_columns(cfg)
+    absent = [c for c in needed if c not in seen]
+    if cfg.template and len(absent) < len(needed) - 1 and cfg.id_column not in absent:
+        return
+    if absent:
+        _check_names(uri, list(seen), cfg)
+
+
+def _check_names(uri: str, names: list[str], cfg: InputConfig) -> None:
+    missing = [c for c in needed_columns(cfg) if c not in names]
+    if missing:
+        flag = "input.id_column" if missing[0] == cfg.id_column else (
+            "input.template" if cfg.template else "input.text_column")
+        raise ShardError(
+            f"input error: {uri}: missing column {missing[0]!r} ({flag}; the shard has: {', '.join(names)})"
+        )
+
+
+def _check_types(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
+    id_type = schema.field(cfg.id_column).type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
+        raise ShardError(f"input error: {uri}: column {cfg.id_column!r} is {id_type}, expected string or integer")
+    for name in needed_columns(cfg)[1:]:
+        t = schema.field(name).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+                or pa.types.is_large_binary(t) or pa.types.is_null(t)):
+            raise ShardError(f"input error: {uri}: column {name!r} is {t}, expected string")
+
+
+def _json_keys(fs, path: str) -> dict[str, None]:
+    """Keys of the first objects of a JSONL shard, in order of appearance (empty: none found)."""
+    import gzip
+    import io
+
+    keys: dict[str, None] = {}
+    objects = 0
+    try:
+        raw = fs.open_input_stream(path, compression=None)
+        with gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else io.BufferedReader(raw) as stream:
+            for n, line in enumerate(stream):
+                if n >= _SAMPLE_LINES or objects >= _SAMPLE_OBJECTS:
+                    break
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    objects += 1
+                    keys.update(dict.fromkeys(obj))
+    except (OSError, EOFError, ValueError):
+        pass
+    return keys
+
+
+def local_db_exists(db: str) -> bool | None:
+    """Whether a local db folder exists (None for an object store, where folders are not real)."""
+    return None if "://" in db else os.path.isdir(db)
+
+
+def tidy_after_failure(db: str, table: str, existed: bool | None) -> None:
+    """After a run that failed before committing: remove the empty folders it made.
+
+    Only empty folders go (the lock's `_gpte_staging/`, a db folder this run created), so a
+    failed first run leaves the disk as it found it; staged work that a rerun can resume from
+    is never touched.
+    """
+    if existed is None:
+        return
+    for folder in (os.path.join(db, "_gpte_staging", table), os.path.join(db, "_gpte_staging"),
+                   *(() if existed else (db,))):
+        try:
+            os.rmdir(folder)  # only succeeds on an empty folder
+        except OSError:
+            pass
