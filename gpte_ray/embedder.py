@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gpte_ray.pooling import pool
+from gpte_ray.batching import flatten, gather_packed, gather_padded
+from gpte_ray.pooling import pool, unpack
 from gpte_ray.quantize import quantize_binary, quantize_int8, truncate_dim
 from gpte_ray.spec import ModelSpec
 
-__all__ = ["Embedder", "postprocess"]
+__all__ = ["PACKABLE", "Embedder", "flash_attention_available", "postprocess"]
 
 
 def postprocess(pooled: np.ndarray, spec: ModelSpec, calibration: dict | None) -> np.ndarray:
@@ -36,12 +37,57 @@ def postprocess(pooled: np.ndarray, spec: ModelSpec, calibration: dict | None) -
     return v
 
 
-class Embedder:
-    """A loaded model on one device; `embed` maps token-id lists to pooled float32 vectors."""
+# model types whose forward takes a packed batch: absolute positions counted from 0 (BERT) or
+# rotary positions (the decoders), and attention that reads `cu_seq_lens_*` from its kwargs
+PACKABLE = frozenset({"bert", "llama", "mistral", "qwen2", "qwen3"})
+REFERENCE_VARLEN = "gpte_varlen_reference"
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu"):
+
+def _reference_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                **kwargs):
+    """Variable-length attention by SDPA with a block-diagonal mask built from cu_seq_lens_q.
+
+    The CPU stand-in for flash-attention's varlen kernel (it computes the full T x T scores,
+    so it is for tests, not speed). query (1, heads, T, d); key, value (1, kv_heads, T, d).
+    """
+    import torch
+
+    cu = kwargs["cu_seq_lens_q"].long()
+    seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=query.device), cu.diff())  # (T,)
+    allowed = seg[:, None] == seg[None, :]  # (T, T): a token sees its own row only
+    if getattr(module, "is_causal", False):
+        allowed &= torch.ones_like(allowed).tril()
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None  # (1, T, heads, d)
+
+
+def _register_reference_varlen() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(REFERENCE_VARLEN, _reference_varlen_attention)
+
+
+def flash_attention_available() -> bool:
+    try:
+        from transformers.utils import is_flash_attn_2_available
+    except ImportError:
+        return False
+    return bool(is_flash_attn_2_available())
+
+
+class Embedder:
+    """A loaded model on one device; `embed` maps token ids to pooled float32 vectors.
+
+    `packed`: run each micro-batch as one packed sequence with variable-length attention (no
+    padding computed). None = where it is supported: CUDA, flash-attention installed, and a
+    model type in PACKABLE. True on CPU uses a reference varlen attention (tests only).
+    """
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu", packed: bool | None = None):
         import torch
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         self.spec = spec
         self.device = torch.device(device)
@@ -54,13 +100,27 @@ class Embedder:
         self.dtype = dtype
         kwargs = {"dtype": dtype}
         folder = spec.local_folder()  # this node's copy of the model, fetched once per node
-        try:
-            self.model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
-        except (ValueError, ImportError):
-            self.model = AutoModel.from_pretrained(folder, **kwargs)
+        model_type = getattr(AutoConfig.from_pretrained(folder), "model_type", "")
+        cuda = self.device.type == "cuda"
+        if packed is None:
+            packed = cuda and model_type in PACKABLE and flash_attention_available()
+        if packed and model_type not in PACKABLE:
+            raise ValueError(f"packed attention is not supported for model type {model_type!r}")
+        self.packed = bool(packed)
+        if self.packed:
+            if not cuda:
+                _register_reference_varlen()
+            attn = "flash_attention_2" if cuda else REFERENCE_VARLEN
+            self.model = AutoModel.from_pretrained(folder, attn_implementation=attn, **kwargs)
+        else:
+            try:
+                self.model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
+            except (ValueError, ImportError):
+                self.model = AutoModel.from_pretrained(folder, **kwargs)
         self.model.to(self.device).eval()
         self.dense = [self._load_dense(d, folder / d.path) for d in spec.dense]
         self.pad_id = self._pad_id()
+        self.pin = cuda  # page-locked staging so the host-to-device copy can run asynchronously
 
     def _pad_id(self) -> int:
         cfg = self.model.config
@@ -92,48 +152,65 @@ class Embedder:
         return torch.nn.Sequential(layer, act).to(self.device, self.dtype).eval()
 
     # ---- pre: CPU tensors -------------------------------------------------------------
-    def pad(self, ids: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None) -> dict:
-        """Pad to the longest row of this micro-batch only, on the configured side."""
+    def prepare(self, values: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                prompt_lens: np.ndarray | None = None) -> dict:
+        """CPU tensors for rows `rows` of the flat token ids (values, offsets): padded to the
+        longest of these rows on the configured side, or packed; pinned on CUDA."""
         import torch
 
-        n, longest = len(ids), max(len(x) for x in ids)
-        input_ids = torch.full((n, longest), self.pad_id, dtype=torch.long)  # (bs, seq_len)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        for r, row in enumerate(ids):
-            if self.spec.padding_side == "left":
-                input_ids[r, longest - len(row):] = torch.as_tensor(row)
-                mask[r, longest - len(row):] = 1
-            else:
-                input_ids[r, : len(row)] = torch.as_tensor(row)
-                mask[r, : len(row)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask}
-        if self.spec.positions_from_mask:
-            # position of each real token counted from its own first token: left padding exact
-            batch["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        if prompt_lens is not None and any(prompt_lens):
-            if self.spec.padding_side == "left":
-                shift = torch.as_tensor([longest - len(x) for x in ids])
-                batch["prompt_lens"] = torch.as_tensor(prompt_lens) + shift
-            else:
-                batch["prompt_lens"] = torch.as_tensor(prompt_lens)
+        if self.packed:
+            ids, positions, cu = gather_packed(values, offsets, rows)
+            lens = np.diff(cu)
+            batch = {"input_ids": torch.from_numpy(ids)[None], "position_ids": torch.from_numpy(positions)[None],
+                     "cu_seq_lens": torch.from_numpy(cu), "lengths": torch.from_numpy(lens.astype(np.int64))}
+            shift = None
+        else:
+            left = self.spec.padding_side == "left"
+            ids, mask = gather_padded(values, offsets, rows, self.pad_id, left)
+            batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}  # (bs, seq_len)
+            if self.spec.positions_from_mask:
+                # position of each real token counted from its own first token: left padding exact
+                batch["position_ids"] = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
+            shift = ids.shape[1] - mask.sum(axis=1) if left else None
+        if prompt_lens is not None:
+            plens = np.asarray(prompt_lens, dtype=np.int64)[rows]
+            if plens.any():
+                batch["prompt_lens"] = torch.from_numpy(plens + shift if shift is not None else plens)
+        if self.pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
     # ---- core: on the device ------------------------------------------------------------
     def forward(self, batch: dict):
+        """Pooled (bs, full_dim) float32 on the device; returns before the device finishes."""
         import torch
 
-        non_blocking = self.device.type == "cuda"
+        non_blocking = self.pin
         on_dev = {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
         prompt_lens = on_dev.pop("prompt_lens", None)
         with torch.inference_mode():
-            out = self.model(**on_dev)
-            hidden = out.last_hidden_state  # (bs, seq_len, hidden)
-            pooled = pool(hidden.float(), on_dev["attention_mask"], self.spec.pooling, prompt_lens)
+            if self.packed:
+                hidden, mask = self._forward_packed(on_dev, batch["lengths"])
+            else:
+                hidden, mask = self.model(**on_dev).last_hidden_state, on_dev["attention_mask"]
+            # hidden (bs, seq_len, hidden); pooling and normalisation always in float32
+            pooled = pool(hidden.float(), mask, self.spec.pooling, prompt_lens)
             for layer in self.dense:
                 pooled = layer(pooled.to(self.dtype)).float()
         return pooled  # (bs, full_dim) float32 on the device
 
+    def _forward_packed(self, on_dev: dict, lengths):
+        """One packed sequence through the model, unpacked to right-padded (bs, longest, hidden)
+        so that pooling is the same code as on the padded path."""
+        cu = on_dev["cu_seq_lens"]
+        longest = int(lengths.max())  # from the host copy: no device sync
+        out = self.model(input_ids=on_dev["input_ids"], position_ids=on_dev["position_ids"],
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return unpack(out.last_hidden_state[0], on_dev["position_ids"][0], on_dev["lengths"], longest)
+
     # ---- post: numpy ------------------------------------------------------------------
     def embed(self, ids: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None) -> np.ndarray:
-        """Pooled float32 vectors (n, full_dim) for one micro-batch."""
-        return self.forward(self.pad(ids, prompt_lens)).cpu().numpy()
+        """Pooled float32 vectors (n, full_dim) for one micro-batch of token-id lists."""
+        values, offsets = flatten(ids)
+        rows = np.arange(len(ids))
+        return self.forward(self.prepare(values, offsets, rows, prompt_lens)).cpu().numpy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["POOLING_MODES", "last_token_index", "pool"]
+__all__ = ["POOLING_MODES", "last_token_index", "pool", "unpack"]
 
 POOLING_MODES = ("cls", "mean", "last-token", "weighted-mean")
 
@@ -53,3 +53,18 @@ def pool(
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
     summed = (hidden * weights.unsqueeze(-1)).sum(dim=1)  # (bs, dim)
     return summed / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)
+
+
+def unpack(flat: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+           longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed sequence's states (T, dim) -> right-padded (bs, longest, dim) and its mask.
+
+    `positions` (T,) is each token's index within its own row, `lengths` (bs,) the rows'
+    token counts (summing to T).
+    """
+    bs = lengths.shape[0]
+    rows = torch.repeat_interleave(torch.arange(bs, device=flat.device), lengths, output_size=flat.shape[0])
+    padded = flat.new_zeros((bs, longest, flat.shape[-1]))  # (bs, longest, dim)
+    padded[rows, positions] = flat
+    mask = (torch.arange(longest, device=flat.device)[None, :] < lengths[:, None]).long()  # (bs, longest)
+    return padded, mask

@@ -7,8 +7,11 @@ CPU actor pool, each window staged by its WindowWriter as a Lance fragment and a
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
+from collections import deque
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +21,7 @@ from gpte_ray.config import InputConfig
 from gpte_ray.sources import ShardError, read_prepared
 from gpte_ray.spec import ModelSpec
 
-__all__ = ["EmbedStage", "TokenizeStage", "WindowWriter", "read_shard", "scan_shard"]
+__all__ = ["ActorFigures", "EmbedStage", "TokenizeStage", "WindowWriter", "read_shard", "scan_shard"]
 
 SCAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
@@ -68,28 +71,37 @@ class TokenizeStage:
         self.staged = staged
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch["text"].to_pylist()
-        ids = batch["doc_id"].to_pylist()
-        hashes = batch["content_hash"].to_pylist()
-        chunks = self.tok.encode(texts, role="document")
-        n_chunks = np.bincount([c.doc_index for c in chunks], minlength=len(texts))
-        cols: dict[str, list] = {name: [] for name in CHUNK_SCHEMA.names}
-        for c in chunks:
-            doc_id = ids[c.doc_index]
-            if (doc_id, c.chunk) in self.staged:
-                continue
-            cols["doc_id"].append(doc_id)
-            cols["chunk"].append(c.chunk)
-            cols["n_chunks"].append(int(n_chunks[c.doc_index]))
-            cols["input_ids"].append(c.input_ids)
-            cols["n_tokens"].append(len(c.input_ids))
-            cols["prompt_len"].append(c.prompt_len)
-            cols["text"].append(texts[c.doc_index][c.char_start : c.char_end])
-            cols["char_start"].append(c.char_start)
-            cols["char_end"].append(c.char_end)
-            cols["content_hash"].append(hashes[c.doc_index])
-            cols["truncated"].append(c.truncated)
-        return pa.table(cols, schema=CHUNK_SCHEMA)
+        enc = self.tok.encode_arrays(batch["text"].to_pylist(), role="document")
+        doc = pa.array(enc.doc_index)
+        n_chunks = np.bincount(enc.doc_index, minlength=batch.num_rows).astype(np.int32)
+        lengths = enc.lengths.astype(np.int32)
+        text = batch["text"].take(doc)
+        split = np.flatnonzero(n_chunks[enc.doc_index] > 1)
+        if len(split):  # chunks of long documents carry their own span of the text
+            pieces = text.to_pylist()
+            for i in split:
+                pieces[i] = pieces[i][enc.char_start[i] : enc.char_end[i]]
+            text = pa.array(pieces, pa.string())
+        out = pa.table({
+            "doc_id": batch["doc_id"].take(doc),
+            "chunk": enc.chunk,
+            "n_chunks": n_chunks[enc.doc_index],
+            # ids stay flat from the tokenizer to the embedder: an Arrow list over one buffer
+            "input_ids": pa.ListArray.from_arrays(pa.array(enc.offsets, pa.int32()), pa.array(enc.values, pa.int32())),
+            "n_tokens": lengths,
+            "prompt_len": enc.prompt_len,
+            "text": text,
+            "char_start": enc.char_start,
+            "char_end": enc.char_end,
+            "content_hash": batch["content_hash"].take(doc),
+            "truncated": enc.truncated,
+        }, schema=CHUNK_SCHEMA)
+        return out.filter(self._unstaged(out)) if self.staged else out
+
+    def _unstaged(self, chunks: pa.Table) -> np.ndarray:
+        """Rows whose (doc_id, chunk) no earlier attempt of this run staged."""
+        keys = zip(chunks["doc_id"].to_pylist(), chunks["chunk"].to_pylist())
+        return np.fromiter(((d, c) not in self.staged for d, c in keys), dtype=np.bool_, count=chunks.num_rows)
 
 
 # token-count bin edges for the report's histograms: bin i holds lengths in (edge[i-1], edge[i]]
@@ -107,10 +119,15 @@ class EmbedStage:
     Writing here, not in a later stage, makes each window durable as soon as it is embedded:
     Ray Data merges a task's small outputs into one block, so a downstream writer would only
     see them when the whole task ends, and a crash would lose the task's work.
+
+    Calls may overlap (the pipeline runs two per actor): the device is held by one window at a
+    time, and a window's fragment and marker are written after it lets the device go, so
+    window k is written while window k + 1 is embedded. A failed write fails its own window.
     """
 
     def __init__(self, spec: ModelSpec, device: str, token_budget: int, max_rows: int, min_fill: float,
                  torch_threads: int | None, calibration: dict | None, progress=None, writer=None):
+        born, born_cpu, born_wall = time.perf_counter(), time.process_time(), time.time()
         import torch
 
         from gpte_ray.embedder import Embedder
@@ -127,59 +144,162 @@ class EmbedStage:
         self.oom_retries = 0
         self.progress = progress  # a ProgressCounter actor handle, or None
         self.writer = writer  # a WindowWriter, or None to return the vectors
+        self.figures = ActorFigures(born, born_cpu, born_wall, device)
 
-    def _embed_safely(self, ids: list, plens: list, order: np.ndarray, out: np.ndarray,
-                      padded: np.ndarray) -> None:
-        """Embed rows `order`; on OOM halve the budget and retry in smaller pieces."""
+    def _embed_window(self, values: np.ndarray, offsets: np.ndarray, plens: np.ndarray,
+                      lengths: np.ndarray, pooled: np.ndarray, padded: np.ndarray, first: np.ndarray) -> None:
+        """Embed every row of the window; on OOM halve the budget and retry in smaller pieces.
+
+        Micro-batch i + 1 is assembled while i runs (on CUDA the forward returns before the
+        device finishes); results stay on the device until the window is done (one copy back).
+        """
         import torch
 
-        pending = [order]
-        while pending:
-            rows = pending.pop()
+        emb, fig = self.embedder, self.figures
+        queue = deque(plan_micro_batches(lengths, self.budget, self.max_rows, self.min_fill))
+        done: list[tuple[np.ndarray, object]] = []
+        ready = None  # (rows, prepared batch) for the head of the queue
+        while queue:
+            rows = queue.popleft()
+            batch = ready[1] if ready is not None and ready[0] is rows else emb.prepare(values, offsets, rows, plens)
+            ready = None
             try:
-                out[rows] = self.embedder.embed([ids[i] for i in rows], [plens[i] for i in rows])
-                padded[rows] = max(len(ids[i]) for i in rows)
+                with fig.forward_timer(emb.device):
+                    out = emb.forward(batch)
             except (torch.OutOfMemoryError, OutOfMemory):
-                if self.embedder.device.type == "cuda":
+                if emb.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.oom_retries += 1
                 if len(rows) == 1:
                     raise
                 self.budget = max(1, self.budget // 2)
                 half = len(rows) // 2
-                pending += [rows[half:], rows[:half]]
+                queue.extendleft([rows[half:], rows[:half]][::-1])
+                continue
+            if queue:
+                ready = (queue[0], emb.prepare(values, offsets, queue[0], plens))
+            done.append((rows, out))
+            padded[rows] = int(lengths[rows].max())
+            first[rows[0]] = 1
+        if done:
+            rows = np.concatenate([r for r, _ in done])
+            pooled[rows] = torch.cat([o for _, o in done]).cpu().numpy()
+        fig.sync(emb.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from gpte_ray.embedder import postprocess
         from gpte_ray.table import vector_type, vectors_to_arrow
 
-        start = time.perf_counter()
-        ids = batch["input_ids"].to_pylist()
-        plens = batch["prompt_len"].to_pylist()
-        lengths = np.asarray(batch["n_tokens"].to_numpy(), dtype=np.int64)
-        pooled = np.zeros((len(ids), self.spec.full_dim), dtype=np.float32)
-        padded = np.zeros(len(ids), dtype=np.int32)  # padded length of each row's micro-batch
-        first = np.zeros(len(ids), dtype=np.int32)  # 1 on the first row of each micro-batch
-        for rows in plan_micro_batches(lengths, self.budget, self.max_rows, self.min_fill):
-            self._embed_safely(ids, plens, rows, pooled, padded)
-            first[rows[0]] = 1
+        fig = self.figures
+        arrived = time.perf_counter()
+        ids = batch["input_ids"].combine_chunks()  # a ListArray: offsets + one flat values buffer
+        values, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
+        plens = batch["prompt_len"].to_numpy()
+        lengths = np.diff(offsets).astype(np.int64)
+        n = batch.num_rows
+        pooled = np.zeros((n, self.spec.full_dim), dtype=np.float32)
+        padded = np.zeros(n, dtype=np.int32)  # padded length of each row's micro-batch
+        first = np.zeros(n, dtype=np.int32)  # 1 on the first row of each micro-batch
+        with fig.device_held(arrived):
+            start = time.perf_counter()
+            self._embed_window(values, offsets, plens, lengths, pooled, padded, first)
+            retries, budget = self.oom_retries, self.budget
+            self.oom_retries = 0
+            seconds = time.perf_counter() - start
         vectors = postprocess(pooled, self.spec, self.calibration)
-        seconds = time.perf_counter() - start
         out = batch.drop_columns(["input_ids", "prompt_len"])
         out = out.append_column("vector", vectors_to_arrow(vectors, vector_type(self.spec)))
         out = out.append_column("padded_tokens", pa.array(padded))
         out = out.append_column("batch_first", pa.array(first))
-        per_row = seconds / max(len(ids), 1)
-        out = out.append_column("embed_seconds", pa.array(np.full(len(ids), per_row)))
-        retries = np.zeros(len(ids), np.int32)
-        retries[:1] = self.oom_retries  # counted once per window, summed by the writer
-        out = out.append_column("oom_retries", pa.array(retries))
-        out = out.append_column("token_budget", pa.array(np.full(len(ids), self.budget, np.int32)))
-        self.oom_retries = 0
+        out = out.append_column("embed_seconds", pa.array(np.full(n, seconds / max(n, 1))))
+        per_window = np.zeros(n, np.int32)
+        per_window[:1] = retries  # counted once per window, summed by the writer
+        out = out.append_column("oom_retries", pa.array(per_window))
+        out = out.append_column("token_budget", pa.array(np.full(n, budget, np.int32)))
         if self.progress is not None:
             chunks, n_chunks = batch["chunk"].to_numpy(), batch["n_chunks"].to_numpy()
-            self.progress.add.remote(int((chunks == n_chunks - 1).sum()), len(ids), int(lengths.sum()))
-        return out if self.writer is None else self.writer(out)
+            self.progress.add.remote(int((chunks == n_chunks - 1).sum()), n, int(lengths.sum()))
+        if self.writer is None:
+            return out
+        summary = self.writer(out)  # the device is free meanwhile: the next window embeds
+        return fig.attach(summary)
+
+
+class ActorFigures:
+    """What one embed actor cost and where its time went, cumulative since it started:
+    held (wall seconds since its constructor began: the accelerator is the actor's all that
+    time), load (constructor), forward (model forward + pooling), input wait (the device free
+    and no window to embed), CPU seconds of its process. Attached to every window summary;
+    the driver keeps each actor's latest."""
+
+    COLUMNS = ("actor", "actor_device", "actor_node_type", "actor_born", "actor_end", "actor_held_s",
+               "actor_load_s", "actor_forward_s", "actor_input_wait_s", "actor_cpu_s")
+
+    def __init__(self, born: float, born_cpu: float, born_wall: float, device: str):
+        self.id = uuid.uuid4().hex
+        self.device = device
+        self.born, self.born_cpu, self.born_wall = born, born_cpu, born_wall
+        self.load = time.perf_counter() - born
+        self.forward = self.input_wait = 0.0
+        self.released = time.perf_counter()  # when the device last went idle
+        self.lock = threading.Lock()  # one window on the device at a time
+        self._events: list = []  # CUDA (start, end) event pairs not yet summed
+        self.node_type: str | None = None
+
+    @contextmanager
+    def device_held(self, arrived: float):
+        with self.lock:
+            # idle for want of input: from the device's release to this window's arrival
+            self.input_wait += max(0.0, arrived - self.released)
+            try:
+                yield
+            finally:
+                self.released = time.perf_counter()
+
+    @contextmanager
+    def forward_timer(self, device):
+        if device.type == "cuda":  # the forward returns early: time it on the device
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.forward += time.perf_counter() - t
+
+    def sync(self, device) -> None:
+        if self._events:
+            import torch
+
+            torch.cuda.synchronize(device)
+            self.forward += sum(s.elapsed_time(e) for s, e in self._events) / 1000
+            self._events.clear()
+
+    def attach(self, summary: pa.Table) -> pa.Table:
+        if self.node_type is None:
+            self.node_type = node_type(self.device)
+        n = summary.num_rows
+        now = time.perf_counter()  # one snapshot: another window may be on the device meanwhile
+        values = (self.id, self.device, self.node_type, self.born_wall, self.born_wall + now - self.born,
+                  now - self.born, self.load, self.forward, self.input_wait, time.process_time() - self.born_cpu)
+        for name, v in zip(self.COLUMNS, values):
+            summary = summary.append_column(name, pa.array([v] * n))
+        return summary
+
+
+def node_type(device: str) -> str:
+    """The Ray node group this process runs on, else its accelerator type, else the device."""
+    try:
+        import ray
+
+        labels = ray.get_runtime_context().get_node_labels() if ray.is_initialized() else {}
+    except Exception:  # outside a Ray worker
+        labels = {}
+    return labels.get("ray.io/node-group") or labels.get("ray.io/accelerator-type") or device
 
 
 class WindowWriter:

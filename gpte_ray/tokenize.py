@@ -9,6 +9,7 @@ prompt like a document of its own. Nothing is truncated unless the config asks f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -27,6 +28,60 @@ class Chunk:
     char_end: int
     prompt_len: int  # leading tokens to leave out of mean pooling (0 = keep all)
     truncated: bool
+
+
+@dataclass
+class Encoded:
+    """Chunks as columns: token ids flat (`values`, row r = values[offsets[r]:offsets[r + 1]],
+    an Arrow list array's layout) and one entry per chunk in every other array."""
+
+    doc_index: np.ndarray  # int64
+    chunk: np.ndarray  # int32
+    values: np.ndarray  # int32
+    offsets: np.ndarray  # int32, len = chunks + 1
+    char_start: np.ndarray  # int32
+    char_end: np.ndarray  # int32
+    prompt_len: np.ndarray  # int32
+    truncated: np.ndarray  # bool
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def merge(cls, parts: list[tuple[Encoded, np.ndarray]]) -> Encoded:
+        """Encodings of disjoint subsets of the texts (each with its texts' positions) -> one,
+        in text order, chunks of a text in their order."""
+        doc = np.concatenate([idx[e.doc_index] for e, idx in parts])
+        order = np.argsort(doc, kind="stable")  # each part is already in (text, chunk) order
+        lengths = np.concatenate([e.lengths for e, _ in parts])[order]
+        starts = np.concatenate([e.offsets[:-1].astype(np.int64) + base for (e, _), base in
+                                 zip(parts, np.cumsum([0] + [len(e.values) for e, _ in parts[:-1]]))])[order]
+        flat = np.concatenate([e.values for e, _ in parts])
+        offsets = np.zeros(len(order) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        seg = np.repeat(np.arange(len(order)), lengths)
+        values = flat[starts[seg] + np.arange(int(offsets[-1])) - offsets[:-1][seg]]
+
+        def cat(name):
+            return np.concatenate([getattr(e, name) for e, _ in parts])[order]
+
+        return cls(doc[order], cat("chunk"), values, offsets, cat("char_start"), cat("char_end"),
+                   cat("prompt_len"), cat("truncated"))
+
+    @classmethod
+    def from_chunks(cls, chunks: list[Chunk]) -> Encoded:
+        def col(name, dtype):
+            return np.fromiter((getattr(c, name) for c in chunks), dtype=dtype, count=len(chunks))
+
+        lengths = np.fromiter((len(c.input_ids) for c in chunks), dtype=np.int64, count=len(chunks))
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter(chain.from_iterable(c.input_ids for c in chunks), dtype=np.int32,
+                             count=int(offsets[-1]))
+        return cls(col("doc_index", np.int64), col("chunk", np.int32), values, offsets.astype(np.int32),
+                   col("char_start", np.int32), col("char_end", np.int32), col("prompt_len", np.int32),
+                   col("truncated", np.bool_))
 
 
 class TextTokenizer:
@@ -76,6 +131,40 @@ class TextTokenizer:
                 out.extend(self._chunks(i, texts[i], prefix, suffix, len(ids) - self._text_len(texts[i])))
         return out
 
+    def encode_arrays(self, texts: list[str], role: str = "document") -> Encoded:
+        """`encode` as columns. When every text fits and no prompt is left out of pooling, the
+        ids come straight from the Rust tokenizer (no offsets, no masks) into flat arrays."""
+        prefix, suffix = self._prompt(role)
+        if not (prefix and not self.spec.include_prompt):
+            backend = self.tok.backend_tokenizer
+            if backend.truncation is not None:  # left set by a truncating call in `_one`
+                backend.no_truncation()
+            if backend.padding is not None:
+                backend.no_padding()
+            full = [prefix + t + suffix for t in texts] if prefix or suffix else texts
+            rows = [e.ids for e in backend.encode_batch_fast(full, add_special_tokens=True)]
+            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+            fits = lengths <= self.spec.max_length
+            if fits.all():
+                return self._whole(rows, lengths, texts)
+            # the rare long texts take the chunking path; the rest stay columnar
+            short, long = np.flatnonzero(fits), np.flatnonzero(~fits)
+            a = self._whole([rows[i] for i in short], lengths[short], [texts[i] for i in short])
+            b = Encoded.from_chunks(self.encode([texts[i] for i in long], role))
+            return Encoded.merge([(a, short), (b, long)])
+        return Encoded.from_chunks(self.encode(texts, role))
+
+    @staticmethod
+    def _whole(rows: list[list[int]], lengths: np.ndarray, texts: list[str]) -> Encoded:
+        """One chunk per text, the text whole."""
+        n = len(rows)
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+        return Encoded(np.arange(n), np.zeros(n, np.int32), values, offsets, np.zeros(n, np.int32),
+                       np.fromiter(map(len, texts), dtype=np.int32, count=n), np.zeros(n, np.int32),
+                       np.zeros(n, np.bool_))
+
     def _text_len(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
@@ -108,3 +197,4 @@ class TextTokenizer:
     @staticmethod
     def lengths(chunks: list[Chunk]) -> np.ndarray:
         return np.array([len(c.input_ids) for c in chunks], dtype=np.int64)
+

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpte_ray.batching import plan_micro_batches
+from gpte_ray.batching import flatten, plan_micro_batches
 from gpte_ray.config import ConfigError, ModelConfig
 from gpte_ray.embedder import Embedder, postprocess
 from gpte_ray.spec import resolve_model
@@ -157,3 +157,49 @@ def test_sentence_transformers_folder_with_dense_and_cls(tmp_path, minilm_path):
     assert cos(ours, ref).min() >= 0.9999
     _, q = embed_texts(spec, texts, role="query")
     assert cos(q, SentenceTransformer(folder, device="cpu").encode(texts, prompt_name="query")).min() >= 0.9999
+
+
+@pytest.mark.parametrize("model", ["minilm", "qwen2"])
+def test_packed_varlen_path_equals_padded(varied_docs, tiny_qwen2, model):
+    """One packed sequence with block-diagonal attention (the reference for flash-attention's
+    varlen kernel) gives the padded path's vectors: positions restart per row, no row sees
+    another, pooling reads each row's own tokens."""
+    spec = resolve_model(ModelConfig(path=tiny_qwen2 if model == "qwen2" else None, long_documents="truncate"))
+    texts = [d["text"] for d in varied_docs[::7][:24]]
+    ids = [c.input_ids for c in TextTokenizer(spec).encode(texts)]
+    padded = Embedder(spec).embed(ids)
+    emb = Embedder(spec, packed=True)
+    assert emb.packed and "input_ids" in emb.prepare(*flatten(ids), np.arange(len(ids))) and \
+        emb.prepare(*flatten(ids), np.arange(len(ids)))["input_ids"].shape == (1, sum(map(len, ids)))
+    packed = emb.embed(ids)
+    assert np.abs(padded - packed).max() <= 1e-5
+
+
+def test_packed_path_refuses_unsupported_models(tmp_path, minilm_path):
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    folder = str(tmp_path / "distil")
+    cfg = DistilBertConfig(vocab_size=30522, dim=32, hidden_dim=64, n_layers=1, n_heads=2)
+    DistilBertModel(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(folder)
+    with pytest.raises(ValueError, match="distilbert"):
+        Embedder(resolve_model(ModelConfig(path=folder)), packed=True)
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(),
+    ModelConfig(max_length=24, chunk_overlap=4),  # some texts split into chunks
+    ModelConfig(max_length=24, long_documents="truncate"),
+    ModelConfig(document_prompt="passage: {text}", include_prompt_in_pooling=False),
+    ModelConfig(document_prompt="passage: {text}"),
+])
+def test_columnar_encoding_equals_chunks(varied_docs, cfg):
+    spec = resolve_model(cfg)
+    tok = TextTokenizer(spec)
+    texts = [d["text"] for d in varied_docs[:60]]
+    chunks = tok.encode(texts)
+    enc = tok.encode_arrays(texts)
+    rows = [enc.values[s:e].tolist() for s, e in zip(enc.offsets[:-1], enc.offsets[1:])]
+    assert rows == [c.input_ids for c in chunks]
+    for name in ("doc_index", "chunk", "char_start", "char_end", "prompt_len", "truncated"):
+        assert getattr(enc, name).tolist() == [getattr(c, name) for c in chunks], name

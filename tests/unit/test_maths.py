@@ -1,4 +1,4 @@
-"""Pooling, post-processing, chunking and bucketing: plain functions, no Ray, no model."""
+"""Pooling, post-processing, chunking, bucketing, micro-batch assembly: plain functions, no Ray, no model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpte_ray.batching import padding_efficiency, plan_micro_batches
+from gpte_ray.batching import flatten, gather_packed, gather_padded, padding_efficiency, plan_micro_batches
 from gpte_ray.chunking import chunk_windows
-from gpte_ray.pooling import last_token_index, pool
+from gpte_ray.pooling import last_token_index, pool, unpack
 from gpte_ray.quantize import calibrate_int8, quantize_binary, quantize_int8, truncate_dim
 
 H = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [9.0, 9.0]], [[2.0, 2.0], [4.0, 6.0], [6.0, 4.0]]])
@@ -120,3 +120,65 @@ def test_bucketing_beats_arrival_order_padding():
 @pytest.mark.parametrize("n,size,overlap,expected", [(10, 4, 1, [(0, 4), (3, 7), (6, 10)]), (3, 4, 1, [(0, 3)])])
 def test_chunk_windows_examples(n, size, overlap, expected):
     assert chunk_windows(n, size, overlap) == expected
+
+
+def _ragged(seed: int, n: int, longest: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 30000, size=int(k)).tolist() for k in rng.integers(1, longest, size=n)]
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_gather_padded_matches_row_by_row_padding(left):
+    rows_ids = _ragged(0, 40, 50)
+    values, offsets = flatten(rows_ids)
+    pick = np.array([7, 3, 3, 0, 39, 12])  # any subset, any order, repeats allowed
+    ids, mask = gather_padded(values, offsets, pick, pad_id=-1, left=left)
+    longest = max(len(rows_ids[r]) for r in pick)
+    assert ids.shape == mask.shape == (len(pick), longest)
+    for i, r in enumerate(pick):
+        row, pad = rows_ids[r], [-1] * (longest - len(rows_ids[r]))
+        assert ids[i].tolist() == (pad + row if left else row + pad)
+        assert mask[i].tolist() == ([0] * len(pad) + [1] * len(row) if left else [1] * len(row) + [0] * len(pad))
+
+
+def test_gather_packed_positions_restart_per_row():
+    rows_ids = _ragged(1, 25, 30)
+    values, offsets = flatten(rows_ids)
+    pick = np.array([4, 0, 24, 9])
+    ids, positions, cu = gather_packed(values, offsets, pick)
+    assert ids.tolist() == [t for r in pick for t in rows_ids[r]]
+    assert positions.tolist() == [p for r in pick for p in range(len(rows_ids[r]))]
+    assert cu.tolist() == np.cumsum([0] + [len(rows_ids[r]) for r in pick]).tolist()
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "last-token", "weighted-mean"])
+def test_unpacked_states_pool_like_padded_ones(mode):
+    torch.manual_seed(0)
+    lengths = torch.tensor([5, 1, 3])
+    padded = torch.randn(3, 5, 8)
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).long()
+    flat = torch.cat([padded[i, : int(n)] for i, n in enumerate(lengths)])  # (9, 8) packed
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    states, got_mask = unpack(flat, positions, lengths, 5)
+    assert torch.equal(got_mask, mask)
+    assert torch.allclose(pool(states, got_mask, mode), pool(padded, mask, mode))
+    plens = torch.tensor([2, 0, 1])
+    if mode == "mean":
+        assert torch.allclose(pool(states, got_mask, mode, plens), pool(padded, mask, mode, plens))
+
+
+def test_encoded_merge_restores_text_order():
+    from gpte_ray.tokenize import Chunk, Encoded
+
+    def enc(chunks):
+        return Encoded.from_chunks(chunks)
+
+    a = enc([Chunk(0, 0, [1, 2], 0, 5, 0, False), Chunk(1, 0, [3], 0, 2, 0, False)])  # texts 0, 3
+    b = enc([Chunk(0, 0, [4, 5, 6], 0, 9, 0, False), Chunk(0, 1, [7], 7, 12, 0, False),
+             Chunk(1, 0, [8, 9], 0, 4, 1, True)])  # texts 1, 2
+    m = Encoded.merge([(a, np.array([0, 3])), (b, np.array([1, 2]))])
+    assert m.doc_index.tolist() == [0, 1, 1, 2, 3] and m.chunk.tolist() == [0, 0, 1, 0, 0]
+    rows = [m.values[s:e].tolist() for s, e in zip(m.offsets[:-1], m.offsets[1:])]
+    assert rows == [[1, 2], [4, 5, 6], [7], [8, 9], [3]]
+    assert m.char_start.tolist() == [0, 0, 7, 0, 0] and m.prompt_len.tolist() == [0, 0, 0, 1, 0]
+    assert m.truncated.tolist() == [False, False, False, True, False]

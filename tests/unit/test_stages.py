@@ -1,13 +1,17 @@
-"""Stages called directly (no Ray): OOM back-off, tokenize skipping staged chunks."""
+"""Stages called directly (no Ray): OOM back-off, tokenize skipping staged chunks, columnar
+token ids, writes overlapping the next window's embedding."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pyarrow as pa
 
 from gpte_ray.config import ModelConfig
 from gpte_ray.spec import resolve_model
-from gpte_ray.stages import EmbedStage, OutOfMemory, TokenizeStage
+from gpte_ray.stages import CHUNK_SCHEMA, ActorFigures, EmbedStage, OutOfMemory, TokenizeStage
+from gpte_ray.tokenize import TextTokenizer
 
 
 def _chunks(texts):
@@ -23,16 +27,16 @@ def test_oom_halves_the_budget_and_keeps_every_row_once():
     ref = EmbedStage(spec, "cpu", 1, 1, 0.0, 1, None)(chunks)  # one row at a time: the reference
 
     stage = EmbedStage(spec, "cpu", 100_000, 256, 0.0, 1, None)
-    real = stage.embedder.embed
+    real = stage.embedder.forward
     calls = []
 
-    def flaky(ids, plens):
-        calls.append(len(ids))
-        if sum(len(x) for x in ids) > 300:  # "device memory" holds 300 tokens
+    def flaky(batch):
+        calls.append(len(batch["input_ids"]))
+        if int(batch["attention_mask"].sum()) > 300:  # "device memory" holds 300 real tokens
             raise OutOfMemory("injected")
-        return real(ids, plens)
+        return real(batch)
 
-    stage.embedder.embed = flaky
+    stage.embedder.forward = flaky
     out = stage(chunks)
     assert out["doc_id"].to_pylist() == chunks["doc_id"].to_pylist()  # ids travel with rows
     a = np.stack(out["vector"].to_numpy(zero_copy_only=False))
@@ -51,3 +55,86 @@ def test_tokenize_skips_chunks_already_staged():
     assert n_b > 2 and set(full["n_chunks"].to_pylist()) == {1, n_b}
     part = TokenizeStage(spec, frozenset({("b", 0), ("b", 1), ("a", 0)}))(docs)
     assert list(zip(part["doc_id"].to_pylist(), part["chunk"].to_pylist())) == [("b", c) for c in range(2, n_b)]
+
+
+def test_tokenize_columns_match_the_chunks():
+    spec = resolve_model(ModelConfig(max_length=32, chunk_overlap=4))
+    texts = ["short", "long " * 100, "mid sized text here", "x " * 40]
+    docs = pa.table({"doc_id": ["a", "b", "c", "d"], "text": texts, "content_hash": ["1", "2", "3", "4"]})
+    out = TokenizeStage(spec)(docs)
+    chunks = TextTokenizer(spec).encode(texts)
+    assert out.schema == CHUNK_SCHEMA
+    assert out["input_ids"].to_pylist() == [c.input_ids for c in chunks]
+    assert out["doc_id"].to_pylist() == [docs["doc_id"][c.doc_index].as_py() for c in chunks]
+    assert out["text"].to_pylist() == [texts[c.doc_index][c.char_start : c.char_end] for c in chunks]
+    assert out["n_tokens"].to_pylist() == [len(c.input_ids) for c in chunks]
+    assert out["content_hash"].to_pylist() == [str(c.doc_index + 1) for c in chunks]
+
+
+class _Writer:
+    """Stands in for WindowWriter: the first window's write blocks until the second window
+    reaches the device, or fails outright."""
+
+    def __init__(self, fail_first: bool = False):
+        self.fail_first = fail_first
+        self.writing = threading.Event()
+        self.next_on_device = threading.Event()
+        self.overlapped = None
+
+    def __call__(self, out: pa.Table) -> pa.Table:
+        if not self.writing.is_set():
+            self.writing.set()
+            if self.fail_first:
+                raise OSError("injected write failure")
+            self.overlapped = self.next_on_device.wait(60)
+        return pa.table({"rows": [out.num_rows]})
+
+
+def _two_windows(stage, writer, windows):
+    real = stage.embedder.forward
+
+    def forward(batch):
+        if writer.writing.is_set():
+            writer.next_on_device.set()
+        return real(batch)
+
+    stage.embedder.forward = forward
+    results: dict = {}
+
+    def call(i):
+        try:
+            results[i] = stage(windows[i])
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            results[i] = e
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    assert writer.writing.wait(60)  # window 0 embedded, its write under way
+    second = threading.Thread(target=call, args=(1,))
+    second.start()
+    for t in (first, second):
+        t.join(120)
+    return results
+
+
+def test_window_is_written_while_the_next_one_embeds():
+    spec, chunks = _chunks([("word " * n).strip() for n in (3, 50, 120, 7, 90, 15)])
+    writer = _Writer()
+    stage = EmbedStage(spec, "cpu", 8192, 256, 0.9, 1, None, writer=writer)
+    results = _two_windows(stage, writer, [chunks.slice(0, 3), chunks.slice(3)])
+    assert writer.overlapped is True  # window 1 ran on the device while window 0 was being written
+    for r in results.values():
+        assert r["rows"].to_pylist() == [3]
+        fig = r.select(list(ActorFigures.COLUMNS)).to_pylist()[0]
+        assert 0 < fig["actor_forward_s"] <= fig["actor_held_s"] - fig["actor_load_s"]
+        assert fig["actor_input_wait_s"] >= 0 and fig["actor_cpu_s"] > 0
+    assert results[0]["actor"].to_pylist() == results[1]["actor"].to_pylist()
+
+
+def test_failed_write_fails_its_window_only():
+    spec, chunks = _chunks([("word " * n).strip() for n in (3, 50, 120, 7)])
+    writer = _Writer(fail_first=True)
+    stage = EmbedStage(spec, "cpu", 8192, 256, 0.9, 1, None, writer=writer)
+    results = _two_windows(stage, writer, [chunks.slice(0, 2), chunks.slice(2)])
+    assert isinstance(results[0], OSError)
+    assert results[1]["rows"].to_pylist() == [2]
