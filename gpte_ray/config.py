@@ -19,6 +19,7 @@ __all__ = [
     "JobConfig",
     "ModelConfig",
     "OutputConfig",
+    "ReportConfig",
     "ResourceConfig",
     "load_config",
 ]
@@ -147,6 +148,11 @@ class ResourceConfig(_Strict):
         False, description="Request GPUs for actor placement but compute on CPU (fake-GPU test clusters)."
     )
     tokenize_cpus: float = Field(0.25, gt=0, description="CPUs per tokenize actor.")
+    tokenize_actors_per_embed_actor: int = Field(
+        2, ge=1,
+        description="Most tokenize actors per embed actor; Ray Data starts them as the embed actors "
+        "wait for input (the report's cost.embed_input_wait_seconds).",
+    )
     read_cpus: float = Field(0.5, gt=0, description="CPUs per read task.")
 
     @model_validator(mode="after")
@@ -188,12 +194,22 @@ class OutputConfig(_Strict):
     )
 
 
+class ReportConfig(_Strict):
+    price_per_hour: dict[str, float] = Field(
+        default_factory=dict,
+        description="Hourly price of one node, by node type (its Ray node group, else its "
+        "accelerator type, else cpu/cuda; 'default' for any other), for the report's cost line: "
+        "each node is charged from its first embed actor's start to its last window.",
+    )
+
+
 class JobConfig(_Strict):
     input: InputConfig = Field(default_factory=InputConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     resources: ResourceConfig = Field(default_factory=ResourceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 def _one_line(err: ValidationError) -> str:

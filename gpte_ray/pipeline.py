@@ -177,12 +177,16 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
         .map_batches(read_shard, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
                      num_cpus=r.read_cpus)
         .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=b.window_rows,
-                     batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, r.max_actors)),
-                     num_cpus=r.tokenize_cpus)
+                     batch_format="pyarrow", num_cpus=r.tokenize_cpus,
+                     # grown by Ray Data while its input queues up: capacity follows the embedders
+                     compute=ActorPoolStrategy(min_size=1, max_size=r.max_actors * r.tokenize_actors_per_embed_actor))
         .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, b.min_fill, r.torch_threads,
                                                       calibration, counter, writer),
                      batch_size=b.window_rows, batch_format="pyarrow",
-                     compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors), **embed_resources)
+                     # two windows per actor: one on the device while the other's fragment is written
+                     compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
+                                               max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
+                     **embed_resources)
     )
     progress = Progress(len(doc_ids))
     done = threading.Event()
@@ -194,18 +198,26 @@ def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_i
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        _collect(ds, report)
+        actors = _collect(ds, report)
     finally:
         done.set()
         poller.join()
+    on_accelerator = device == "cuda" or r.fake_gpus
+    report.add_embed_actors(list(actors.values()), r.gpus_per_actor if on_accelerator else 0.0,
+                            cfg.report.price_per_hour)
     report.timeline.append(progress.update(*ray.get(counter.totals.remote())))
     ray.kill(counter)
 
 
-def _collect(ds, report: RunReport) -> None:
-    """Drive the pipeline; sum the writers' per-batch figures into the report."""
+def _collect(ds, report: RunReport) -> dict[str, dict]:
+    """Drive the pipeline; sum the writers' per-batch figures into the report. Returns each
+    embed actor's latest cumulative figures, by actor id."""
+    actors: dict[str, dict] = {}
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in out.to_pylist():
+            last = actors.get(row["actor"])
+            if last is None or row["actor_held_s"] > last["actor_held_s"]:
+                actors[row["actor"]] = {k: v for k, v in row.items() if k.startswith("actor") or k == "node"}
             report.chunks_embedded += row["rows"]
             report.embed_nodes[row["node"]] = report.embed_nodes.get(row["node"], 0) + 1
             report.tokens += row["tokens"]
@@ -218,6 +230,7 @@ def _collect(ds, report: RunReport) -> None:
             seconds["embed_compute"] = seconds.get("embed_compute", 0.0) + row["embed_seconds"]
             report.add_histograms(LENGTH_EDGES.tolist(), row["length_hist"], row["bucket_real"],
                                   row["bucket_computed"], row["bucket_batches"])
+    return actors
 
 
 def _staged_state(store: TableStore, run_id: str, plan: Plan) -> tuple[list, frozenset, list[str]]:

@@ -49,6 +49,7 @@ class RunReport:
     length_histogram: dict = field(default_factory=dict)  # edges (upper bounds) and chunk counts
     buckets: list[dict] = field(default_factory=list)  # micro-batch fill per padded-length bucket
     timeline: list[list[float]] = field(default_factory=list)  # [seconds, docs done, tokens done]
+    cost: dict = field(default_factory=dict)  # what the embed actors used and cost (add_embed_actors)
 
     def add_histograms(self, edges: list[int], hist: list[int], real: list[int], computed: list[int],
                        batches: list[int]) -> None:
@@ -63,7 +64,51 @@ class RunReport:
             b["computed_tokens"] += c
             b["batches"] += n
 
+    def add_embed_actors(self, actors: list[dict], accelerators_per_actor: float,
+                         price_per_hour: dict[str, float]) -> None:
+        """Fold in embed actors' final figures (one dict per actor: `actor_*` summary columns
+        and `node`). Accelerator-seconds are the actors' held seconds x accelerators each (0 on
+        CPU); with prices, each node costs its span from first actor start to last window."""
+        c = self.cost
+        for key, col in (("embed_actor_seconds", "actor_held_s"), ("embed_load_seconds", "actor_load_s"),
+                         ("embed_forward_seconds", "actor_forward_s"),
+                         ("embed_input_wait_seconds", "actor_input_wait_s"), ("embed_cpu_seconds", "actor_cpu_s")):
+            c[key] = c.get(key, 0.0) + sum(a[col] for a in actors)
+        c["embed_actors"] = c.get("embed_actors", 0) + len(actors)
+        c["accelerator_seconds"] = c.get("accelerator_seconds", 0.0) + accelerators_per_actor * sum(
+            a["actor_held_s"] for a in actors)
+        spans: dict[str, list] = {}
+        for a in actors:
+            s = spans.setdefault(a["node"], [a["actor_node_type"], a["actor_born"], a["actor_end"]])
+            s[1], s[2] = min(s[1], a["actor_born"]), max(s[2], a["actor_end"])
+        node_seconds = c.setdefault("node_seconds", {})
+        for node_type, born, end in spans.values():
+            node_seconds[node_type] = node_seconds.get(node_type, 0.0) + end - born
+        if price_per_hour:
+            c["price_per_hour"] = dict(price_per_hour)
+            unpriced = [t for t in node_seconds if t not in price_per_hour and "default" not in price_per_hour]
+            c["unpriced_node_types"] = unpriced
+            c["cost"] = sum(secs / 3600 * price_per_hour.get(t, price_per_hour.get("default", 0.0))
+                            for t, secs in node_seconds.items())
+
+    def _finish_cost(self) -> None:
+        c = self.cost
+        if not c:
+            return
+        busy = c["embed_actor_seconds"] - c["embed_load_seconds"]
+        c["outside_forward_share"] = round(1 - c["embed_forward_seconds"] / busy, 4) if busy > 0 else None
+        acc = c["accelerator_seconds"]
+        c["tokens_per_accelerator_second"] = round(self.tokens / acc, 1) if acc > 0 else None
+        if "cost" in c:
+            c["cost_per_million_tokens"] = round(c["cost"] / self.tokens * 1e6, 6) if self.tokens else None
+            c["cost"] = round(c["cost"], 6)
+        for k, v in c.items():
+            if isinstance(v, float) and k not in ("cost", "cost_per_million_tokens"):
+                c[k] = round(v, 3)
+        c["node_seconds"] = {k: round(v, 3) for k, v in c["node_seconds"].items()}
+
     def finish(self) -> RunReport:
+        self._finish_cost()
         self.counts_add_up = self.rows_read == self.new + self.changed + self.unchanged + self.quarantined
         if self.padded_tokens:
             self.padding_efficiency = round(self.tokens / self.padded_tokens, 4)
