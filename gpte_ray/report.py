@@ -96,16 +96,20 @@ class RunReport:
         if not c:
             return
         busy = c["embed_actor_seconds"] - c["embed_load_seconds"]
-        c["outside_forward_share"] = round(1 - c["embed_forward_seconds"] / busy, 4) if busy > 0 else None
         acc = c["accelerator_seconds"]
-        c["tokens_per_accelerator_second"] = round(self.tokens / acc, 1) if acc > 0 else None
+        derived = {
+            # embed actors' time (model load aside) not spent in forward: feeding, writing, waiting
+            "outside_forward_share": round(1 - c["embed_forward_seconds"] / busy, 4) if busy > 0 else None,
+            "tokens_per_accelerator_second": round(self.tokens / acc, 1) if acc > 0 else None,
+        }
         if "cost" in c:
-            c["cost_per_million_tokens"] = round(c["cost"] / self.tokens * 1e6, 6) if self.tokens else None
-            c["cost"] = round(c["cost"], 6)
+            derived["cost_per_million_tokens"] = round(c["cost"] / self.tokens * 1e6, 6) if self.tokens else None
+            derived["cost"] = round(c["cost"], 6)
         for k, v in c.items():
-            if isinstance(v, float) and k not in ("cost", "cost_per_million_tokens"):
+            if isinstance(v, float):
                 c[k] = round(v, 3)
         c["node_seconds"] = {k: round(v, 3) for k, v in c["node_seconds"].items()}
+        c.update(derived)
 
     def finish(self) -> RunReport:
         self._finish_cost()

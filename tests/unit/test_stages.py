@@ -138,3 +138,33 @@ def test_failed_write_fails_its_window_only():
     results = _two_windows(stage, writer, [chunks.slice(0, 2), chunks.slice(2)])
     assert isinstance(results[0], OSError)
     assert results[1]["rows"].to_pylist() == [2]
+
+
+def test_cost_line_from_embed_actor_figures():
+    from gpte_ray.report import RunReport
+
+    def actor(node, node_type, born, end, forward):
+        return {"node": node, "actor_node_type": node_type, "actor_born": born, "actor_end": end,
+                "actor_held_s": end - born, "actor_load_s": 10.0, "actor_forward_s": forward,
+                "actor_input_wait_s": 5.0, "actor_cpu_s": 30.0}
+
+    report = RunReport(tokens=2_000_000)
+    # two actors share node n1 (overlapping: the node is charged once for its span), one on n2
+    actors = [actor("n1", "gpu-1x", 0, 3600, 3000), actor("n1", "gpu-1x", 1800, 5400, 3000),
+              actor("n2", "cpu-big", 0, 1800, 1500)]
+    report.add_embed_actors(actors, 1.0, {"gpu-1x": 2.0, "default": 0.5})
+    report.finish()
+    c = report.cost
+    assert c["embed_actors"] == 3 and c["accelerator_seconds"] == 3600 + 3600 + 1800
+    assert c["node_seconds"] == {"gpu-1x": 5400, "cpu-big": 1800}
+    assert c["cost"] == 1.5 * 2.0 + 0.5 * 0.5
+    assert c["cost_per_million_tokens"] == c["cost"] / 2
+    assert c["tokens_per_accelerator_second"] == round(2_000_000 / 9000, 1)
+    assert c["outside_forward_share"] == round(1 - 7500 / (9000 - 30), 4)
+    assert c["embed_input_wait_seconds"] == 15 and c["embed_cpu_seconds"] == 90
+
+    cpu_only = RunReport(tokens=1000)
+    cpu_only.add_embed_actors([actor("n1", "cpu", 0, 100, 50)], 0.0, {})
+    cpu_only.finish()
+    assert cpu_only.cost["accelerator_seconds"] == 0 and cpu_only.cost["tokens_per_accelerator_second"] is None
+    assert "cost" not in cpu_only.cost
