@@ -126,8 +126,9 @@ class BatchConfig(_Strict):
     )
     max_rows: int = Field(256, gt=0, description="Max rows per micro-batch.")
     min_fill: float = Field(
-        0.9, ge=0, le=1,
-        description="A row joins a micro-batch only if its length >= min_fill x the batch's longest.",
+        0.95, ge=0, le=1,
+        description="A row joins a micro-batch only if its length >= min_fill x the batch's longest "
+        "(padded attention only: packed micro-batches have no padding).",
     )
 
 

@@ -156,7 +156,8 @@ class EmbedStage:
         import torch
 
         emb, fig = self.embedder, self.figures
-        queue = deque(plan_micro_batches(lengths, self.budget, self.max_rows, self.min_fill))
+        min_fill = 0.0 if emb.packed else self.min_fill  # packed rows are never padded: fill by budget only
+        queue = deque(plan_micro_batches(lengths, self.budget, self.max_rows, min_fill))
         done: list[tuple[np.ndarray, object]] = []
         ready = None  # (rows, prepared batch) for the head of the queue
         while queue:
