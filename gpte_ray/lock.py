@@ -1,27 +1,62 @@
-"""One committer per table: a lease file beside the table, refreshed while the run lives.
+"""One committer per table: a lease that saves wasted work, and a fence that makes it safe.
 
-A second run on the same table is refused with a message naming the holder. A lease whose
-holder is gone (a dead pid on this host, or no heartbeat for `lease_s`) is taken over, so a
-crashed run never blocks the next night. Object stores have no atomic create here, so the
-writer re-reads the lease after a pause to detect a race (the loser backs off).
+The lease (`lease.json` in the table's staging folder) names the run that holds the table and
+is refreshed while the run lives. A second run is refused with a message naming the holder; a
+lease whose holder is gone (a dead pid on this host, or no heartbeat for `lease_s`) is taken
+over, so a crashed run never blocks the next night. The heartbeat never overwrites a lease
+that another run has taken: it notices the loss instead.
+
+A lease alone is not a lock (a paused holder wakes up and carries on), so the commit itself is
+fenced. `Fence` is handed to Lance as its commit lock: Lance calls it with the version it is
+about to write, and the fence lets the commit through only if that version is exactly one
+above the version the run planned against (so Lance never silently rebases this run over a
+concurrent one), the lease is still this run's, and the run wins an exclusive claim on that
+version number (an O_EXCL create on disk, a conditional PUT `If-None-Match: *` on S3). Two
+runs can therefore never both commit on top of the same version, whatever the clocks, pauses
+or network do. The claims also record which run made each version, which no Lance operation
+(compaction, index remaps, cleanup, tag pruning) can rewrite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 
-from gpte_ray.storage import ensure_dir, filesystem, join
+from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, lance_options
 
-__all__ = ["TableBusyError", "TableLock"]
+__all__ = [
+    "Fence",
+    "FenceError",
+    "LockLostError",
+    "TableBusyError",
+    "TableLock",
+    "TableMovedError",
+    "claim_of",
+    "claimed_versions",
+    "claims_uri",
+]
 
 
 class TableBusyError(RuntimeError):
     """Another run holds the table's lease."""
+
+
+class FenceError(RuntimeError):
+    """The commit was refused by the fence; nothing was committed."""
+
+
+class LockLostError(FenceError):
+    """This run's lease was taken over by another run (e.g. after a long pause)."""
+
+
+class TableMovedError(FenceError):
+    """The table changed since this run planned, or another run claimed the next version."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -34,15 +69,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def claims_uri(db: str, table: str) -> str:
+    return join(db.rstrip("/"), "_gpte_staging", table, "commits")
+
+
 class TableLock:
+    """The lease of one table (see the module docstring)."""
+
     def __init__(self, db: str, table: str, storage_options: dict | None, lease_s: float = 120.0,
                  settle_s: float = 0.5):
-        self.uri = join(db.rstrip("/"), "_gpte_staging", f"{table}.lock")
+        self.uri = join(db.rstrip("/"), "_gpte_staging", table, "lease.json")
         self.table = table
         self.fs, self.path = filesystem(self.uri, storage_options)
         self.lease_s = lease_s
         self.settle_s = settle_s
         self.token = uuid.uuid4().hex
+        self.run_id = "planning"
+        self.lost_to: dict | None = None  # the lease that replaced ours, once the heartbeat sees it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -53,9 +96,9 @@ class TableLock:
         except (FileNotFoundError, OSError, ValueError):
             return None
 
-    def _write(self, run_id: str) -> None:
+    def _write(self) -> None:
         ensure_dir(self.fs, self.path.rsplit("/", 1)[0])
-        body = {"token": self.token, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+        body = {"token": self.token, "run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "heartbeat": time.time()}
         with self.fs.open_output_stream(self.path) as f:
             f.write(json.dumps(body).encode())
@@ -67,27 +110,51 @@ class TableLock:
             return _pid_alive(int(held.get("pid", 0)))
         return True
 
-    def acquire(self, run_id: str) -> None:
-        """Take the lease for `run_id` (a label shown to a refused second run), or raise."""
+    @staticmethod
+    def describe(held: dict) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held.get("heartbeat", 0)))
+        return f"run {held.get('run_id')} (host {held.get('host')}, pid {held.get('pid')}, heartbeat {since} UTC)"
+
+    def acquire(self, run_id: str = "planning") -> None:
+        """Take the lease (labelled `run_id` until `relabel`), or raise TableBusyError."""
+        self.run_id = run_id
         held = self._read()
         if held and held.get("token") != self.token and self._holder_alive(held):
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held.get("heartbeat", 0)))
             raise TableBusyError(
-                f"table {self.table!r} is being written by run {held.get('run_id')} "
-                f"(host {held.get('host')}, pid {held.get('pid')}, heartbeat {since} UTC); "
-                "wait for it to finish"
+                f"table {self.table!r} is being written by {self.describe(held)}; wait for it to finish"
             )
-        self._write(run_id)
+        self._write()
         time.sleep(self.settle_s)
         held = self._read()
         if not held or held.get("token") != self.token:
             raise TableBusyError(f"table {self.table!r}: another run took the lock at the same moment")
-        self._thread = threading.Thread(target=self._beat, args=(run_id,), daemon=True)
+        self._thread = threading.Thread(target=self._beat, daemon=True)
         self._thread.start()
 
-    def _beat(self, run_id: str) -> None:
+    def relabel(self, run_id: str) -> None:
+        """Name the real run id in the lease (what a refused second run is told)."""
+        self.run_id = run_id
+        self.check()
+        self._write()
+
+    def check(self) -> None:
+        """Raise LockLostError if another run has taken the lease."""
+        held = self._read()
+        if self.lost_to is None and (not held or held.get("token") != self.token):
+            self.lost_to = held or {"run_id": "unknown"}
+        if self.lost_to is not None:
+            raise LockLostError(
+                f"table {self.table!r}: this run lost its lock to {self.describe(self.lost_to)} "
+                "(paused past the lease?); nothing was committed"
+            )
+
+    def _beat(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
-            self._write(run_id)
+            held = self._read()
+            if held is not None and held.get("token") != self.token:
+                self.lost_to = held  # never overwrite another run's lease
+                return
+            self._write()
 
     def release(self) -> None:
         self._stop.set()
@@ -95,13 +162,153 @@ class TableLock:
             self._thread.join(timeout=5)
         held = self._read()
         if held and held.get("token") == self.token:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.delete_file(self.path)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> TableLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class Fence:
+    """Lance commit lock for ONE commit of one run: see the module docstring.
+
+    Lance reports an exception raised here as a generic commit error, so the reason is kept
+    in `error` for the caller to raise instead.
+    """
+
+    def __init__(self, db: str, table: str, storage_options: dict | None, lock: TableLock | None,
+                 read_version: int | None, run_id: str):
+        self.uri = claims_uri(db, table)
+        self.options = storage_options
+        self.lock = lock
+        self.expected = (read_version or 0) + 1
+        self.run_id = run_id
+        self.token = lock.token if lock is not None else uuid.uuid4().hex
+        self.error: FenceError | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, version: int):
+        try:
+            if self.lock is not None:
+                self.lock.check()
+            if version != self.expected:
+                raise TableMovedError(
+                    f"the table changed while this run worked (planned on version {self.expected - 1}, "
+                    f"now at {version - 1}); nothing was committed: run again"
+                )
+            self._claim(version)
+        except FenceError as e:
+            self.error = e
+            raise
+        yield
+
+    def _claim(self, version: int) -> None:
+        # A claim left by a run that died inside its commit would block the version forever:
+        # one older than STALE_CLAIM_S is superseded by the next attempt number, itself taken
+        # exclusively, so two runs taking over at once still cannot both win.
+        body = {"run_id": self.run_id, "token": self.token, "time": time.time()}
+        for attempt in range(1000):
+            uri = join(self.uri, f"{version:020d}.{attempt}.json")
+            if create_exclusive(uri, json.dumps(body).encode(), self.options):
+                return
+            held = _read_json(uri, self.options) or {}
+            if held.get("run_id") == self.run_id:
+                return  # this run's own claim (a retried commit of the same work)
+            if time.time() - held.get("time", 0) < STALE_CLAIM_S:
+                raise TableMovedError(
+                    f"another run ({held.get('run_id')}) is committing version {version} of this table; "
+                    "nothing was committed: run again"
+                )
+        raise TableMovedError(f"version {version} of this table has too many stale claims")
+
+
+STALE_CLAIM_S = 600.0
+_CLAIM = re.compile(r"^(\d{20})\.(\d+)\.json$")
+
+
+def _read_json(uri: str, storage_options: dict | None) -> dict | None:
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def create_exclusive(uri: str, body: bytes, storage_options: dict | None) -> bool:
+    """Create `uri` with `body` unless it exists; True if this call created it. Atomic."""
+    if not is_remote(uri):
+        path = os.path.abspath(uri.removeprefix("file://"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    return _s3_create_exclusive(uri, body, storage_options)
+
+
+def _s3_create_exclusive(uri: str, body: bytes, storage_options: dict | None) -> bool:
+    """S3 conditional create (PUT with If-None-Match: *): 412 means someone else holds it."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    opts = lance_options(storage_options or {}, uri) or {}
+    client = boto3.client(
+        "s3",
+        endpoint_url=opts.get("aws_endpoint"),
+        region_name=opts.get("aws_region", "us-east-1"),
+        aws_access_key_id=opts.get("aws_access_key_id"),
+        aws_secret_access_key=opts.get("aws_secret_access_key"),
+        aws_session_token=opts.get("aws_session_token"),
+        config=Config(retries={"max_attempts": 8, "mode": "standard"}),
+    )
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
+def claimed_versions(db: str, table: str, storage_options: dict | None) -> dict[int, str]:
+    """version -> run id, for every version this job committed (the last claim of each wins)."""
+    import pyarrow.fs as pafs
+
+    uri = claims_uri(db, table)
+    fs, path = filesystem(uri, storage_options)
+    latest: dict[int, int] = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        m = _CLAIM.match(info.base_name)
+        if m and info.is_file:
+            v, attempt = int(m.group(1)), int(m.group(2))
+            latest[v] = max(latest.get(v, -1), attempt)
+    out = {}
+    for v, attempt in latest.items():
+        claim = _read_json(join(uri, f"{v:020d}.{attempt}.json"), storage_options)
+        if claim:
+            out[v] = claim.get("run_id", "")
+    return out
+
+
+def claim_of(db: str, table: str, version: int, storage_options: dict | None) -> str | None:
+    """The run id that claimed `version` (its last claim), or None."""
+    uri = claims_uri(db, table)
+    found = None
+    for attempt in range(1000):
+        claim = _read_json(join(uri, f"{version:020d}.{attempt}.json"), storage_options)
+        if claim is None:
+            return found
+        found = claim.get("run_id")
+    return found

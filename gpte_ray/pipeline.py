@@ -18,7 +18,7 @@ import time
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, JobConfig
-from gpte_ray.lock import TableLock
+from gpte_ray.lock import FenceError, TableLock
 from gpte_ray.plan import Plan, make_plan
 from gpte_ray.preflight import preflight
 from gpte_ray.report import Progress, ProgressCounter, RunReport
@@ -78,6 +78,23 @@ def _check_fits(cfg: JobConfig, device: str) -> None:
         raise ConfigError(
             f"config error: resources.cpus_per_actor: {r.cpus_per_actor} CPUs per actor plus "
             f"{r.read_cpus} for reads exceed the cluster's {total:g} CPUs (the job would hang)"
+        )
+
+
+MIN_TEXT_TOKENS = 8  # the smallest chunk of text worth a vector
+
+
+def _check_room(spec: ModelSpec) -> None:
+    """Refuse a max_length that leaves (almost) no room for text after the special tokens and
+    the document prompt: every vector would silently embed a few tokens of each chunk."""
+    from gpte_ray.tokenize import TextTokenizer
+
+    tok = TextTokenizer(spec)
+    overhead = len(tok.tok(spec.document_prefix + spec.document_suffix, add_special_tokens=True)["input_ids"])
+    if spec.max_length - overhead < MIN_TEXT_TOKENS:
+        raise ConfigError(
+            f"config error: model.max_length: {spec.max_length} leaves {max(0, spec.max_length - overhead)} "
+            f"tokens for text after {overhead} special and prompt tokens (need at least {MIN_TEXT_TOKENS})"
         )
 
 
@@ -260,18 +277,22 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     """Make the table reflect the corpus; returns the run report."""
     t0 = time.perf_counter()
     report = RunReport(table=cfg.output.table)
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError(f"config error: --num-cpus: {num_cpus} (a local Ray needs at least 1 CPU)")
+    opts = lance_options(cfg.output.storage_options, cfg.output.db)
+    store = TableStore(cfg.output.db, cfg.output.table, opts)  # validates the table name
     spec = resolve_model(cfg.model)
+    report.set_model(spec.fingerprint())
+    _check_room(spec)
     shards = preflight(cfg)  # the user's columns and template, checked before Ray starts
     connect_ray(ray_address, num_cpus)
     device = _device(cfg)
     _check_fits(cfg, device)
     report.device = device
-    opts = lance_options(cfg.output.storage_options, cfg.output.db)
-    store = TableStore(cfg.output.db, cfg.output.table, opts)
-    lock = TableLock(cfg.output.db, cfg.output.table, opts)
+    lock = TableLock(cfg.output.db, cfg.output.table, opts, lease_s=cfg.output.lease_seconds)
     lock.acquire(run_id="planning")
     try:
-        _run_locked(cfg, spec, shards, device, store, report)
+        _run_locked(cfg, spec, shards, device, store, lock, report)
     finally:
         lock.release()
     report.seconds = time.perf_counter() - t0
@@ -286,10 +307,11 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
 
 
 def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,
-                report: RunReport) -> None:
+                lock: TableLock, report: RunReport) -> None:
     current = store.open()
     rebuild = current is not None and store.fingerprint(current) != spec.fingerprint()
-    existing = store.existing_docs(current) if current is not None and not rebuild else {}
+    # a rebuild needs the old ids too: the mass-delete guard compares old and new documents
+    existing = store.existing_docs(current) if current is not None else {}
     report.version_before = current.version if current is not None else None
 
     t = time.perf_counter()
@@ -301,6 +323,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     report.stage_seconds["scan"] = time.perf_counter() - t
     for k in ("rows_read", "new", "changed", "unchanged", "quarantined", "deleted", "bad_shards", "rebuild"):
         setattr(report, k, getattr(plan, k))
+    report.add_quarantine(plan.quarantine, shards)
 
     calibration = None
     if spec.precision == "int8":
@@ -310,11 +333,17 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     key = f"{report.version_before}|{spec.fingerprint_digest()}|{plan.digest()}|{cfg.output.store_text}"
     run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
     report.run_id = run_id
+    lock.relabel(run_id)
     for stale in store.stale_staging(keep=run_id):
         store.drop_staging(stale)  # staged under another table version or corpus: never committable
 
     t = time.perf_counter()
     fragments, staged, todo = _staged_state(store, run_id, plan)
+    if store.missing_files(fragments):
+        # staged for a table folder that was deleted since: its fragments can never be committed
+        log.warning("run %s: staged data files are gone; embedding again", run_id)
+        store.drop_staging(run_id)
+        fragments, staged, todo = _staged_state(store, run_id, plan)
     report.chunks_resumed = len(staged)
     for _ in range(3):
         if not todo:
@@ -334,11 +363,15 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     t = time.perf_counter()
     ds = current
     if plan.embed_docs or plan.delete_doc_ids or rebuild or current is None:
-        ds = store.commit(
-            CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
-                       delete_doc_ids=plan.delete_doc_ids, fragments=fragments),
-            schema,
-        )
+        try:
+            ds = store.commit(
+                CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
+                           delete_doc_ids=plan.delete_doc_ids, fragments=fragments),
+                schema, lock,
+            )
+        except FenceError:
+            store.drop_staging(run_id)  # never committable now: the table moved on without it
+            raise
         report.committed = True
     report.version = ds.version if ds is not None else None
     report.stage_seconds["commit"] = time.perf_counter() - t
@@ -347,7 +380,8 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     store.drop_staging(run_id)
 
     t = time.perf_counter()
-    if ds is not None:
+    if ds is not None and lock.lost_to is None:
+        # (a run that lost its lease after committing leaves upkeep to the new holder)
         report.upkeep = finish_table(ds, cfg.output, run_id, spec.fingerprint(), report.committed)
         report.version = ds.version
     report.stage_seconds["upkeep"] = time.perf_counter() - t

@@ -1,6 +1,7 @@
-"""Diff: what a run must do, from the corpus scan and the table's current contents.
+"""The reference diff: what a run must do, from the corpus scan and the table's contents.
 
-Plain Python on the driver, over ids and hashes only (never texts). Duplicate rule: the
+Plain Python over ids and hashes, one object per document: the test oracle for `gpte_ray.diff`,
+which computes the same plan on the cluster. Duplicate rule: the
 first occurrence of a doc_id wins, in (shard path order, row) order; later ones are
 quarantined and name the winner.
 """
@@ -59,7 +60,9 @@ def make_plan(
     max_delete_fraction: float,
     allow_mass_delete: bool,
 ) -> Plan:
-    """`scan` rows are (shard, row, doc_id, content_hash, reason), in any order."""
+    """`scan` rows are (shard, row, doc_id, content_hash, reason), in any order; `existing` is
+    the table's doc_id -> content_hash (for a rebuild too: the guard compares what the new table
+    holds with what the old one held)."""
     plan = Plan(rows_read=len(scan), rebuild=rebuild)
     existing = existing or {}
     winner: dict[str, tuple[int, int]] = {}
@@ -76,7 +79,7 @@ def make_plan(
             })
             continue
         winner[doc_id] = (shard, row)
-        old = None if rebuild else existing.get(doc_id)
+        old = None if rebuild else existing.get(doc_id)  # a rebuild embeds every document again
         if old == chash:
             plan.unchanged += 1
             continue
@@ -86,7 +89,10 @@ def make_plan(
             plan.changed += 1
         plan.embed_docs[doc_id] = (shard, row, chash)
     plan.quarantined = len(plan.quarantine)
-    if not rebuild:
+    if rebuild:
+        # the new table replaces the old one: what it leaves out is lost, readable shard or not
+        plan.deleted = len(set(existing) - set(winner))
+    else:
         # a document that vanished, or whose row is now bad, leaves the table; but while a
         # shard is unreadable we cannot tell vanished documents from unread ones: keep them
         vanished = set() if plan.bad_shards else set(existing) - set(winner)
@@ -94,11 +100,11 @@ def make_plan(
         changed_ids = [d for d in plan.embed_docs if d in existing]
         plan.deleted = len(plan.delete_doc_ids)
         plan.delete_doc_ids += changed_ids  # their old chunks are replaced in the same commit
-        if existing and not allow_mass_delete and plan.deleted / len(existing) > max_delete_fraction:
-            raise MassDeleteError(
-                f"refusing to delete {plan.deleted} of {len(existing)} documents "
-                f"({plan.deleted / len(existing):.0%} > output.max_delete_fraction "
-                f"{max_delete_fraction:.0%}); is the input complete? "
-                "Pass --allow-mass-delete to proceed"
-            )
+    if existing and not allow_mass_delete and plan.deleted / len(existing) > max_delete_fraction:
+        raise MassDeleteError(
+            f"refusing to delete {plan.deleted} of {len(existing)} documents "
+            f"({plan.deleted / len(existing):.0%} > output.max_delete_fraction "
+            f"{max_delete_fraction:.0%}); is the input complete? "
+            "Pass --allow-mass-delete to proceed"
+        )
     return plan

@@ -47,10 +47,18 @@ def _as_id(value: Any) -> tuple[str | None, str | None]:
     if value is None:
         return None, "missing id"
     if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"id is not valid UTF-8 (byte {e.start})"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None, f"id is {type(value).__name__}, not a string or integer"
     value = str(value)
+    try:
+        # a lone surrogate (JSON "\ud800", or an invalid byte read with surrogateescape)
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, f"id is not valid UTF-8 (character {e.start})"
     if not value.strip():
         return None, "empty id"
     return value, None

@@ -12,7 +12,7 @@ import gzip
 import io
 import json
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -125,7 +125,6 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
     fs, path = filesystem(uri, cfg.storage_options)
     needed = _needed_columns(cfg)
     cols: dict[str, list] = {c: [] for c in needed}
-    checked = False
     lines_read = 0
     try:
         # decompress ourselves: pyarrow's codec cannot tell a truncated gzip from its end
@@ -145,11 +144,15 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
                 except ValueError as e:
                     _append_bad(cols, needed, f"invalid JSON ({_short(e)})")
                 else:
-                    if not checked:
-                        _check_json_columns(uri, obj, cfg)
-                        checked = True
-                    for c in needed:
-                        cols[c].append(obj.get(c))
+                    # an object without the id or text field is quarantined, wherever it is in
+                    # the shard (a missing template field renders empty, like a null one)
+                    absent = [c for c in needed[: 1 if cfg.template else 2] if c not in obj]
+                    if absent:
+                        _append_bad(cols, needed, "missing id" if absent[0] == cfg.id_column
+                                    else f"missing field {absent[0]!r}")
+                    else:
+                        for c in needed:
+                            cols[c].append(obj.get(c))
             if len(cols[needed[0]]) >= batch_rows:
                 yield cols
                 cols = {c: [] for c in needed}
@@ -174,12 +177,6 @@ def _append_bad(cols: dict[str, list], needed: list[str], reason: str) -> None:
     cols[needed[0]].append(_Bad(reason))
     for c in needed[1:]:
         cols[c].append(None)
-
-
-def _check_json_columns(uri: str, obj: Mapping, cfg: InputConfig) -> None:
-    missing = [c for c in _needed_columns(cfg) if c not in obj]
-    if missing:
-        raise ShardError(f"input error: {uri}: missing column {missing[0]!r} (has: {', '.join(obj)})")
 
 
 def read_prepared(

@@ -1,23 +1,28 @@
 """The Lance table: schema and fingerprint, fragment writes in workers, one commit per run.
 
 Layout under the LanceDB URI (so `lancedb.connect(db).open_table(name)` reads it):
-  <db>/<table>.lance                     the table
-  <db>/_gpte_staging/<table>/<run_id>/   markers of fragments written but not yet committed
-  <db>/<table>.quarantine/<run_id>.parquet   rows that were not embedded, with reasons
+  <db>/<table>.lance                          the table
+  <db>/_gpte_staging/<table>/runs/<run_id>/   markers of fragments written but not yet committed
+  <db>/_gpte_staging/<table>/lease.json       the lease of the run that holds the table (lock.py)
+  <db>/_gpte_staging/<table>/commits/         one claim per committed version: which run made it
+  <db>/<table>.quarantine/<run_id>.parquet    rows that were not embedded, with reasons
 
-A run commits once, as a Lance transaction whose properties carry its run id. Committing a
-run id already in the table's history is a no-op, so a retried run never doubles rows.
+A run commits once, as a Lance transaction fenced on the version it planned against (see
+lock.py), so two runs never both commit and a retried run never doubles rows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from gpte_ray.config import ConfigError
+from gpte_ray.lock import Fence, FenceError, claim_of
 from gpte_ray.spec import ModelSpec
 from gpte_ray.storage import ensure_dir, filesystem, join
 
@@ -33,6 +38,20 @@ __all__ = [
 FINGERPRINT_KEY = "gpte_ray.fingerprint"
 CALIBRATION_KEY = "gpte_ray.calibration"
 RUN_ID_KEY = "gpte_ray.run_id"
+
+# what LanceDB accepts, minus names that are path steps ("." and ".." would make the staging
+# folder a parent of other tables' data) or hidden files
+TABLE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+RUN_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def check_table_name(name: str) -> str:
+    if not TABLE_NAME.match(name):
+        raise ConfigError(
+            f"config error: output.table: {name!r} is not a valid table name (letters, digits, '_', '-', "
+            "'.'; not starting with '.'; at most 128 characters)"
+        )
+    return name
 
 
 def vector_type(spec: ModelSpec) -> pa.DataType:
@@ -84,10 +103,10 @@ class TableStore:
 
     def __init__(self, db: str, table: str, storage_options: dict | None = None):
         self.db = db.rstrip("/")
-        self.table = table
+        self.table = check_table_name(table)
         self.uri = join(self.db, f"{table}.lance")
         self.storage_options = storage_options
-        self.staging_root = join(self.db, "_gpte_staging", table)
+        self.staging_root = join(self.db, "_gpte_staging", table, "runs")
 
     # ---- reading ------------------------------------------------------------------------
     def open(self, version: int | None = None):
@@ -120,12 +139,14 @@ class TableStore:
             docs.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
         return docs
 
-    def committed_run(self, ds, run_id: str, depth: int = 50) -> bool:
-        """Whether a transaction of `run_id` is in the table's recent history."""
-        for tx in ds.get_transactions(min(depth, ds.version)):
-            if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_KEY) == run_id:
-                return True
-        return False
+    def committed_run(self, ds, plan: CommitPlan) -> bool:
+        """Whether `plan`'s run already made the version after the one it planned on.
+
+        Read from the commit claims (lock.py), which no Lance operation rewrites, rather than
+        from the table's transaction history (compaction's index remaps cannot be read back).
+        """
+        nxt = (plan.read_version or 0) + 1
+        return ds.version >= nxt and claim_of(self.db, self.table, nxt, self.storage_options) == plan.run_id
 
     # ---- writing (workers) ----------------------------------------------------------------
     def write_fragments(self, table: pa.Table, schema: pa.Schema, max_rows_per_file: int,
@@ -144,26 +165,51 @@ class TableStore:
         )
 
     # ---- committing (driver) --------------------------------------------------------------
-    def commit(self, plan: CommitPlan, schema: pa.Schema):
-        """Apply the plan as ONE transaction tagged with the run id; returns the dataset."""
+    def commit(self, plan: CommitPlan, schema: pa.Schema, lock=None):
+        """Apply the plan as ONE transaction on top of `plan.read_version` exactly; returns the
+        dataset. Raises FenceError (nothing committed) if the table moved or `lock` was lost."""
         import lance
         from lance.dataset import Transaction
 
         props = {RUN_ID_KEY: plan.run_id}
         ds = self.open()
-        if ds is not None and self.committed_run(ds, plan.run_id):
+        if ds is not None and self.committed_run(ds, plan):
             return ds  # this run already landed: committing again would double its rows
+        missing = self.missing_files(plan.fragments)
+        if missing:
+            raise FenceError(
+                f"staged data of run {plan.run_id} is gone ({missing[0]}; was the table folder deleted?); "
+                "its staging was dropped: run again"
+            )
+        fence = Fence(self.db, self.table, self.storage_options, lock, plan.read_version, plan.run_id)
         if plan.overwrite or ds is None:
             op = lance.LanceOperation.Overwrite(schema, plan.fragments)
-            read_version = ds.version if ds is not None else 0
         else:
             removed, updated = self._deletions(ds, plan.delete_doc_ids)
             op = lance.LanceOperation.Update(
                 removed_fragment_ids=removed, updated_fragments=updated, new_fragments=plan.fragments
             )
-            read_version = plan.read_version
-        tx = Transaction(read_version, op, uuid=str(uuid.uuid4()), transaction_properties=props)
-        return lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options)
+        tx = Transaction(plan.read_version or 0, op, uuid=str(uuid.uuid4()), transaction_properties=props)
+        try:
+            # max_retries=0: a lost race for the version is final, never retried on a newer one
+            lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options,
+                                      commit_lock=fence, max_retries=0)
+        except OSError:
+            if fence.error is not None:
+                raise fence.error from None
+            raise
+        return self.open()  # without the fence: it guards this one commit, not upkeep's
+
+    def missing_files(self, fragments: list) -> list[str]:
+        """Data files of staged fragments that no longer exist (at most a few, for the message)."""
+        import pyarrow.fs as pafs
+
+        paths = [join(self.uri, "data", f.path) for frag in fragments for f in frag.data_files()]
+        if not paths:
+            return []
+        fs, _ = filesystem(self.uri, self.storage_options)
+        infos = fs.get_file_info([filesystem(p, self.storage_options)[1] for p in paths])
+        return [p for p, i in zip(paths, infos) if i.type == pafs.FileType.NotFound][:3]
 
     def _deletions(self, ds, doc_ids: list[str]) -> tuple[list[int], list]:
         """Fragments to drop and fragments with new deletion files, for these doc ids."""
@@ -247,10 +293,17 @@ class TableStore:
 
         fs, path = filesystem(self.staging_root, self.storage_options)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name != keep]
+        return [i.base_name for i in infos
+                if i.type == pafs.FileType.Directory and i.base_name != keep and RUN_ID.match(i.base_name)]
 
     def drop_staging(self, run_id: str) -> None:
+        # deletes only a run folder of THIS table's staging: never a path a name could steer
+        if not RUN_ID.match(run_id):
+            raise ValueError(f"refusing to delete staging {run_id!r}: not a run id")
         fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
+        _, root = filesystem(self.staging_root, self.storage_options)
+        if path.rsplit("/", 1)[0] != root or "/../" in path + "/" or "/./" in path + "/":
+            raise ValueError(f"refusing to delete {path}: outside {root}")
         try:
             fs.delete_dir(path)
         except FileNotFoundError:

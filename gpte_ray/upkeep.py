@@ -70,8 +70,9 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) 
     for name, meta in ds.tags.list().items():
         if name.startswith("run-") and name != tag and now - meta["created_at"] > cutoff:
             ds.tags.delete(name)
-    # we hold the table lock: no other writer can own unreferenced files, so they go too
-    stats = ds.cleanup_old_versions(older_than=cutoff, delete_unverified=True,
+    # unreferenced files younger than Lance's own safety window are kept: a run that lost its
+    # lease while paused may still be staging data files that it will never commit
+    stats = ds.cleanup_old_versions(older_than=cutoff, delete_unverified=False,
                                     error_if_tagged_old_versions=False)
     done["cleanup_bytes"] = stats.bytes_removed
     done["fragments"] = len(ds.get_fragments())

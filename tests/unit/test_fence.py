@@ -1,0 +1,178 @@
+"""The table lock and the commit fence, without Ray: two runs never both commit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from gpte_ray.config import ConfigError, load_config
+from gpte_ray.lock import LockLostError, TableLock, TableMovedError, claimed_versions, create_exclusive
+from gpte_ray.table import CommitPlan, TableStore
+
+
+def _schema() -> pa.Schema:
+    return pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("vector", pa.list_(pa.float32(), 4))])
+
+
+def _rows(ids: list[str]) -> pa.Table:
+    vecs = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(4 * len(ids), np.float32)), 4)
+    return pa.table({"doc_id": ids, "chunk": pa.array([0] * len(ids), pa.int32()), "vector": vecs},
+                    schema=_schema())
+
+
+def _stage(store: TableStore, ids: list[str], overwrite: bool = False) -> list:
+    return store.write_fragments(_rows(ids), _schema(), 1000, overwrite)
+
+
+def _keys(store: TableStore) -> list[tuple[str, int]]:
+    t = store.open().to_table(columns=["doc_id", "chunk"])
+    return sorted(zip(t["doc_id"].to_pylist(), t["chunk"].to_pylist()))
+
+
+@pytest.fixture
+def store(tmp_path) -> TableStore:
+    s = TableStore(str(tmp_path / "db"), "docs")
+    s.commit(CommitPlan("a" * 16, None, True, fragments=_stage(s, ["x", "y"], overwrite=True)), _schema())
+    return s
+
+
+def test_two_runs_planned_on_one_version_commit_once(store):
+    v = store.open().version
+    first = CommitPlan("1" * 16, v, False, fragments=_stage(store, ["new"]))
+    second = CommitPlan("2" * 16, v, False, fragments=_stage(store, ["new"]))  # the same new key
+    store.commit(first, _schema())
+    with pytest.raises(TableMovedError, match="changed while this run worked"):
+        store.commit(second, _schema())
+    assert _keys(store) == [("new", 0), ("x", 0), ("y", 0)]  # Lance did not rebase the second append
+    assert claimed_versions(store.db, store.table, None)[v + 1] == "1" * 16
+
+
+def test_a_retried_commit_of_the_same_run_is_a_no_op(store):
+    v = store.open().version
+    plan = CommitPlan("3" * 16, v, False, fragments=_stage(store, ["z"]))
+    store.commit(plan, _schema())
+    assert store.commit(plan, _schema()).version == v + 1
+    assert _keys(store) == [("x", 0), ("y", 0), ("z", 0)]
+
+
+def test_racing_commits_on_one_version_one_wins(store):
+    v = store.open().version
+    plans = [CommitPlan(f"{i:016x}", v, False, fragments=_stage(store, [f"k{i}"])) for i in range(4)]
+    results: list = [None] * 4
+
+    def commit(i):
+        try:
+            store.commit(plans[i], _schema())
+            results[i] = "ok"
+        except TableMovedError:
+            results[i] = "refused"
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 1 and results.count("refused") == 3
+    assert store.open().version == v + 1 and len(_keys(store)) == 3
+
+
+def test_exclusive_create_is_exclusive_under_threads(tmp_path):
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def go(i):
+        barrier.wait()
+        wins.append(create_exclusive(str(tmp_path / "claim.json"), str(i).encode(), None))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False] * 7 + [True]
+
+
+def test_a_paused_holder_loses_the_lease_and_cannot_commit(store):
+    a = TableLock(store.db, store.table, None, lease_s=0.4, settle_s=0.01)
+    a.acquire("a" * 16)
+    v = store.open().version
+    plan_a = CommitPlan("a" * 16, v, False, fragments=_stage(store, ["from-a"]))
+    a._stop.set()  # A "pauses": no heartbeat
+    a._thread.join()
+    time.sleep(0.6)
+    b = TableLock(store.db, store.table, None, lease_s=0.4, settle_s=0.01)
+    b.acquire("b" * 16)  # takes over the stale lease
+    a._stop.clear()
+    a._thread = threading.Thread(target=a._beat, daemon=True)
+    a._thread.start()  # A wakes: its heartbeat must notice, not overwrite B's lease
+    time.sleep(0.3)
+    assert b._read()["token"] == b.token
+    with pytest.raises(LockLostError, match=r"lost its lock to run b{16}"):
+        store.commit(plan_a, _schema(), a)
+    assert ("from-a", 0) not in _keys(store)
+    store.commit(CommitPlan("b" * 16, v, False, fragments=_stage(store, ["from-b"])), _schema(), b)
+    assert ("from-b", 0) in _keys(store)
+    a.release()  # must not delete B's lease
+    assert b._read()["token"] == b.token
+    b.release()
+
+
+def test_refused_run_is_told_the_real_run_id(store):
+    a = TableLock(store.db, store.table, None, settle_s=0.01)
+    a.acquire()
+    a.relabel("c" * 16)
+    with pytest.raises(Exception, match=f"run {'c' * 16}"):
+        TableLock(store.db, store.table, None, settle_s=0.01).acquire()
+    a.release()
+
+
+def test_commits_survive_compaction_and_index_remaps(store):
+    """The run record lives outside Lance's history: compaction with a remapped index
+    (whose transaction pylance cannot read back) never blocks the next commit."""
+    plans = []
+    for night in range(6):
+        ds = store.open()
+        if night == 1:
+            ds.create_scalar_index("doc_id", "BTREE")
+        plans.append(CommitPlan(f"{night:016x}", ds.version, False, fragments=_stage(store, [f"n{night}"])))
+        store.commit(plans[-1], _schema())
+        ds = store.open()
+        if night % 2:
+            ds.optimize.compact_files(target_rows_per_fragment=1000, materialize_deletions_threshold=0.1)
+            ds.optimize.optimize_indices()
+    assert len(_keys(store)) == 8
+    ds = store.open()
+    assert all(store.committed_run(ds, p) for p in plans)
+    assert not store.committed_run(ds, CommitPlan("e" * 16, plans[-1].read_version, False))
+    claims = claimed_versions(store.db, store.table, None)
+    assert sorted(claims.values()) == sorted(["a" * 16] + [f"{n:016x}" for n in range(6)])
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden", "a\\b", "", "x" * 129])
+def test_table_names_that_could_escape_are_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match="output.table"):
+        load_config(None, {"output.table": name})
+    with pytest.raises(ConfigError, match="output.table"):
+        TableStore(str(tmp_path), name)
+
+
+def test_staging_deletes_only_run_folders(store):
+    with pytest.raises(ValueError):
+        store.drop_staging("..")
+    with pytest.raises(ValueError):
+        store.drop_staging("../other")
+
+
+def test_staged_fragments_whose_files_vanished_are_not_committed(tmp_path):
+    s = TableStore(str(tmp_path / "db"), "docs")
+    frags = _stage(s, ["x"], overwrite=True)
+    import shutil
+
+    shutil.rmtree(s.uri)  # the half-written table folder deleted by hand
+    with pytest.raises(Exception, match="staged data of run"):
+        s.commit(CommitPlan("d" * 16, None, True, fragments=frags), _schema())
+    assert s.open() is None
