@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -26,7 +27,8 @@ def _decode_aws_chunked(raw: bytes) -> bytes:
 
 
 class FaultProxy:
-    """Forwards S3 requests to `upstream`; `fault(method, path, n)` may answer instead.
+    """Forwards S3 requests to `upstream`; `fault(method, path, n)` may answer instead, and
+    `delay(method, path)` may hold a request back first (a slow PUT that lands late).
 
     `fault` returns None to forward, or an HTTP status to send back (with an S3-style body).
     `n` counts requests seen so far; `injected` counts the faults sent.
@@ -35,6 +37,7 @@ class FaultProxy:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.fault = lambda method, path, n: None
+        self.delay = lambda method, path: 0.0  # seconds to hold a request before forwarding it
         self.seen = 0
         self.injected = 0
         self._lock = threading.Lock()
@@ -61,6 +64,9 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                pause = proxy.delay(self.command, self.path)
+                if pause:
+                    time.sleep(pause)
                 with proxy._lock:
                     proxy.seen += 1
                     status = proxy.fault(self.command, self.path, proxy.seen)
