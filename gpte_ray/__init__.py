@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gpte_ray.config import ConfigError, JobConfig, load_config
 
-__all__ = ["ConfigError", "JobConfig", "load_config", "run_index"]
+__all__ = ["ConfigError", "JobConfig", "Searcher", "load_config", "run_index"]
 __version__ = "0.1.0"
 
 
@@ -13,3 +13,12 @@ def run_index(*args, **kwargs):
     from gpte_ray.pipeline import run_index as _run
 
     return _run(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    # `gpte_ray.Searcher` without importing Lance and torch for every `import gpte_ray`
+    if name == "Searcher":
+        from gpte_ray.search import Searcher
+
+        return Searcher
+    raise AttributeError(f"module 'gpte_ray' has no attribute {name!r}")

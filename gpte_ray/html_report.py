@@ -4,7 +4,9 @@
 or the JSON line `index` prints) and draws:
 
 * the run summary: counts, table version, seconds, throughput, padding efficiency, stage times;
-* the corpus length distribution: `length_histogram = {"edges": [...], "counts": [...]}`, edges
+* the model: `model = {"model_id", "revision", "weights_hash", "dim", "precision", ...}`;
+* quarantined rows by kind: `quarantine_reasons = {kind: rows}`, `quarantine_examples`;
+* the lengths of the chunks this run embedded: `length_histogram = {"edges": [...], "counts": [...]}`, edges
   as upper bounds (bin i: (edge[i-1], edge[i]], a last None: longer) or as n + 1 boundaries;
   it counts chunks unless `"of"` says otherwise;
 * the micro-batch fill per length bucket: `buckets = [{"max_len", "real_tokens",
@@ -373,6 +375,38 @@ def _kv_table(d: dict) -> str:
     return f'<table class="kv">{rows}</table>'
 
 
+def _model_line(model) -> str:
+    """Model, revision, dimension and precision: what the vectors are, first thing on the page."""
+    if not isinstance(model, dict) or not model:
+        return ""
+    parts = [f'model <code>{_e(model.get("model_id") or "?")}</code>',
+             f'revision <code>{_e(model.get("revision") or "unpinned")}</code>',
+             f'weights <code>{_e(model.get("weights_hash") or "?")}</code>',
+             f'dim <b>{_e(model.get("dim") or "?")}</b>', f'precision <b>{_e(model.get("precision") or "?")}</b>']
+    for key in ("pooling", "max_length", "dtype"):
+        if model.get(key) is not None:
+            parts.append(f"{_e(key.replace('_', ' '))} {_e(model[key])}")
+    return f'<p class="meta">{" · ".join(parts)}</p>'
+
+
+def _quarantine_section(r: dict) -> str:
+    """Quarantined rows counted by kind of reason, with a few example rows of each."""
+    reasons = r.get("quarantine_reasons")
+    if not isinstance(reasons, dict) or not reasons:
+        return ""
+    counts = "".join(f"<tr><td>{_num(n)}</td><td>{_e(k)}</td></tr>"
+                     for k, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    examples = "".join(
+        f"<tr><td>{_e(x.get('source'))}</td><td>{_num(x.get('row'))}</td><td>{_e(x.get('doc_id') or '–')}</td>"
+        f"<td>{_e(x.get('reason'))}</td></tr>"
+        for x in r.get("quarantine_examples") or [] if isinstance(x, dict))
+    where = (f'<p class="note">Every quarantined row: <code>{_e(r["quarantine_file"])}</code></p>'
+             if r.get("quarantine_file") else "")
+    return (f'<section><h2>Quarantined rows by reason</h2><table class="grid"><tr><th>rows</th><th>reason</th></tr>'
+            f"{counts}</table><h2>Examples</h2><table class=\"grid\"><tr><th>source</th><th>row</th><th>doc_id</th>"
+            f"<th>reason</th></tr>{examples}</table>{where}</section>")
+
+
 def _eval_table(ev: dict) -> str:
     modes = [m for m in ("exact", "indexed") if isinstance(ev.get(m), dict)]
     if not modes:
@@ -440,9 +474,9 @@ def render_html_report(report: dict) -> str:
               f"{_num(r.get('chunks_written'))} chunks written"),
         _card("tokens", _maybe_short(r.get("tokens")), f"{_maybe_short(r.get('padded_tokens'))} computed"),
         _card("padding efficiency", _pct(eff) if eff is not None else "–", "real / computed tokens"),
-        _card("seconds", _num(r.get("seconds"))),
-        _card("throughput", f"{_num(r.get('rows_per_s'))}<small> docs/s</small>",
-              f"{_num(r.get('tokens_per_s'), 0)} tokens/s"),
+        _card("docs read / s", _num(r.get("docs_read_per_s")), "rows read over the whole run"),
+        _card("docs embedded / s", _num(r.get("docs_embedded_per_s")),
+              f"over the embed stage · {_num(r.get('tokens_per_s'), 0)} tokens/s over the run"),
         _card("counts add up", "yes" if add_up else "no",
               "every row read is accounted for" if add_up
               else "read ≠ new + changed + unchanged + quarantined",
@@ -472,7 +506,8 @@ def render_html_report(report: dict) -> str:
     hist_note = ""
     if hist and hist.get("counts"):
         n = _num(int(sum(_ints(hist.get("counts")))))
-        hist_note = f'<p class="note">{n} {_e(hist.get("of") or "chunks")} by token count.</p>'
+        hist_note = (f'<p class="note">{n} {_e(hist.get("of") or "chunks")} by token count: only what this '
+                     "run embedded (new and changed documents), not the whole table.</p>")
     ev = _eval_table(r["eval"]) if isinstance(r.get("eval"), dict) else ""
     timeline_note = ('<p class="note">Tokens per second between successive progress updates '
                      "(a burst of finished rows counts over the time since the previous one).</p>"
@@ -485,13 +520,16 @@ def render_html_report(report: dict) -> str:
 <style>{CSS}</style></head>
 <body><main>
 <h1>Run report · table <code>{_e(table)}</code></h1>
+{_model_line(r.get("model"))}
 <p class="meta">run <code>{_e(r.get("run_id") or "?")}</code> · device {_e(r.get("device") or "?")} ·
- version {version} ({committed}){" · full rebuild" if r.get("rebuild") else ""}</p>
+ version {version} ({committed}){" · full rebuild" if r.get("rebuild") else ""} ·
+ {_num(r.get("seconds"))} s</p>
 <section><h2>Summary</h2>
 <div class="cards">{cards_counts}</div><div style="height:10px"></div>
 <div class="cards">{cards_work}</div></section>
+{_quarantine_section(r)}
 <section><h2>Stage times</h2>{stages_svg(r.get("stage_seconds"))}</section>
-<section><h2>Corpus length distribution</h2>{hist_note}{histogram_svg(hist)}</section>
+<section><h2>Lengths of the chunks embedded in this run (tokens)</h2>{hist_note}{histogram_svg(hist)}</section>
 <section><h2>Micro-batch fill per length bucket</h2>{bucket_note}{buckets_svg(buckets)}</section>
 <section><h2>Throughput over the run</h2>{timeline_note}{timeline_svgs(r.get("timeline"), r.get("tokens_per_s"))}
 </section>

@@ -17,6 +17,7 @@ import time
 
 import pyarrow as pa
 
+from gpte_ray.audit import source_rows
 from gpte_ray.config import ConfigError, JobConfig
 from gpte_ray.lock import FenceError, TableLock
 from gpte_ray.plan import Plan, make_plan
@@ -283,6 +284,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     store = TableStore(cfg.output.db, cfg.output.table, opts)  # validates the table name
     spec = resolve_model(cfg.model)
     report.set_model(spec.fingerprint())
+    report.set_model(spec.fingerprint())
     _check_room(spec)
     shards = preflight(cfg)  # the user's columns and template, checked before Ray starts
     connect_ray(ray_address, num_cpus)
@@ -323,6 +325,8 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     report.stage_seconds["scan"] = time.perf_counter() - t
     for k in ("rows_read", "new", "changed", "unchanged", "quarantined", "deleted", "bad_shards", "rebuild"):
         setattr(report, k, getattr(plan, k))
+    report.add_quarantine(plan.quarantine, shards)
+    report.source_rows = source_rows(shards, cfg.input, plan.quarantine, cfg.resources.read_cpus)
     report.add_quarantine(plan.quarantine, shards)
 
     calibration = None

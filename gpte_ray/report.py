@@ -8,17 +8,19 @@ from dataclasses import asdict, dataclass, field
 
 from gpte_ray.console import console
 
-__all__ = ["Progress", "ProgressCounter", "RunReport"]
+__all__ = ["Progress", "ProgressCounter", "RunReport", "quarantine_kind"]
 
 
 @dataclass
 class RunReport:
     run_id: str = ""
     table: str = ""
+    model: dict = field(default_factory=dict)  # id, revision, weights hash, dim, precision... (set_model)
     version_before: int | None = None
     version: int | None = None
     committed: bool = False
     rebuild: bool = False
+    source_rows: int | None = None  # rows in the source files, counted apart from reading them (audit.py)
     rows_read: int = 0
     new: int = 0
     changed: int = 0
@@ -40,16 +42,34 @@ class RunReport:
     embed_nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> windows embedded there
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    rows_per_s: float = 0.0
+    docs_read_per_s: float = 0.0  # documents read (rows_read) per second of the whole run
+    docs_embedded_per_s: float = 0.0  # documents embedded per second of the embed stage
     tokens_per_s: float = 0.0
     counts_add_up: bool = False
     quarantine_file: str | None = None
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)  # kind of reason -> rows
+    quarantine_examples: list[dict] = field(default_factory=list)  # a few rows of each kind
     report_file: str | None = None
     upkeep: dict = field(default_factory=dict)
     length_histogram: dict = field(default_factory=dict)  # edges (upper bounds) and chunk counts
     buckets: list[dict] = field(default_factory=list)  # micro-batch fill per padded-length bucket
     timeline: list[list[float]] = field(default_factory=list)  # [seconds, docs done, tokens done]
     cost: dict = field(default_factory=dict)  # what the embed actors used and cost (add_embed_actors)
+
+    def set_model(self, fingerprint: dict) -> None:
+        """What the vectors are: the model and the settings a reader needs (from its fingerprint)."""
+        keep = ("model_id", "revision", "weights_hash", "dim", "precision", "pooling", "normalize",
+                "max_length", "dtype")
+        self.model = {k: fingerprint.get(k) for k in keep}
+
+    def add_quarantine(self, rows: list[dict], shards: list[str], examples: int = 3) -> None:
+        """Count quarantined rows by kind of reason, keeping the first few of each as examples."""
+        for r in rows:
+            kind = quarantine_kind(r["reason"])
+            self.quarantine_reasons[kind] = self.quarantine_reasons.get(kind, 0) + 1
+            if self.quarantine_reasons[kind] <= examples:
+                self.quarantine_examples.append({"kind": kind, "source": shards[r["shard"]], "row": r["row"],
+                                                 "doc_id": r["doc_id"], "reason": r["reason"]})
 
     def add_histograms(self, edges: list[int], hist: list[int], real: list[int], computed: list[int],
                        batches: list[int]) -> None:
@@ -113,12 +133,17 @@ class RunReport:
 
     def finish(self) -> RunReport:
         self._finish_cost()
-        self.counts_add_up = self.rows_read == self.new + self.changed + self.unchanged + self.quarantined
+        # every row in the files is read, and every row read is new, changed, unchanged or quarantined
+        accounted = self.new + self.changed + self.unchanged + self.quarantined
+        self.counts_add_up = self.source_rows == self.rows_read == accounted
         if self.padded_tokens:
             self.padding_efficiency = round(self.tokens / self.padded_tokens, 4)
         if self.seconds > 0:
-            self.rows_per_s = round(self.docs_embedded / self.seconds, 2)
+            self.docs_read_per_s = round(self.rows_read / self.seconds, 2)
             self.tokens_per_s = round(self.tokens / self.seconds, 1)
+        embed_s = self.stage_seconds.get("embed", 0.0)
+        if embed_s > 0:
+            self.docs_embedded_per_s = round(self.docs_embedded / embed_s, 2)
         self.seconds = round(self.seconds, 3)
         self.stage_seconds = {k: round(v, 3) for k, v in self.stage_seconds.items()}
         self.buckets = [b for b in self.buckets if b["batches"]]
@@ -129,6 +154,14 @@ class RunReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False)
+
+
+def quarantine_kind(reason: str) -> str:
+    """A reason without its particulars: 'text is not valid UTF-8 (byte 5)' -> 'text is not
+    valid UTF-8', 'bad shard: input error: a.parquet: ...' -> 'bad shard'."""
+    if reason.startswith("bad shard"):
+        return "bad shard"
+    return reason.split(" (")[0]
 
 
 class Progress:

@@ -11,8 +11,10 @@ FULL = {
     "run_id": "abc123", "table": "docs", "version_before": 1, "version": 2, "committed": True,
     "rows_read": 1200, "new": 1000, "changed": 150, "unchanged": 50, "quarantined": 0, "deleted": 3,
     "docs_embedded": 1150, "chunks_written": 1400, "tokens": 250_000, "padded_tokens": 260_000,
-    "padding_efficiency": 0.9615, "device": "cpu", "seconds": 61.5, "rows_per_s": 18.7,
-    "tokens_per_s": 4065.0, "counts_add_up": True,
+    "padding_efficiency": 0.9615, "device": "cpu", "seconds": 61.5, "docs_read_per_s": 19.51,
+    "docs_embedded_per_s": 20.87, "tokens_per_s": 4065.0, "counts_add_up": True,
+    "model": {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "revision": None, "weights_hash": "53aa5172",
+              "dim": 384, "precision": "int8", "pooling": "mean", "max_length": 256, "dtype": "auto"},
     "stage_seconds": {"scan": 2.0, "embed": 55.1, "commit": 0.1},
     "length_histogram": {"edges": [0, 32, 64, 128, 256, 512], "counts": [100, 400, 450, 200, 50]},
     "buckets": [
@@ -32,7 +34,7 @@ def test_full_report_has_every_section(tmp_path):
     path = write_html_report(FULL, str(tmp_path / "sub" / "report.html"))
     page = open(path, encoding="utf-8").read()
     assert page.startswith("<!DOCTYPE html>")
-    for title in ("Summary", "Stage times", "Corpus length distribution",
+    for title in ("Summary", "Stage times", "Lengths of the chunks embedded in this run (tokens)",
                   "Micro-batch fill per length bucket",
                   "Throughput over the run"):
         assert f"<h2>{title}</h2>" in page
@@ -42,6 +44,13 @@ def test_full_report_has_every_section(tmp_path):
     assert "no length histogram" not in page and "no micro-batch buckets" not in page
     # the figures people look for
     assert "1,200" in page and "96.2%" in page and "4,065 tokens/s" in page
+    assert "19.5" in page and "20.9" in page and "docs read / s" in page and "docs embedded / s" in page
+    # what the vectors are, before anything else
+    head = page[page.index("<h1>"):page.index("<h2>")]
+    for words in ("sentence-transformers/all-MiniLM-L6-v2", "revision <code>unpinned</code>", "dim <b>384</b>",
+                  "precision <b>int8</b>"):
+        assert words in head
+    assert "Quarantined rows" not in page  # nothing quarantined: no section
     # 5 histogram bars, 3 buckets x (padding + real) bars, each with a tooltip
     hist = _svgs(page)[1]
     assert hist.count("<rect") == 5 and "33–64 tokens: 400 chunks" in hist
@@ -132,3 +141,26 @@ def test_bursty_progress_is_spread_over_the_time_it_took():
     assert throughput_steps(pts) == [(0, 100.0), (10, 100.0), (20, 90.0)]
     page = render_html_report({"timeline": [list(p) for p in pts], "tokens_per_s": 95.0})
     assert "run average 95" in page
+
+
+def test_quarantine_reasons_by_kind_with_examples():
+    from gpte_ray.report import RunReport, quarantine_kind
+
+    assert quarantine_kind("text is not valid UTF-8 (byte 5)") == "text is not valid UTF-8"
+    assert quarantine_kind("bad shard: input error: s3://b/x.parquet: unreadable Parquet") == "bad shard"
+    assert quarantine_kind("duplicate doc_id (kept a.jsonl row 10)") == "duplicate doc_id"
+    rows = ([{"shard": 0, "row": i, "doc_id": f"d{i}", "reason": "empty text"} for i in range(5)]
+            + [{"shard": 1, "row": 7, "doc_id": None, "reason": "invalid JSON (Expecting value: line 1)"}])
+    report = RunReport()
+    report.add_quarantine(rows, ["a.parquet", "b.jsonl"], examples=2)
+    assert report.quarantine_reasons == {"empty text": 5, "invalid JSON": 1}
+    assert [(x["source"], x["row"]) for x in report.quarantine_examples] == [
+        ("a.parquet", 0), ("a.parquet", 1), ("b.jsonl", 7)]
+    page = render_html_report({**FULL, "quarantined": 6, "quarantine_reasons": report.quarantine_reasons,
+                               "quarantine_examples": report.quarantine_examples,
+                               "quarantine_file": "db/docs.quarantine/abc.parquet"})
+    section = page[page.index("<h2>Quarantined rows by reason</h2>"):]
+    section = section[:section.index("</section>")]
+    assert re.search(r"<td>5</td><td>empty text</td>.*<td>1</td><td>invalid JSON</td>", section)
+    assert "b.jsonl</td><td>7</td><td>–</td><td>invalid JSON (Expecting value: line 1)" in section
+    assert "db/docs.quarantine/abc.parquet" in section
