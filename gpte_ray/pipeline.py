@@ -284,7 +284,6 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     store = TableStore(cfg.output.db, cfg.output.table, opts)  # validates the table name
     spec = resolve_model(cfg.model)
     report.set_model(spec.fingerprint())
-    report.set_model(spec.fingerprint())
     _check_room(spec)
     shards = preflight(cfg)  # the user's columns and template, checked before Ray starts
     connect_ray(ray_address, num_cpus)
@@ -327,7 +326,6 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         setattr(report, k, getattr(plan, k))
     report.add_quarantine(plan.quarantine, shards)
     report.source_rows = source_rows(shards, cfg.input, plan.quarantine, cfg.resources.read_cpus)
-    report.add_quarantine(plan.quarantine, shards)
 
     calibration = None
     if spec.precision == "int8":
