@@ -147,8 +147,10 @@ class EmbedStage:
         self.figures = ActorFigures(born, born_cpu, born_wall, device)
 
     def _embed_window(self, values: np.ndarray, offsets: np.ndarray, plens: np.ndarray,
-                      lengths: np.ndarray, pooled: np.ndarray, padded: np.ndarray, first: np.ndarray) -> None:
+                      lengths: np.ndarray, pooled: np.ndarray, padded: np.ndarray, first: np.ndarray,
+                      last_chunk: np.ndarray | None = None) -> None:
         """Embed every row of the window; on OOM halve the budget and retry in smaller pieces.
+        Progress (with `last_chunk`: True on rows that complete a document) goes out per micro-batch.
 
         Micro-batch i + 1 is assembled while i runs (on CUDA the forward returns before the
         device finishes); results stay on the device until the window is done (one copy back).
@@ -182,6 +184,8 @@ class EmbedStage:
             done.append((rows, out))
             padded[rows] = int(lengths[rows].max())
             first[rows[0]] = 1
+            if self.progress is not None and last_chunk is not None:  # a window can take minutes on a CPU
+                self.progress.add.remote(int(last_chunk[rows].sum()), len(rows), int(lengths[rows].sum()))
         if done:
             rows = np.concatenate([r for r, _ in done])
             pooled[rows] = torch.cat([o for _, o in done]).cpu().numpy()
@@ -203,7 +207,8 @@ class EmbedStage:
         first = np.zeros(n, dtype=np.int32)  # 1 on the first row of each micro-batch
         with fig.device_held(arrived):
             start = time.perf_counter()
-            self._embed_window(values, offsets, plens, lengths, pooled, padded, first)
+            last_chunk = batch["chunk"].to_numpy() == batch["n_chunks"].to_numpy() - 1
+            self._embed_window(values, offsets, plens, lengths, pooled, padded, first, last_chunk)
             retries, budget = self.oom_retries, self.budget
             self.oom_retries = 0
             seconds = time.perf_counter() - start
@@ -217,9 +222,6 @@ class EmbedStage:
         per_window[:1] = retries  # counted once per window, summed by the writer
         out = out.append_column("oom_retries", pa.array(per_window))
         out = out.append_column("token_budget", pa.array(np.full(n, budget, np.int32)))
-        if self.progress is not None:
-            chunks, n_chunks = batch["chunk"].to_numpy(), batch["n_chunks"].to_numpy()
-            self.progress.add.remote(int((chunks == n_chunks - 1).sum()), n, int(lengths.sum()))
         if self.writer is None:
             return out
         summary = self.writer(out)  # the device is free meanwhile: the next window embeds

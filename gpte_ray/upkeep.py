@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from gpte_ray.config import OutputConfig
+from gpte_ray.query import index_on
 
 __all__ = ["finish_table", "vector_metric"]
 
@@ -18,10 +19,6 @@ def vector_metric(fp: dict) -> str:
     if fp.get("precision") == "binary":
         return "hamming"
     return "cosine"
-
-
-def _has_index(ds, column: str) -> bool:
-    return any(column in idx.field_names for idx in ds.describe_indices())
 
 
 def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) -> dict:
@@ -39,14 +36,14 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) 
         done["compacted_into"] = metrics.fragments_added
     rows = ds.count_rows()
 
-    if not _has_index(ds, "doc_id"):
+    if index_on(ds, "doc_id") is None:
         ds.create_scalar_index("doc_id", "BTREE")
         done["doc_id_index"] = "created"
-    if out.fts_index and "text" in ds.schema.names and not _has_index(ds, "text"):
+    if out.fts_index and "text" in ds.schema.names and index_on(ds, "text") is None:
         ds.create_scalar_index("text", "INVERTED")
         done["text_index"] = "created"
     vector_ready = fp.get("precision") in {"float32", "float16"} and rows >= out.index_min_rows
-    if vector_ready and not _has_index(ds, "vector"):
+    if vector_ready and index_on(ds, "vector") is None:
         dim = fp["dim"]
         # IVF partitions ~ sqrt(rows) (half that under HNSW, whose per-partition graphs carry
         # more of the search), so the 64 probed per query cover a useful share of the table

@@ -146,13 +146,10 @@ def test_gpu_workers_scale_up_for_the_job_and_down_when_idle(fake_cluster, tmp_p
     report = last_json(out.stdout)
     assert report["counts_add_up"] and report["new"] == len(docs) and report["committed"]
 
-    import lancedb
+    from tests.support.tables import check_table
 
-    table = lancedb.connect(str(db)).open_table("docs").to_arrow()
-    assert table.num_rows == report["chunks_written"] >= len(docs)
-    keys = list(zip(table["doc_id"].to_pylist(), table["chunk"].to_pylist(), strict=True))
-    assert len(set(keys)) == len(keys)
-    assert set(table["doc_id"].to_pylist()) == {d["id"] for d in docs}
+    table = check_table(str(db), "docs", [d["id"] for d in docs], report["chunks_written"])
+    assert table.num_rows >= len(docs)
 
     # the autoscaler did it, for the GPU type, and says so
     log = head.log_tail("monitor.log", 200_000)

@@ -52,11 +52,10 @@ def test_job_submit_indexes_and_refuses_duplicate_submission_id(head, tmp_path):
 
     import lancedb
 
-    table = lancedb.connect(str(db)).open_table("docs").to_arrow()
-    assert table.num_rows == report["chunks_written"] >= len(docs)
-    keys = list(zip(table["doc_id"].to_pylist(), table["chunk"].to_pylist(), strict=True))
-    assert len(set(keys)) == len(keys)
-    assert set(table["doc_id"].to_pylist()) == {d["id"] for d in docs}
+    from tests.support.tables import check_table
+
+    table = check_table(str(db), "docs", [d["id"] for d in docs], report["chunks_written"])
+    assert table.num_rows >= len(docs)
 
     # the same submission id again: Ray refuses it, so a cron schedule is idempotent
     sep = submit.index("--")

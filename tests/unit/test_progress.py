@@ -1,0 +1,55 @@
+"""Progress as the user sees it: reported per micro-batch, printed at once, then steadily."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+
+from gpte_ray import report as report_module
+from gpte_ray.config import ModelConfig
+from gpte_ray.report import Progress
+from gpte_ray.spec import resolve_model
+from gpte_ray.stages import EmbedStage, TokenizeStage
+
+
+class _Counter:
+    """Stands in for the ProgressCounter actor handle: `add.remote(docs, rows, tokens)`."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, int, int]] = []
+        self.add = self
+        self.remote = lambda *a: self.calls.append(a)
+
+
+def test_embed_stage_reports_each_micro_batch():
+    spec = resolve_model(ModelConfig(max_length=32))
+    texts = [("word " * n).strip() for n in (3, 50, 12, 7, 9, 15, 20, 4)]  # the 50-word one is 2+ chunks
+    docs = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts, "content_hash": ["h"] * 8})
+    chunks = TokenizeStage(spec)(docs)
+    counter = _Counter()
+    EmbedStage(spec, "cpu", 64, 4, 0.0, 1, None, progress=counter)(chunks)  # budget 64 tokens: many batches
+    assert len(counter.calls) > 2  # not one report at the end of the window
+    docs_done, rows, tokens = (sum(c[i] for c in counter.calls) for i in range(3))
+    assert (docs_done, rows) == (8, chunks.num_rows)
+    assert tokens == sum(len(x) for x in chunks["input_ids"].to_pylist())
+
+
+def test_progress_line_at_once_then_steady(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(report_module.time, "perf_counter", lambda: now[0])
+    out = io.StringIO()  # not a terminal: plain lines
+    p = Progress(10, stream=out)
+
+    def at(t, docs, rows):
+        now[0] = 100.0 + t
+        p.update(docs, rows, rows * 10)
+        return out.getvalue().count("\n")
+
+    assert at(0.5, 0, 0) == 1  # the first line comes at once
+    assert at(2.0, 1, 2) == 1  # moved, but within 5 s of the last line
+    assert at(6.0, 1, 3) == 2  # moved (chunks count too) after 5 s
+    assert at(20.0, 1, 3) == 2  # nothing moved: no line...
+    assert at(37.0, 1, 3) == 3  # ...until 30 s have passed: a heartbeat
+    assert at(38.0, 10, 12) == 4  # done: always printed
+    assert out.getvalue().splitlines()[-1].startswith("embedded 10/10 docs (12 chunks)")
