@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -75,16 +76,41 @@ def test_gpu_workers_scale_from_zero_on_spot_with_on_demand_fallback(prepared):
     assert {g for _, g in shapes.values()} >= {1, 4}
 
 
-def test_setup_pins_the_package_and_a_cuda_torch(prepared):
-    setup = " ".join(prepared["setup_commands"])
-    assert '"gpte-ray==0.1.0"' in setup and "torch==" in setup
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "cluster-constraints.txt").read_text().splitlines()
+    pairs = [line.split("==") for line in lines if line and not line.startswith("#")]
+    return {name.lower().replace("_", "-"): version for name, version in pairs}
+
+
+def test_setup_installs_the_synced_checkout_with_pinned_dependencies(prepared):
+    # gpte-ray is not on PyPI: the checkout `ray up` runs from is mounted and installed
+    assert prepared["file_mounts"]["~/gpte-ray"] == "."
+    setup = prepared["setup_commands"]
+    assert any("~/gpte-ray" in c and "[cluster]" in c and "-c ~/gpte-ray/cluster-constraints.txt" in c for c in setup)
+    assert any('"torch==2.13.0"' in c for c in setup)
+    pins = _pins()
+    assert pins["ray"] == "2.60.0" and prepared["docker"]["image"].startswith(f"rayproject/ray:{pins['ray']}-")
+    assert "torch" not in pins and "gpte-ray" not in pins  # torch per node type; the package from the checkout
     start = " ".join(prepared["worker_start_ray_commands"])
     assert "RAY_AUTH_MODE=token" in start and "RAY_AUTH_TOKEN" in start
 
 
-@pytest.mark.parametrize("source", ["default", "cluster_job"])
+def test_no_document_installs_a_release_that_does_not_exist():
+    for path in ["cluster.yaml", "README.md", "docs/cluster.md", *map(str, (ROOT / "k8s").glob("*.yaml"))]:
+        assert "gpte-ray==" not in (ROOT / path).read_text(), path
+
+
+def test_one_nightly_config_everywhere():
+    """Every nightly schedule runs jobs/nightly_reindex.py with configs/nightly.yaml."""
+    for path in ["README.md", "docs/cluster.md", "k8s/nightly-cronjob.yaml", "jobs/nightly_reindex.py"]:
+        text = " ".join((ROOT / path).read_text().split())
+        runs = re.findall(r"nightly_reindex\.py`? --config ([\w./-]+\.yaml)", text)
+        assert runs and set(runs) == {"configs/nightly.yaml"}, (path, runs)
+
+
+@pytest.mark.parametrize("source", ["default", "cluster_job", "nightly"])
 def test_actor_requests_fit_a_worker_type(prepared, source):
-    cfg = load_config(CLUSTER_JOB if source == "cluster_job" else None)
+    cfg = load_config({"cluster_job": CLUSTER_JOB, "nightly": ROOT / "configs" / "nightly.yaml"}.get(source))
     r = cfg.resources
     workers = _workers(prepared)
     fitting = [k for k, v in workers.items() if _fits(v, r)]
@@ -133,13 +159,28 @@ def _check_ray_cluster_spec(spec: dict) -> None:
             assert c["resources"]["limits"]["nvidia.com/gpu"] == g["rayStartParams"]["num-gpus"]
 
 
+def _check_runtime_pins(pip: list[str]) -> None:
+    """A job's runtime env installs the package's dependencies at cluster-constraints.txt's pins."""
+    import tomllib
+
+    pins = _pins()
+    got = dict(p.split("==") for p in pip)
+    assert got.pop("torch") == "2.13.0"
+    assert all(pins[name] == version for name, version in got.items()), got
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0].lower() for d in deps} - {"ray", "torch"}
+    assert names <= set(got), names - set(got)
+
+
 def test_k8s_rayjob():
     docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / "rayjob.yaml").read_text()) if d]
     (job,) = [d for d in docs if d["kind"] == "RayJob"]
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
     assert "gpte_ray" in spec["entrypoint"] or "index_corpus.py" in spec["entrypoint"]
-    assert "gpte-ray==0.1.0" in yaml.safe_load(spec["runtimeEnvYAML"])["pip"]
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].startswith("s3://")  # the checkout, zipped (not on PyPI)
+    _check_runtime_pins(runtime_env["pip"])
     assert spec["shutdownAfterJobFinishes"] is True
     _check_ray_cluster_spec(spec["rayClusterSpec"])
     for c in spec["submitterPodTemplate"]["spec"]["containers"]:
@@ -158,7 +199,10 @@ def test_k8s_nightly_cronjob():
     cmd = " ".join(c.get("command", []) + c.get("args", []))
     assert "ray job submit" in cmd
     assert '--submission-id "nightly-$(date' in cmd
-    assert "-- python jobs/nightly_reindex.py" in cmd
+    assert "-- python jobs/nightly_reindex.py --config configs/nightly.yaml" in cmd
+    import json
+
+    _check_runtime_pins(json.loads(re.search(r"--runtime-env-json '(.*?)'", cmd, re.S).group(1))["pip"])
     if "RayCluster" in kinds:
         _check_ray_cluster_spec(kinds["RayCluster"]["spec"])
         svc = f"{kinds['RayCluster']['metadata']['name']}-head-svc:8265"
