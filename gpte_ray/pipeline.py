@@ -85,13 +85,22 @@ def _check_fits(cfg: JobConfig, device: str) -> None:
 MIN_TEXT_TOKENS = 8  # the smallest chunk of text worth a vector
 
 
-def _check_room(spec: ModelSpec) -> None:
+def _check_room(spec: ModelSpec, num_cpus: float) -> None:
     """Refuse a max_length that leaves (almost) no room for text after the special tokens and
-    the document prompt: every vector would silently embed a few tokens of each chunk."""
-    from gpte_ray.tokenize import TextTokenizer
+    the document prompt: every vector would silently embed a few tokens of each chunk. Runs
+    where the tokenizer runs (a worker fetches the model; the driver never does)."""
+    import ray
 
-    tok = TextTokenizer(spec)
-    overhead = len(tok.tok(spec.document_prefix + spec.document_suffix, add_special_tokens=True)["input_ids"])
+    def room() -> int:
+        from gpte_ray.tokenize import TextTokenizer
+
+        tok = TextTokenizer(spec)
+        return len(tok.tok(spec.document_prefix + spec.document_suffix, add_special_tokens=True)["input_ids"])
+
+    try:
+        overhead = ray.get(ray.remote(num_cpus=num_cpus)(room).remote())
+    except Exception as e:
+        raise (_user_error(e) or e) from None
     if spec.max_length - overhead < MIN_TEXT_TOKENS:
         raise ConfigError(
             f"config error: model.max_length: {spec.max_length} leaves {max(0, spec.max_length - overhead)} "
@@ -284,11 +293,12 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     store = TableStore(cfg.output.db, cfg.output.table, opts)  # validates the table name
     spec = resolve_model(cfg.model)
     report.set_model(spec.fingerprint())
-    _check_room(spec)
     shards = preflight(cfg)  # the user's columns and template, checked before Ray starts
     connect_ray(ray_address, num_cpus)
     device = _device(cfg)
     _check_fits(cfg, device)
+    if cfg.model.max_length is not None:
+        _check_room(spec, cfg.resources.tokenize_cpus)
     report.device = device
     lock = TableLock(cfg.output.db, cfg.output.table, opts, lease_s=cfg.output.lease_seconds)
     lock.acquire(run_id="planning")
