@@ -6,12 +6,14 @@ here costs nothing but the step itself; the next run repeats whatever did not fi
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 from gpte_ray.config import OutputConfig
 from gpte_ray.query import index_on
 
-__all__ = ["finish_table", "vector_metric"]
+__all__ = ["UpkeepPolicy", "finish_table", "run_upkeep", "vector_metric"]
 
 
 def vector_metric(fp: dict) -> str:
@@ -21,26 +23,78 @@ def vector_metric(fp: dict) -> str:
     return "cosine"
 
 
-def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) -> dict:
-    """Bring the table into shape after a run; returns what was done (for the report)."""
+@dataclass
+class UpkeepPolicy:
+    """When upkeep does more than the change costs: the thresholds past which it compacts,
+    merges index segments or retrains the vector index (each announced in the report)."""
+
+    max_small_fragments: int = 16  # compact when more fragments than this are small
+    small_fragment_rows: int = 250_000  # a fragment under this many rows is small
+    max_index_segments: int = 8  # merge an index's delta segments past this many
+    retrain_fraction: float = 1.0  # retrain the vector index when rows added since training exceed this share
+
+    @classmethod
+    def from_output(cls, out: OutputConfig) -> UpkeepPolicy:
+        return cls(max_small_fragments=out.max_fragments,
+                   small_fragment_rows=max(1, out.target_rows_per_fragment // 4))
+
+
+def _timed(done: dict, step: str, fn, *args, **kwargs):
+    t = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        done.setdefault("seconds", {})[step] = round(time.perf_counter() - t, 3)
+
+
+def _compact(ds, out: OutputConfig, policy: UpkeepPolicy, done: dict) -> None:
+    small = sum(1 for f in ds.get_fragments() if f.count_rows() < policy.small_fragment_rows)
+    done["small_fragments"] = small
+    if small > policy.max_small_fragments:
+        metrics = _timed(done, "compact", ds.optimize.compact_files,
+                         target_rows_per_fragment=out.target_rows_per_fragment,
+                         materialize_deletions_threshold=0.1)
+        done["compacted_fragments"] = metrics.fragments_removed
+        done["compacted_into"] = metrics.fragments_added
+
+
+def _update_indexes(ds, policy: UpkeepPolicy, done: dict) -> None:
+    """New rows join each index as a delta segment (cost ~ the change); segments merge, and the
+    vector index retrains, only past the policy's thresholds."""
+    _timed(done, "index_delta", ds.optimize.optimize_indices, num_indices_to_merge=0)
+    done["indexes"] = "delta"
+    for idx in ds.describe_indices():
+        stats = ds.stats.index_stats(idx.name)
+        per_delta = stats.get("num_indexed_rows_per_delta") or []
+        segments = stats.get("num_segments", stats.get("num_indices", len(per_delta)))
+        if "vector" in idx.field_names and per_delta and \
+                sum(per_delta[1:]) > policy.retrain_fraction * max(per_delta[0], 1):
+            _timed(done, f"retrain_{idx.name}", ds.optimize.optimize_indices, index_names=[idx.name],
+                   retrain=True)
+            done.setdefault("heavy", []).append(f"retrained {idx.name} ({sum(per_delta)} rows)")
+        elif segments > policy.max_index_segments:
+            _timed(done, f"merge_{idx.name}", ds.optimize.optimize_indices, index_names=[idx.name],
+                   num_indices_to_merge=segments)
+            done.setdefault("heavy", []).append(f"merged {segments} segments of {idx.name}")
+
+
+def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool,
+                 policy: UpkeepPolicy | None = None) -> dict:
+    """Bring the table into shape after a run; returns what was done and each step's seconds."""
+    policy = policy or UpkeepPolicy.from_output(out)
     done: dict = {}
     tag = f"run-{run_id}"
     if committed and tag not in ds.tags.list():
         ds.tags.create(tag, ds.version)
 
-    fragments = len(ds.get_fragments())
-    if fragments > out.max_fragments:
-        metrics = ds.optimize.compact_files(target_rows_per_fragment=out.target_rows_per_fragment,
-                                            materialize_deletions_threshold=0.1)
-        done["compacted_fragments"] = metrics.fragments_removed
-        done["compacted_into"] = metrics.fragments_added
+    _compact(ds, out, policy, done)
     rows = ds.count_rows()
 
     if index_on(ds, "doc_id") is None:
-        ds.create_scalar_index("doc_id", "BTREE")
+        _timed(done, "doc_id_index", ds.create_scalar_index, "doc_id", "BTREE")
         done["doc_id_index"] = "created"
     if out.fts_index and "text" in ds.schema.names and index_on(ds, "text") is None:
-        ds.create_scalar_index("text", "INVERTED")
+        _timed(done, "text_index", ds.create_scalar_index, "text", "INVERTED")
         done["text_index"] = "created"
     vector_ready = fp.get("precision") in {"float32", "float16"} and rows >= out.index_min_rows
     if vector_ready and index_on(ds, "vector") is None:
@@ -52,12 +106,11 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) 
         if out.index_type == "IVF_PQ":
             kwargs["num_sub_vectors"] = next(s for s in (dim // 4, dim // 2, dim)
                                              if s and dim % s == 0)
-        ds.create_index("vector", index_type=out.index_type, metric=vector_metric(fp), **kwargs)
+        _timed(done, "vector_index", ds.create_index, "vector", index_type=out.index_type,
+               metric=vector_metric(fp), **kwargs)
         done["vector_index"] = f"created {out.index_type}"
     elif committed and "doc_id_index" not in done:
-        # new fragments join the existing indexes (delta segments, no full retrain)
-        ds.optimize.optimize_indices()
-        done["indexes"] = "updated"
+        _update_indexes(ds, policy, done)
 
     # old run tags would pin their versions forever: keep tags only inside the retention
     cutoff = timedelta(hours=out.retention_hours)
@@ -69,9 +122,30 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool) 
             ds.tags.delete(name)
     # unreferenced files younger than Lance's own safety window are kept: a run that lost its
     # lease while paused may still be staging data files that it will never commit
-    stats = ds.cleanup_old_versions(older_than=cutoff, delete_unverified=False,
-                                    error_if_tagged_old_versions=False)
+    stats = _timed(done, "cleanup", ds.cleanup_old_versions, older_than=cutoff, delete_unverified=False,
+                   error_if_tagged_old_versions=False)
     done["cleanup_bytes"] = stats.bytes_removed
     done["fragments"] = len(ds.get_fragments())
     done["version"] = ds.version
     return done
+
+
+def _upkeep_task(uri: str, storage_options: dict | None, version: int, out: OutputConfig, run_id: str,
+                 fp: dict, committed: bool) -> dict:
+    import os
+
+    import lance
+
+    # index statistics would otherwise carry every IVF centroid (memory ~ the index)
+    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+    return finish_table(ds, out, run_id, fp, committed)
+
+
+def run_upkeep(uri: str, storage_options: dict | None, version: int, out: OutputConfig, run_id: str,
+               fp: dict, committed: bool, num_cpus: float = 1.0) -> dict:
+    """`finish_table` as a Ray task with its own CPUs, on a worker: the head stays small."""
+    import ray
+
+    task = ray.remote(num_cpus=num_cpus, max_retries=1)(_upkeep_task)
+    return ray.get(task.remote(uri, storage_options, version, out, run_id, fp, committed))

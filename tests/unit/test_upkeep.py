@@ -53,3 +53,42 @@ def test_compaction_indexes_and_ann_recall(tmp_path, index_type, min_recall):
         ann = ds.to_table(columns=["doc_id"], nearest=nearest_params(q, 10, "cosine"))["doc_id"].to_pylist()
         recall.append(len(set(exact) & set(ann)) / 10)
     assert np.mean(recall) >= min_recall, np.mean(recall)  # the default index type: >= 0.95
+
+
+def _table(uri, n, start=0, mode="create"):
+    fp = {"precision": "float32", "dim": 16, "normalize": True}
+    schema = pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("vector", pa.list_(pa.float32(), 16))],
+                       metadata={FINGERPRINT_KEY: json.dumps(fp)})
+    v = np.random.default_rng(start).normal(size=(n, 16)).astype(np.float32)
+    t = pa.table({"doc_id": [f"d{i}" for i in range(start, start + n)], "chunk": pa.array([0] * n, pa.int32()),
+                  "vector": vectors_to_arrow(v, schema.field("vector").type)}, schema=schema)
+    return lance.write_dataset(t, uri, mode=mode), fp
+
+
+def test_upkeep_follows_the_change(tmp_path):
+    """A small change joins each index as a delta segment; merges and retraining wait for their
+    thresholds and are announced; every step is timed."""
+    from gpte_ray.upkeep import UpkeepPolicy
+
+    uri = str(tmp_path / "t.lance")
+    ds, fp = _table(uri, 3000)
+    out = OutputConfig(index_min_rows=1000, retention_hours=0, fts_index=False)
+    done = finish_table(ds, out, "r0", fp, committed=True)
+    assert done["vector_index"].startswith("created") and "vector_index" in done["seconds"]
+    policy = UpkeepPolicy(max_small_fragments=100, max_index_segments=3, retrain_fraction=1.0)
+    for run in (1, 2):
+        ds, _ = _table(uri, 50, start=10_000 * run, mode="append")
+        done = finish_table(ds, out, f"r{run}", fp, committed=True, policy=policy)
+        assert done["indexes"] == "delta" and "heavy" not in done, done
+        assert "index_delta" in done["seconds"] and "cleanup" in done["seconds"]
+        stats = lance.dataset(uri).stats.index_stats("vector_idx")
+        assert stats["num_unindexed_rows"] == 0 and stats["num_indexed_rows_per_delta"][0] == 3000
+    # a third delta passes max_index_segments: merged, and said so
+    ds, _ = _table(uri, 50, start=30_000, mode="append")
+    done = finish_table(ds, out, "r3", fp, committed=True, policy=policy)
+    assert any(h.startswith("merged") for h in done["heavy"]), done
+    # rows added since training past retrain_fraction: retrained, and said so
+    ds, _ = _table(uri, 4000, start=40_000, mode="append")
+    done = finish_table(ds, out, "r4", fp, committed=True, policy=policy)
+    assert any(h.startswith("retrained vector_idx") for h in done["heavy"]), done
+    assert lance.dataset(uri).count_rows() == 3000 + 150 + 4000

@@ -1,0 +1,510 @@
+"""The diff, on the cluster: which documents a run embeds, deletes and quarantines.
+
+The corpus scan (one row per input row: shard, row, doc_id, content_hash, reason) and the
+table's documents (doc_id and content_hash of chunk 0) are unioned and grouped by doc_id with
+Ray Data's hash-shuffle aggregation. Each group is classified over Arrow in worker tasks, which
+write what the run needs as Parquet under a plan folder in staging:
+
+  embed/*.parquet       shard, row, doc_id, content_hash of every document to embed
+  changed/*.parquet     doc_id of documents whose old chunks the commit replaces
+  vanished/*.parquet    doc_id of table documents no longer in the corpus
+  dups/*.parquet        group key and winning key of ids seen more than once
+  quarantine/*.parquet  source, row, doc_id, reason of every row not embedded
+
+The driver receives one summary row per classified block (counts, digest parts, the shards
+with work), never an object per document.
+
+Duplicate rule: the first occurrence of a doc_id in (shard path order, row) order wins; later
+ones are quarantined as "duplicate doc_id (kept <file> row <n>)". Rows with a reason (bad id
+or text, unreadable shard) never claim an id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gpte_ray.plan import MassDeleteError
+from gpte_ray.storage import ensure_dir, filesystem, join
+
+__all__ = [
+    "DeleteIds", "Diff", "calibration_rows", "check_mass_delete", "compute_diff", "drop_plans",
+    "fragment_deletions", "ids_from", "new_plan_dir", "read_planned", "rows_for_shard", "sql_list",
+]
+
+# a scan row's sort key as one string: zero-padded shard and row, then the content hash, so
+# that the minimum per doc_id is the first occurrence and carries its hash along
+SHARD_W, ROW_W = 10, 13
+GROUP_SCHEMA = pa.schema([
+    ("gkey", pa.string()),    # "d" + doc_id, or "q<shard>:<row>" for a row with a reason
+    ("key", pa.string()),     # shard|row|content_hash of a good scan row, else null
+    ("old", pa.string()),     # content_hash in the table, else null
+    ("reason", pa.string()),  # why a scan row is quarantined, else null
+    ("bad_id", pa.string()),  # the doc_id of a quarantined scan row (may be null)
+])
+EMBED_SCHEMA = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
+                          ("content_hash", pa.string())])
+QUARANTINE_SCHEMA = pa.schema([("shard", pa.int32()), ("source", pa.string()), ("row", pa.int64()),
+                               ("doc_id", pa.string()), ("reason", pa.string())])
+_HASH_KEYS = ("gpte-ray-diff-a:", "gpte-ray-diff-b:")  # two 64-bit lanes: 128 bits in all
+
+
+def _hash64(values: pa.Array, key: str) -> np.ndarray:
+    """Stable 64-bit hash of each string (SipHash with a fixed key): same on every worker."""
+    from pandas.util import hash_array
+
+    return hash_array(np.asarray(values.to_numpy(zero_copy_only=False), dtype=object), hash_key=key)
+
+
+def _digest_parts(values: pa.Array) -> tuple[int, int]:
+    """Order-free digest of a set of strings: the wrapping sum of their hashes, two lanes."""
+    if len(values) == 0:
+        return 0, 0
+    return tuple(int(np.sum(_hash64(values, k), dtype=np.uint64)) for k in _HASH_KEYS)
+
+
+def _name(values: pa.Array) -> str:
+    """A file name fixed by a block's contents, so a retried task overwrites its own output."""
+    a, b = _digest_parts(values)
+    return f"{a:016x}{b:016x}-{len(values)}"
+
+
+def _write(table: pa.Table, folder: str, name: str, storage_options: dict | None) -> None:
+    import pyarrow.parquet as pq
+
+    if table.num_rows == 0:
+        return
+    fs, path = filesystem(folder, storage_options)
+    ensure_dir(fs, path)
+    pq.write_table(table, f"{path}/{name}.parquet", filesystem=fs)
+
+
+def _pad(values: pa.Array, width: int) -> pa.Array:
+    return pc.utf8_lpad(pc.cast(values, pa.string()), width=width, padding="0")
+
+
+# ---- the map steps (run in Ray tasks, over Arrow) -------------------------------------------
+def scan_groups(batch: pa.Table) -> pa.Table:
+    """Scan rows (stages.SCAN_SCHEMA) -> GROUP_SCHEMA rows."""
+    good = pc.is_null(batch["reason"])
+    shard, row = batch["shard"], batch["row"]
+    bad_key = pc.binary_join_element_wise(
+        "q", pc.cast(shard, pa.string()), ":", pc.cast(row, pa.string()), "")
+    gkey = pc.if_else(good, pc.binary_join_element_wise("d", batch["doc_id"], ""), bad_key)
+    key = pc.binary_join_element_wise(_pad(shard, SHARD_W), _pad(row, ROW_W), batch["content_hash"], "")
+    null = pa.nulls(batch.num_rows, pa.string())
+    return pa.table({
+        "gkey": gkey,
+        "key": pc.if_else(good, key, null),
+        "old": null,
+        "reason": batch["reason"],
+        "bad_id": pc.if_else(good, null, batch["doc_id"]),
+    }, schema=GROUP_SCHEMA)
+
+
+def table_groups(batch: pa.Table) -> pa.Table:
+    """The table's (doc_id, content_hash) of chunk 0 -> GROUP_SCHEMA rows."""
+    null = pa.nulls(batch.num_rows, pa.string())
+    return pa.table({"gkey": pc.binary_join_element_wise("d", batch["doc_id"], ""), "key": null,
+                     "old": batch["content_hash"], "reason": null, "bad_id": null}, schema=GROUP_SCHEMA)
+
+
+def _winner(key: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+    shard = pc.cast(pc.utf8_slice_codeunits(key, 0, SHARD_W), pa.int32())
+    row = pc.cast(pc.utf8_slice_codeunits(key, SHARD_W, SHARD_W + ROW_W), pa.int64())
+    return shard, row, pc.utf8_slice_codeunits(key, SHARD_W + ROW_W)
+
+
+def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options: dict | None,
+             rebuild: bool) -> pa.Table:
+    """One block of groups (one per doc_id or quarantined row) -> plan files + a summary row."""
+    is_doc = pc.starts_with(batch["gkey"], "d")
+    docs, bad = batch.filter(is_doc), batch.filter(pc.invert(is_doc))
+    name = _name(batch["gkey"].combine_chunks() if isinstance(batch["gkey"], pa.ChunkedArray) else batch["gkey"])
+
+    doc_id = pc.utf8_slice_codeunits(docs["gkey"], 1)
+    n, old, key = docs["n"], docs["old"], docs["key"]
+    in_corpus = pc.greater(n, 0)
+    in_table = pc.is_valid(old)
+    shard, row, chash = _winner(key)
+    same = pc.fill_null(pc.equal(old, chash), False)
+    if rebuild:
+        embed = in_corpus
+        new, changed, unchanged = in_corpus, pc.and_(in_corpus, pc.invert(in_corpus)), None
+    else:
+        new = pc.and_(in_corpus, pc.invert(in_table))
+        changed = pc.and_(pc.and_(in_corpus, in_table), pc.invert(same))
+        unchanged = pc.and_(in_corpus, same)
+        embed = pc.or_(new, changed)
+    vanished = pc.invert(in_corpus)
+    dup = pc.greater(n, 1)
+
+    emb = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash},
+                   schema=EMBED_SCHEMA).filter(embed)
+    emb = emb.sort_by([("shard", "ascending"), ("row", "ascending")])
+    changed_ids = pa.table({"doc_id": doc_id}).filter(changed)
+    vanished_ids = pa.table({"doc_id": doc_id}).filter(vanished)
+    _write(emb, join(plan_dir, "embed"), name, storage_options)
+    _write(changed_ids, join(plan_dir, "changed"), name, storage_options)
+    _write(vanished_ids, join(plan_dir, "vanished"), name, storage_options)
+    _write(pa.table({"gkey": docs["gkey"], "key": key}).filter(dup), join(plan_dir, "dups"), name,
+           storage_options)
+
+    # rows with a reason: their own group each, "q<shard>:<row>"
+    parts = pc.split_pattern(pc.utf8_slice_codeunits(bad["gkey"], 1), ":")
+    bshard = pc.cast(pc.list_element(parts, 0), pa.int32())
+    brow = pc.cast(pc.list_element(parts, 1), pa.int64())
+    paths = pa.array(shards, pa.string())
+    quarantine = pa.table({"shard": bshard, "source": pc.take(paths, bshard), "row": brow, "doc_id": bad["bad_id"],
+                           "reason": bad["reason"]}, schema=QUARANTINE_SCHEMA)
+    _write(quarantine, join(plan_dir, "quarantine"), f"bad-{name}", storage_options)
+
+    embed_digest = _digest_parts(pc.binary_join_element_wise(emb["doc_id"], emb["content_hash"], "\0")
+                                 .combine_chunks()) if emb.num_rows else (0, 0)
+    changed_digest = _digest_parts(changed_ids["doc_id"].combine_chunks())
+    vanished_digest = _digest_parts(vanished_ids["doc_id"].combine_chunks())
+    count = lambda mask: int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)  # noqa: E731
+    return pa.table({
+        "rows_read": [int(pc.sum(n).as_py() or 0) + bad.num_rows],
+        "new": [count(new)],
+        "changed": [count(changed)],
+        "unchanged": [count(unchanged) if unchanged is not None else 0],
+        "vanished": [count(vanished)],
+        "existing": [count(in_table)],
+        "embed": [emb.num_rows],
+        "dup_docs": [count(dup)],
+        "dup_rows": [int(pc.sum(pc.subtract(pc.filter(n, dup), 1)).as_py() or 0)],
+        "bad_rows": [bad.num_rows],
+        "bad_shards": [count(pc.less(brow, 0))],
+        "shards": [pc.unique(emb["shard"]).to_pylist()],
+        "d_embed": [list(embed_digest)],
+        "d_changed": [list(changed_digest)],
+        "d_vanished": [list(vanished_digest)],
+    }, schema=SUMMARY_SCHEMA)
+
+
+SUMMARY_SCHEMA = pa.schema(
+    [(k, pa.int64()) for k in ("rows_read", "new", "changed", "unchanged", "vanished", "existing", "embed",
+                              "dup_docs", "dup_rows", "bad_rows", "bad_shards")]
+    + [("shards", pa.list_(pa.int32()))]
+    + [(k, pa.list_(pa.uint64())) for k in ("d_embed", "d_changed", "d_vanished")]
+)
+
+
+def quarantine_duplicates(batch: pa.Table, plan_dir: str, shards: list[str],
+                          storage_options: dict | None) -> pa.Table:
+    """Scan groups rows -> quarantine files for the later occurrences of duplicated ids."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(join(plan_dir, "dups"), storage_options)
+    dups = pads.dataset(path, format="parquet", filesystem=fs).to_table()
+    rows = batch.select(["gkey", "key"]).filter(pc.is_in(batch["gkey"], value_set=dups["gkey"]))
+    rows = rows.join(dups.rename_columns(["gkey", "winner"]), "gkey")
+    losers = rows.filter(pc.not_equal(rows["key"], rows["winner"]))
+    if losers.num_rows:
+        shard, row, _ = _winner(losers["key"])
+        wshard, wrow, _ = _winner(losers["winner"])
+        paths = pa.array(shards, pa.string())
+        reason = pc.binary_join_element_wise(
+            "duplicate doc_id (kept ", pc.take(paths, wshard), " row ", pc.cast(wrow, pa.string()), ")", "")
+        q = pa.table({"shard": shard, "source": pc.take(paths, shard), "row": row,
+                      "doc_id": pc.utf8_slice_codeunits(losers["gkey"], 1), "reason": reason},
+                     schema=QUARANTINE_SCHEMA)
+        _write(q, join(plan_dir, "quarantine"), f"dup-{_name(q['source'].combine_chunks())}-"
+               f"{_name(pc.cast(q['row'], pa.string()).combine_chunks())}", storage_options)
+    return pa.table({"losers": [losers.num_rows]})
+
+
+# ---- the driver's side ----------------------------------------------------------------------
+@dataclass
+class Diff:
+    """What a run must do, as counts plus the plan folder that holds the per-document lists."""
+
+    plan_dir: str
+    storage_options: dict | None = None
+    rows_read: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    quarantined: int = 0
+    deleted: int = 0  # documents the table loses (vanished, unless a shard could not be read)
+    bad_shards: int = 0
+    rebuild: bool = False
+    existing: int = 0  # documents in the table before the run
+    embed: int = 0  # documents to embed
+    shards: list[int] = field(default_factory=list)  # shards holding documents to embed
+    digest_parts: tuple = ()
+    seconds: dict[str, float] = field(default_factory=dict)  # table_ids, scan, diff
+
+    @property
+    def delete_vanished(self) -> bool:
+        """Vanished documents leave the table unless a shard was unreadable (they may be in it)."""
+        return not self.rebuild and not self.bad_shards
+
+    @property
+    def replaced(self) -> int:
+        """Documents whose rows the commit removes from the current table (not for overwrites)."""
+        return 0 if self.rebuild else self.changed + (self.deleted if self.delete_vanished else 0)
+
+    def digest(self) -> str:
+        """Identity of the work: the same embed and delete sets give the same digest."""
+        return hashlib.sha256(repr(self.digest_parts).encode()).hexdigest()[:16]
+
+    def delete_batches(self, batch_rows: int = 8192) -> Iterator[pa.Array]:
+        """doc_ids whose current rows the commit deletes, in Arrow batches."""
+        if self.rebuild:
+            return
+        yield from ids_from(join(self.plan_dir, "changed"), self.storage_options, batch_rows)
+        if self.delete_vanished:
+            yield from ids_from(join(self.plan_dir, "vanished"), self.storage_options, batch_rows)
+
+    def quarantine_batches(self, batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+        """Quarantined rows (QUARANTINE_SCHEMA), in batches."""
+        yield from _batches(join(self.plan_dir, "quarantine"), self.storage_options, None, batch_rows)
+
+    def whole_shards(self) -> set[int]:
+        """Shards quarantined whole (unreadable, skipped): one row each, `row` -1."""
+        if not self.bad_shards:
+            return set()
+        out: set[int] = set()
+        for b in self.quarantine_batches():
+            out.update(pc.filter(b.column("shard"), pc.less(b.column("row"), 0)).to_pylist())
+        return out
+
+    def write_quarantine(self, uri: str, run_id: str) -> str:
+        """All quarantined rows as one Parquet file at `uri` (source, row, doc_id, reason, run_id),
+        streamed batch by batch."""
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("source", pa.string()), ("row", pa.int64()), ("doc_id", pa.string()),
+                            ("reason", pa.string()), ("run_id", pa.string())])
+        fs, path = filesystem(uri, self.storage_options)
+        ensure_dir(fs, path.rsplit("/", 1)[0])
+        with pq.ParquetWriter(path, schema, filesystem=fs) as w:
+            for b in self.quarantine_batches():
+                run = pa.array([run_id] * b.num_rows, pa.string())
+                w.write_table(pa.table([b.column("source"), b.column("row"), b.column("doc_id"),
+                                        b.column("reason"), run], schema=schema))
+        return uri
+
+
+class DeleteIds:
+    """The doc ids a commit deletes, re-readable in Arrow batches (CommitPlan.delete_doc_ids)."""
+
+    def __init__(self, diff: Diff):
+        self.diff = diff
+
+    def __iter__(self) -> Iterator[pa.Array]:
+        return self.diff.delete_batches()
+
+    def __len__(self) -> int:
+        return self.diff.replaced
+
+
+def _batches(folder: str, storage_options: dict | None, columns: list[str] | None,
+             batch_rows: int) -> Iterator[pa.RecordBatch]:
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(folder, storage_options)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return
+    ds = pads.dataset(path, format="parquet", filesystem=fs)
+    yield from ds.to_batches(columns=columns, batch_size=batch_rows)
+
+
+def ids_from(folder: str, storage_options: dict | None, batch_rows: int = 8192) -> Iterator[pa.Array]:
+    for b in _batches(folder, storage_options, ["doc_id"], batch_rows):
+        if b.num_rows:
+            yield b.column(0)
+
+
+def check_mass_delete(deleted: int, existing: int, max_fraction: float, allow: bool) -> None:
+    """Refuse a run that leaves out more of the table's documents than the guard allows."""
+    if existing and not allow and deleted / existing > max_fraction:
+        raise MassDeleteError(
+            f"refusing to delete {deleted} of {existing} documents "
+            f"({deleted / existing:.0%} > output.max_delete_fraction "
+            f"{max_fraction:.0%}); is the input complete? "
+            "Pass --allow-mass-delete to proceed"
+        )
+
+
+def _partitions(rows_hint: int) -> int:
+    # ~250k rows per hash partition keeps each reduce task's Arrow tables around 50 MB
+    return max(2, min(512, rows_hint // 250_000 + 2))
+
+
+def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options: dict | None,
+                 rebuild: bool, rows_hint: int, max_delete_fraction: float = 1.0,
+                 allow_mass_delete: bool = True) -> Diff:
+    """Diff a scan dataset (stages.SCAN_SCHEMA rows) against `table` (a Ray dataset of the
+    table's doc_id and content_hash of chunk 0, or None for no table).
+
+    The plan files land under `plan_dir`; raises MassDeleteError past the guard, counting for
+    a rebuild too the documents the new table would no longer hold.
+    """
+    import time
+
+    from ray.data.aggregate import Count, Min
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    old_rows = None
+    if table is not None:
+        # read on its own, so that its cost shows in the report apart from the scan
+        old_rows = table.map_batches(table_groups, batch_format="pyarrow", batch_size=None).materialize()
+    seconds["table_ids"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # kept (in the object store) for the duplicates pass; the driver holds block references only
+    scan_rows = scan.map_batches(scan_groups, batch_format="pyarrow", batch_size=None).materialize()
+    seconds["scan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    groups = scan_rows if old_rows is None else scan_rows.union(old_rows)
+    grouped = groups.groupby("gkey", num_partitions=_partitions(rows_hint)).aggregate(
+        Min("key", alias_name="key"), Count("key", ignore_nulls=True, alias_name="n"),
+        Min("old", alias_name="old"), Min("reason", alias_name="reason"), Min("bad_id", alias_name="bad_id"),
+    )
+    summary = grouped.map_batches(
+        classify, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options, "rebuild": rebuild},
+    )
+    totals = dict.fromkeys(SUMMARY_SCHEMA.names[:11], 0)
+    work_shards: set[int] = set()
+    digests = {k: [0, 0] for k in ("d_embed", "d_changed", "d_vanished")}
+    for b in summary.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for k in totals:
+            totals[k] += int(pc.sum(b[k]).as_py() or 0)
+        work_shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())
+        for k, acc in digests.items():
+            for parts in b[k].to_pylist():
+                acc[0], acc[1] = (acc[0] + parts[0]) % 2**64, (acc[1] + parts[1]) % 2**64
+    if totals["dup_docs"]:
+        losers = scan_rows.map_batches(
+            quarantine_duplicates, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options},
+        )
+        found = sum(int(pc.sum(b["losers"]).as_py() or 0)
+                    for b in losers.iter_batches(batch_size=None, batch_format="pyarrow"))
+        assert found == totals["dup_rows"], (found, totals["dup_rows"])
+    del scan_rows, old_rows
+    seconds["diff"] = time.perf_counter() - t
+
+    d = Diff(plan_dir=plan_dir, storage_options=storage_options, rebuild=rebuild,
+             rows_read=totals["rows_read"], new=totals["new"], changed=totals["changed"],
+             unchanged=totals["unchanged"], quarantined=totals["bad_rows"] + totals["dup_rows"],
+             bad_shards=totals["bad_shards"], existing=totals["existing"], embed=totals["embed"],
+             shards=sorted(work_shards), seconds=seconds)
+    # a rebuild overwrites the table: what it leaves out is lost whatever the reason
+    d.deleted = totals["vanished"] if (rebuild or not d.bad_shards) else 0
+    deletes = [digests["d_changed"]] + ([digests["d_vanished"]] if d.delete_vanished else [])
+    d.digest_parts = (tuple(digests["d_embed"]), d.embed, rebuild,
+                      tuple(sum(p[i] for p in deletes) % 2**64 for i in (0, 1)), d.replaced)
+    check_mass_delete(d.deleted, d.existing, max_delete_fraction, allow_mass_delete)
+    return d
+
+
+# ---- the embed pass -------------------------------------------------------------------------
+def rows_for_shard(plan_dir: str, shard: int, storage_options: dict | None) -> set[int]:
+    """Row positions of one shard that the plan embeds (read in the read task, not the driver)."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(join(plan_dir, "embed"), storage_options)
+    ds = pads.dataset(path, format="parquet", filesystem=fs)
+    rows = ds.to_table(columns=["row"], filter=pads.field("shard") == shard)["row"]
+    return set(rows.to_numpy().tolist())
+
+
+def read_planned(batch: pa.Table, cfg, plan_dir: str, storage_options: dict | None):
+    """Embed pass read task: the prepared rows of one shard that the plan selected."""
+    from gpte_ray.sources import read_prepared
+
+    shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
+    rows = rows_for_shard(plan_dir, shard, storage_options)
+    for t in read_prepared(uri, shard, cfg, rows=rows):
+        yield t.drop_columns(["reason", "row", "shard"])
+
+
+# ---- the commit's deletions and the plan folder ------------------------------------------------
+def sql_list(ids: pa.Array) -> str:
+    """'a', 'b''c', ... for a SQL IN list, built by Arrow kernels."""
+    quoted = pc.binary_join_element_wise("'", pc.replace_substring(ids, "'", "''"), "'", "")
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(quoted)], pa.int32()), quoted), ", ")[0].as_py()
+
+
+def fragment_deletions(ds, id_batches, lookup_rows: int = 4096) -> tuple[list[int], list]:
+    """(fragment ids to drop, fragments with new deletion files) for doc ids given as Arrow
+    batches. Lance finds the rows (through the doc_id index when there is one), so the cost
+    follows the number of deletions, not the table; nothing loops over rows in Python."""
+    frags, ids = [], []
+    for batch in id_batches:
+        for i in range(0, len(batch), lookup_rows):
+            part = batch.slice(i, lookup_rows)
+            found = ds.to_table(columns=["doc_id"], filter=f"doc_id IN ({sql_list(part)})",
+                                with_row_address=True)
+            # the high 32 bits of a row address are its fragment id
+            frags.append(pc.shift_right(found["_rowaddr"], 32).combine_chunks())
+            ids.append(found["doc_id"].combine_chunks())
+    if not frags:
+        return [], []
+    hits = pa.table({"fragment": pa.concat_arrays(frags), "doc_id": pa.concat_arrays(ids)})
+    if hits.num_rows == 0:
+        return [], []
+    per_fragment = hits.group_by("fragment").aggregate([("doc_id", "distinct")]).sort_by("fragment")
+    removed, updated = [], []
+    for frag_id, doc_ids in zip(per_fragment["fragment"].to_pylist(), per_fragment["doc_id_distinct"]):
+        meta = ds.get_fragment(frag_id).delete(f"doc_id IN ({sql_list(doc_ids.values)})")
+        if meta is None:
+            removed.append(frag_id)  # every row of it goes
+        else:
+            updated.append(meta)
+    return removed, updated
+
+
+PLAN_PREFIX = "plan-"
+
+
+def new_plan_dir(staging_root: str) -> str:
+    import uuid
+
+    return join(staging_root, f"{PLAN_PREFIX}{uuid.uuid4().hex}")
+
+
+def drop_plans(staging_root: str, storage_options: dict | None, keep: str | None = None) -> None:
+    """Delete plan folders (this table's staging only; under the table lock no run owns one)."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(staging_root, storage_options)
+    pattern = re.compile(rf"^{PLAN_PREFIX}[0-9a-f]{{32}}$")
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and pattern.match(info.base_name) and \
+                (keep is None or info.base_name != keep.rstrip("/").rsplit("/", 1)[-1]):
+            fs.delete_dir(f"{root}/{info.base_name}")
+
+
+def calibration_rows(plan_dir: str, storage_options: dict | None, k: int) -> dict[int, set[int]]:
+    """Shard -> row positions of the first k documents to embed, by doc_id: a fixed sample
+    (read where the calibration runs, not on the driver)."""
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(join(plan_dir, "embed"), storage_options)
+    try:
+        plan = pads.dataset(path, format="parquet", filesystem=fs)
+    except FileNotFoundError:
+        return {}
+    best = None
+    for b in plan.to_batches(columns=["doc_id", "shard", "row"], batch_size=1 << 20):
+        t = pa.Table.from_batches([b]) if best is None else pa.concat_tables([best, pa.Table.from_batches([b])])
+        best = t.sort_by("doc_id").slice(0, k)
+    out: dict[int, set[int]] = {}
+    if best is not None:
+        for s, r in zip(best["shard"].to_pylist(), best["row"].to_pylist()):
+            out.setdefault(s, set()).add(r)
+    return out

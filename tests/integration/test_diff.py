@@ -1,0 +1,146 @@
+"""The cluster diff (`gpte_ray.diff`) against the reference `make_plan`, on random corpora with
+duplicates, quarantined rows, unreadable shards, deletions and rebuilds."""
+
+from __future__ import annotations
+
+import uuid
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpte_ray.diff import check_mass_delete, compute_diff, ids_from, rows_for_shard
+from gpte_ray.plan import MassDeleteError, make_plan
+from gpte_ray.prepare import content_hash
+from gpte_ray.stages import SCAN_SCHEMA
+
+SHARDS = ["s0.parquet", "s1.parquet", "s2.parquet"]
+
+
+def _scan_ds(scan, blocks):
+    import ray.data
+
+    cols = list(zip(*scan)) if scan else [[]] * 5
+    table = pa.table(dict(zip(SCAN_SCHEMA.names, cols)), schema=SCAN_SCHEMA)
+    if table.num_rows == 0:
+        return ray.data.from_arrow(table)
+    step = max(1, -(-table.num_rows // blocks))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+
+
+def _table_ds(existing):
+    import ray.data
+
+    if existing is None:
+        return None
+    return ray.data.from_arrow(pa.table({"doc_id": pa.array(list(existing), pa.string()),
+                                         "content_hash": pa.array(list(existing.values()), pa.string())}))
+
+
+def _read(folder):
+    try:
+        return pads.dataset(folder, format="parquet").to_table()
+    except FileNotFoundError:
+        return None
+
+
+def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True):
+    plan_dir = str(tmp_path / f"plan-{uuid.uuid4().hex}")
+    d = compute_diff(_scan_ds(scan, blocks), _table_ds(existing), plan_dir, SHARDS, None, rebuild,
+                     rows_hint=len(scan), max_delete_fraction=frac, allow_mass_delete=allow)
+    return d, plan_dir
+
+
+doc_ids = st.sampled_from(["a", "b", "c", "d", "e", "f", "x'y", "ü"])
+scan_rows = st.lists(st.tuples(st.integers(0, 2), doc_ids, st.sampled_from(["t1", "t2"]),
+                               st.sampled_from([None, None, None, None, "bad text"])), max_size=40)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scan_rows,
+       st.one_of(st.none(), st.dictionaries(st.sampled_from(["a", "b", "c", "x'y", "y", "z"]),
+                                            st.sampled_from(["t1", "t2"]))),
+       st.booleans(), st.booleans(), st.integers(1, 4))
+def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, rebuild, bad_shard, blocks):
+    rebuild = rebuild and existing is not None
+    scan = []
+    for shard, d, t, reason in rows:
+        row = sum(1 for s, *_ in scan if s == shard)
+        scan.append((shard, row, None if reason and d == "f" else d, None if reason else content_hash(t), reason))
+    if bad_shard:
+        scan.append((2, -1, None, None, "bad shard: s2.parquet: unreadable"))
+    existing = {k: content_hash(v) for k, v in existing.items()} if existing is not None else None
+
+    ref = make_plan(scan, SHARDS, existing, rebuild, 1.0, True)
+    d, plan_dir = _diff(tmp_path, scan, existing, rebuild, blocks)
+
+    got = (d.rows_read, d.new, d.changed, d.unchanged, d.quarantined, d.deleted, d.bad_shards)
+    assert got == (ref.rows_read, ref.new, ref.changed, ref.unchanged, ref.quarantined, ref.deleted,
+                   ref.bad_shards)
+    assert d.existing == len(existing or {})
+
+    embed = _read(f"{plan_dir}/embed")
+    rows = set() if embed is None else set(zip(*(embed[c].to_pylist() for c in ("doc_id", "shard", "row",
+                                                                              "content_hash"))))
+    assert rows == {(k, *v) for k, v in ref.embed_docs.items()}
+    assert d.embed == len(ref.embed_docs)
+    assert d.shards == sorted({s for s, _, _ in ref.embed_docs.values()})
+    for s in d.shards:
+        assert rows_for_shard(plan_dir, s, None) == {r for sh, r, _ in ref.embed_docs.values() if sh == s}
+
+    deletes = [x for a in d.delete_batches(batch_rows=2) for x in a.to_pylist()]
+    assert sorted(deletes) == sorted(ref.delete_doc_ids)
+
+    q = _read(f"{plan_dir}/quarantine")
+    got_q = set() if q is None else set(zip(q["source"].to_pylist(), q["row"].to_pylist(),
+                                            q["doc_id"].to_pylist(), q["reason"].to_pylist()))
+    assert got_q == {(SHARDS[r["shard"]], r["row"], r["doc_id"], r["reason"]) for r in ref.quarantine}
+    assert q is None or q["shard"].to_pylist() == [SHARDS.index(s) for s in q["source"].to_pylist()]
+    assert len(got_q) == ref.quarantined
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scan_rows, st.dictionaries(st.sampled_from(["a", "b", "c", "y"]), st.sampled_from(["t1", "t2"])),
+       st.randoms(), st.integers(1, 4))
+def test_same_work_same_digest_in_any_order(ray_session, tmp_path, rows, existing, rnd, blocks):
+    scan = [(s, i, d, None if r else content_hash(t), r) for i, (s, d, t, r) in enumerate(rows)]
+    existing = {k: content_hash(v) for k, v in existing.items()}
+    shuffled = scan[:]
+    rnd.shuffle(shuffled)
+    a, _ = _diff(tmp_path, scan, existing, False, 1)
+    b, _ = _diff(tmp_path, shuffled, existing, False, blocks)
+    assert a.digest() == b.digest()
+    ref = make_plan(scan, SHARDS, existing, False, 1.0, True)
+    if ref.embed_docs or ref.delete_doc_ids:
+        # different work, different digest: one more document to embed
+        c, _ = _diff(tmp_path, [*scan, (0, 10_000, "new-doc", content_hash("t"), None)], existing, False)
+        assert c.digest() != a.digest()
+
+
+def test_mass_delete_guard_counts_rebuilds(ray_session, tmp_path):
+    existing = {f"d{i}": content_hash("t") for i in range(10)}
+    scan = [(0, i, f"d{i}", content_hash("t"), None) for i in range(5)]
+    with pytest.raises(MassDeleteError, match="refusing to delete 5 of 10"):
+        _diff(tmp_path, scan, existing, False, frac=0.1, allow=False)
+    # a new model rebuilds the table: leaving out half the corpus is refused just the same
+    with pytest.raises(MassDeleteError, match="refusing to delete 5 of 10"):
+        _diff(tmp_path, scan, existing, True, frac=0.1, allow=False)
+    with pytest.raises(MassDeleteError):
+        make_plan(scan, SHARDS, existing, True, 0.1, False)
+    d, _ = _diff(tmp_path, scan, existing, True, frac=0.1, allow=True)
+    assert (d.new, d.deleted, d.existing) == (5, 5, 10)
+    # an unreadable shard keeps its documents in a nightly run, so nothing is deleted
+    d, plan_dir = _diff(tmp_path, [*scan, (1, -1, None, None, "bad shard: x")], existing, False, frac=0.1,
+                        allow=False)
+    assert d.deleted == 0 and d.bad_shards == 1 and list(d.delete_batches()) == []
+    assert [x for b in ids_from(f"{plan_dir}/vanished", None) for x in b.to_pylist()] != []
+
+
+def test_guard_function():
+    check_mass_delete(1, 10, 0.1, False)
+    check_mass_delete(10, 10, 0.1, True)
+    check_mass_delete(5, 0, 0.1, False)
+    with pytest.raises(MassDeleteError):
+        check_mass_delete(2, 10, 0.1, False)
