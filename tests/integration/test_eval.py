@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import lance
 import pytest
 
 from gpte_ray.config import load_config
-from gpte_ray.evaluate import add_eval_parser, build_docstring_retrieval_set, evaluate, run_eval
+from gpte_ray.cli import main
+from gpte_ray.evalset import build_docstring_retrieval_set
+from gpte_ray.evaluate import evaluate
 from gpte_ray.pipeline import run_index
 
 pytestmark = pytest.mark.ray
@@ -57,14 +58,54 @@ def test_eval_exact_and_indexed(ray_session, retrieval_set, tmp_path, capsys):
     # with a vector index: the indexed path is really taken; probing every partition it is exact
     ds = lance.dataset(f"{db}/docs.lance")
     ds.create_index("vector", index_type="IVF_FLAT", metric="cosine", num_partitions=2)
-    args = argparse.ArgumentParser()
-    add_eval_parser(args.add_subparsers(dest="command"))
-    parsed = args.parse_args(["eval", "--db", db, "--table", "docs", "--queries", retrieval_set["queries"],
-                              "--qrels", retrieval_set["qrels"], "-k", "10", "--nprobes", "2"])
     capsys.readouterr()
-    assert run_eval(parsed) == 0
+    assert main(["eval", "--db", db, "--table", "docs", "--queries", retrieval_set["queries"],
+                 "--qrels", retrieval_set["qrels"], "-k", "10", "--nprobes", "2", "-v"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["index"] == "IVF_FLAT" and "note" not in out
     assert set(out["indexed"]) == METRICS and out["exact"] == ex
     for name in METRICS:
         assert out["indexed"][name] == pytest.approx(ex[name], abs=1e-6)
+
+
+def test_searcher_answers_many_queries_with_one_model(ray_session, retrieval_set, tmp_path, monkeypatch):
+    from gpte_ray import Searcher
+    from gpte_ray import query as query_module
+    from gpte_ray.search import search
+
+    db = str(tmp_path / "db")
+    run_index(load_config(None, {"input.paths": [retrieval_set["corpus"]], "output.db": db,
+                                 "output.table": "docs", "batch.window_rows": 256}))
+    queries = [json.loads(x) for x in open(retrieval_set["queries"])][:20]
+    qrels = dict(line.split("\t")[:2] for line in open(retrieval_set["qrels"]).read().splitlines()[1:])
+    loads = []
+    real = query_module.QueryEncoder.__init__
+
+    def counting(self, *a, **kw):
+        loads.append(1)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(query_module.QueryEncoder, "__init__", counting)
+    monkeypatch.setattr(query_module, "_encoders", {})
+    s = Searcher(db, "docs")
+    one_by_one = [s.search(q["text"], k=5) for q in queries]
+    together = s.search_many([q["text"] for q in queries], k=5)
+    assert search(db, "docs", queries[0]["text"], 5) == one_by_one[0]  # the module function shares the model
+    assert len(loads) == 1
+    assert [[r["doc_id"] for r in rows] for rows in together] == [[r["doc_id"] for r in rows] for rows in one_by_one]
+    for rows in together:
+        assert len(rows) == 5 and [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    hits = sum(qrels[q["_id"]] in {r["doc_id"] for r in rows} for q, rows in zip(queries, together))
+    assert hits >= 10  # MiniLM finds most docstrings (in the top 5) from their first sentence
+
+    # several queries from stdin, one per line, each result line tagged with its query
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "gpte_ray.cli", "search", "--db", db, "--table", "docs", "-k", "2",
+                          "-"], input="\n".join(q["text"] for q in queries[:3]) + "\n\n", capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    assert [x["query"] for x in lines] == [q["text"] for q in queries[:3] for _ in range(2)]
+    assert [x["doc_id"] for x in lines] == [r["doc_id"] for rows in together[:3] for r in rows[:2]]
