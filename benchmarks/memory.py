@@ -9,7 +9,8 @@ driver process alone (Ray's raylet, workers and object store are other processes
 keeps ru_maxrss across fork+exec, so a child would inherit its parent's peak: the parent
 here imports nothing heavy, and builds the model and the shards in a subprocess of its own.
 With --profile the child also records the RSS peak inside each pipeline step (the
-module-level functions `run_index` calls) and the top Python allocation sites (tracemalloc).
+module-level functions `run_index` calls); --trace adds the top Python allocation sites
+after each step (tracemalloc).
 
 Corpus: synthetic short documents (5 to 30 words), written by the parent as Parquet shards of
 --rows-per-shard rows before the child starts (the child never holds the corpus). Model: by
@@ -68,10 +69,11 @@ def tiny_bert(folder: str) -> str:
     return folder
 
 
-STEPS = ("_scan", "make_plan", "_staged_state", "_embed", "_collect", "finish_table", "render_html_report")
+STEPS = ("compute_diff", "_staged_state", "_embed", "_collect", "run_upkeep", "render_html_report")
 
 
-def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: int, profile: bool) -> None:
+def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: int, profile: bool,
+          trace: bool, overrides: dict) -> None:
     """Runs in a fresh interpreter: index the shards, print one JSON line with the peaks."""
     import logging
 
@@ -96,11 +98,21 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
             peak["rss"] = max(peak["rss"], rss)
             step_peak[step["name"]] = max(step_peak.get(step["name"], 0), rss)
 
-    if profile:
-        import functools
+    sites: dict[str, list[str]] = {}
+    if trace:
         import tracemalloc
 
-        tracemalloc.start(8)
+        tracemalloc.start(1)
+
+    def top_sites() -> list[str]:
+        import tracemalloc
+
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, "<frozen *>")])
+        return [f"{st.size / 2**20:.1f} MiB {st.count} blocks {st.traceback[0]}"
+                for st in snap.statistics("lineno")[:6]]
+
+    if profile or trace:
+        import functools
 
         def wrap(name, fn):
             @functools.wraps(fn)
@@ -111,6 +123,8 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
                 finally:
                     step_peak[name] = max(step_peak.get(name, 0), proc.memory_info().rss)
                     step["name"] = outer
+                    if trace:
+                        sites[f"after {name}"] = top_sites()
             return inner
 
         for name in STEPS:
@@ -119,7 +133,7 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
 
     cfg = load_config(None, {"input.paths": [shard_dir], "output.db": db, "output.table": "mem",
                              "model.path": model, "resources.device": "cpu",
-                             "resources.torch_threads": threads})
+                             "resources.torch_threads": threads, **overrides})
     before = proc.memory_info().rss
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     thread = threading.Thread(target=sample, daemon=True)
@@ -139,15 +153,14 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
         "peak_rss_sampled_mb": round(peak["rss"] / 2**20, 1),
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_after_run_mb": round(proc.memory_info().rss / 2**20, 1),
-        "stage_seconds": report.stage_seconds,
+        "stage_seconds": report.stage_seconds, "upkeep": report.upkeep,
     }
-    if profile:
+    if profile or trace:
         out["step_peak_rss_mb"] = {k: round(v / 2**20, 1) for k, v in step_peak.items()}
+    if trace:
         current, traced_peak = tracemalloc.get_traced_memory()
         out["python_heap_mb"] = {"current": round(current / 2**20, 1), "peak": round(traced_peak / 2**20, 1)}
-        snap = tracemalloc.take_snapshot()
-        out["top_retained"] = [f"{st.size / 2**20:.1f} MiB {st.count} blocks {st.traceback[-1]}"
-                               for st in snap.statistics("traceback")[:8]]
+        out["top_sites"] = sites
     print(json.dumps(out), flush=True)
     import ray
 
@@ -172,7 +185,12 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="tiny (random 2-layer BERT), minilm, or a folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-cpus", type=int, default=2)
-    ap.add_argument("--profile", action="store_true", help="RSS peak per pipeline step, tracemalloc top sites")
+    ap.add_argument("--profile", action="store_true", help="RSS peak per pipeline step")
+    ap.add_argument("--trace", action="store_true",
+                    help="also tracemalloc: Python heap peak, top allocation sites after each step (slow, "
+                         "and its bookkeeping inflates RSS)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="job config override, e.g. output.fts_index=false (repeatable)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", nargs=3, metavar=("SHARDS", "DB", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--prepare", metavar="WORK", help=argparse.SUPPRESS)
@@ -180,7 +198,10 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",")]
     if args.child:
         shard_dir, db, model = args.child
-        child(shard_dir, db, None if model == "-" else model, args.threads, args.num_cpus, args.profile)
+        overrides = {k: json.loads(v) if v[:1] in "0123456789-[{tfn\"" else v
+                     for k, v in (kv.split("=", 1) for kv in args.set)}
+        child(shard_dir, db, None if model == "-" else model, args.threads, args.num_cpus, args.profile, args.trace,
+              overrides)
         return
     if args.prepare:
         prepare(args.prepare, sizes, args.rows_per_shard, args.model)
@@ -196,13 +217,15 @@ def main() -> None:
                              capture_output=True, text=True, timeout=1800, check=True)
         n_shards = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
         model = {"tiny": os.path.join(work, "tiny-bert"), "minilm": "-"}.get(args.model, args.model)
-        results = {"model": args.model, "rows_per_shard": args.rows_per_shard, "runs": {}}
+        results = {"model": args.model, "rows_per_shard": args.rows_per_shard, "overrides": args.set, "runs": {}}
         print(f"# driver peak RSS, model {args.model}, shards of {args.rows_per_shard} rows, "
-              f"{args.num_cpus}-CPU local Ray, parent RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
+              f"{args.num_cpus}-CPU local Ray, parent RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} "
               f"MiB, loadavg {[round(x, 1) for x in os.getloadavg()]}", flush=True)
         for n in sizes:
             cmd = [*me, "--threads", str(args.threads), "--num-cpus", str(args.num_cpus),
-                   *(["--profile"] if args.profile else []),
+                   *(["--profile"] if args.profile else []), *(["--trace"] if args.trace else []),
+                   *(x for kv in args.set for x in ("--set", kv)),
                    "--child", os.path.join(work, f"corpus{n}"), os.path.join(work, f"db{n}"), model]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             if out.returncode != 0:
@@ -215,11 +238,14 @@ def main() -> None:
             print(f"{n:>8} docs ({r['shards']} shards): driver peak RSS {r['ru_maxrss_mb']:.1f} MiB (ru_maxrss), "
                   f"{r['peak_rss_sampled_mb']:.1f} MiB (sampled); {r['rss_before_run_mb']:.1f} MiB before run_index, "
                   f"{r['rss_after_run_mb']:.1f} after; {r['seconds']:.1f} s", flush=True)
-            if args.profile:
-                print(f"          peak RSS per step (MiB): {r['step_peak_rss_mb']}")
-                print(f"          python heap (MiB): {r['python_heap_mb']}; top retained:")
-                for line in r["top_retained"]:
-                    print(f"            {line}")
+            if args.profile or args.trace:
+                print(f"          RSS at the end of / peak within each step (MiB): {r['step_peak_rss_mb']}")
+            if args.trace:
+                print(f"          python heap (MiB): {r['python_heap_mb']}; top allocation sites:")
+                for where, lines in r["top_sites"].items():
+                    print(f"            {where}:")
+                    for line in lines:
+                        print(f"              {line}")
         base, big = results["runs"][str(sizes[0])], results["runs"][str(sizes[-1])]
         ratio = big["ru_maxrss_mb"] / base["ru_maxrss_mb"]
         ratio_s = big["peak_rss_sampled_mb"] / base["peak_rss_sampled_mb"]
