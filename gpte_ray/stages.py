@@ -182,7 +182,7 @@ class EmbedStage:
             if queue:
                 ready = (queue[0], emb.prepare(values, offsets, queue[0], plens))
             done.append((rows, out))
-            padded[rows] = int(lengths[rows].max())
+            padded[rows] = lengths[rows] if emb.packed else int(lengths[rows].max())
             first[rows[0]] = 1
             if self.progress is not None and last_chunk is not None:  # a window can take minutes on a CPU
                 self.progress.add.remote(int(last_chunk[rows].sum()), len(rows), int(lengths[rows].sum()))
