@@ -212,6 +212,19 @@ class LocalHead:
             return f"({path}: {e.strerror})"
 
 
+def copy_checkout(dest: Path, excludes: list[str] = ()) -> Path:
+    """The checkout as `ray up`'s rsync or a user's clone has it: tracked and untracked files,
+    less what .gitignore (or `excludes`) leaves out."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        if any(Path(rel).match(x) or x in Path(rel).parts for x in excludes) or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
 def last_json(stdout: str) -> dict:
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{"):
