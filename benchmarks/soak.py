@@ -218,9 +218,11 @@ class Soak:
         return json.loads(report.read_text())
 
     def refused(self, rc: int, err: str, tag: str) -> None:
-        lines = err.splitlines()
+        # progress lines may precede it; the refusal itself is one line, no traceback
+        lines = [line for line in err.splitlines() if not line.startswith("embedded ")]
         assert rc != 0 and lines, f"{tag}: expected a refusal, got exit {rc}"
-        assert len(lines) == 1, f"{tag}: a refusal must be one line, got:\n{err[-2000:]}"
+        assert len(lines) == 1 and lines[0].startswith("gpte-ray: error:"), \
+            f"{tag}: a refusal must be one line, got:\n{err[-2000:]}"
         reason = ("busy" if "is being written by" in err or "took the lock" in err else
                   "lost-lock" if "lost its lock" in err else
                   "moved" if "changed while this run worked" in err or "is committing version" in err
@@ -287,7 +289,12 @@ class Soak:
                     a.send_signal(signal.SIGSTOP)
                     self.summary["faults"]["pause"] += 1
                     time.sleep(LEASE_S + 2)
-                    report = self.run_once(folder, cfg, f"{n}-b")
+                    # the next night comes while it sleeps: other work, on the same version
+                    self.corpus.mutate()
+                    folder_b = self.work / "corpus" / f"night-{n:03d}b"
+                    self.corpus.write(folder_b)
+                    report = self.run_once(folder_b, cfg, f"{n}-b")
+                    shutil.rmtree(folder_b)
                     a.send_signal(signal.SIGCONT)
                     rc, err = self.finish(a)
                     self.refused(rc, err, f"night {n} paused run")

@@ -40,6 +40,7 @@ __all__ = [
     "claim_of",
     "claimed_versions",
     "claims_uri",
+    "moved",
 ]
 
 
@@ -57,6 +58,13 @@ class LockLostError(FenceError):
 
 class TableMovedError(FenceError):
     """The table changed since this run planned, or another run claimed the next version."""
+
+
+def moved(planned: int, now: int) -> TableMovedError:
+    return TableMovedError(
+        f"the table changed while this run worked (planned on version {planned}, now at {now}); "
+        "nothing was committed: run again"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -195,10 +203,7 @@ class Fence:
             if self.lock is not None:
                 self.lock.check()
             if version != self.expected:
-                raise TableMovedError(
-                    f"the table changed while this run worked (planned on version {self.expected - 1}, "
-                    f"now at {version - 1}); nothing was committed: run again"
-                )
+                raise moved(self.expected - 1, version - 1)
             self._claim(version)
         except FenceError as e:
             self.error = e

@@ -375,16 +375,21 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     t = time.perf_counter()
     ds = current
     if plan.embed_docs or plan.delete_doc_ids or rebuild or current is None:
-        try:
-            ds = store.commit(
-                CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
-                           delete_doc_ids=plan.delete_doc_ids, fragments=fragments),
-                schema, lock,
-            )
-        except FenceError:
-            store.drop_staging(run_id)  # never committable now: the table moved on without it
-            raise
-        report.committed = True
+        commit = CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
+                            delete_doc_ids=plan.delete_doc_ids, fragments=fragments)
+        latest = store.open()
+        if latest is not None and store.committed_run(latest, commit):
+            # a run with the very same work (same version, corpus and model: same run id) that
+            # took over while this one was paused has committed it already
+            log.warning("run %s: the same work was already committed by another run", run_id)
+            ds = latest
+        else:
+            try:
+                ds = store.commit(commit, schema, lock)
+            except FenceError:
+                store.drop_staging(run_id)  # never committable now: the table moved on without it
+                raise
+            report.committed = True
     report.version = ds.version if ds is not None else None
     report.stage_seconds["commit"] = time.perf_counter() - t
     if plan.quarantine and cfg.output.quarantine:

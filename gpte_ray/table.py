@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError
-from gpte_ray.lock import Fence, FenceError, claim_of
+from gpte_ray.lock import Fence, FenceError, claim_of, moved
 from gpte_ray.spec import ModelSpec
 from gpte_ray.storage import ensure_dir, filesystem, join
 
@@ -175,6 +175,13 @@ class TableStore:
         ds = self.open()
         if ds is not None and self.committed_run(ds, plan):
             return ds  # this run already landed: committing again would double its rows
+        # checked here for a clear message (Lance cannot even start a commit on a read version
+        # that cleanup has removed since); the fence below is what makes it safe
+        if lock is not None:
+            lock.check()
+        now = ds.version if ds is not None else 0
+        if now != (plan.read_version or 0):
+            raise moved(plan.read_version or 0, now)
         missing = self.missing_files(plan.fragments)
         if missing:
             raise FenceError(

@@ -176,3 +176,21 @@ def test_staged_fragments_whose_files_vanished_are_not_committed(tmp_path):
     with pytest.raises(Exception, match="staged data of run"):
         s.commit(CommitPlan("d" * 16, None, True, fragments=frags), _schema())
     assert s.open() is None
+
+
+def test_the_fence_refuses_what_the_pre_check_cannot_see(store):
+    """Two runs pass the version check at the same moment; inside Lance's commit only the
+    first claim on the version wins, and a version other than planned is always refused."""
+    from gpte_ray.lock import Fence
+
+    v = store.open().version
+    first = Fence(store.db, store.table, None, None, v, "f" * 16)
+    second = Fence(store.db, store.table, None, None, v, "e" * 16)
+    with first(v + 1):
+        pass
+    with pytest.raises(TableMovedError, match="is committing version"), second(v + 1):
+        pass
+    with pytest.raises(TableMovedError, match="changed while this run worked"), second(v + 2):
+        pass
+    with first(v + 1):  # the same run again (a retried commit) keeps its own claim
+        pass
