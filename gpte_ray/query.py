@@ -7,6 +7,7 @@ program or an evaluation that searches many times pays for the weights once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -27,6 +28,8 @@ __all__ = [
 
 # queries embedded per forward pass (sorted by length, so little padding)
 QUERY_BATCH = 256
+# up to this many queries embed on one torch thread (see _threads)
+FEW_QUERIES = 16
 
 _encoders: dict[tuple[str, str | None], QueryEncoder] = {}
 _encoders_lock = threading.Lock()
@@ -52,15 +55,37 @@ class QueryEncoder:
         spec = self.spec if quantize else dataclasses.replace(self.spec, precision="float32")
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
         out: np.ndarray | None = None
-        for start in range(0, len(order), QUERY_BATCH):
-            idx = order[start : start + QUERY_BATCH]
-            chunks = self.tokenizer.encode([queries[i] for i in idx], role="query")
-            pooled = self.embedder.embed([c.input_ids for c in chunks], [c.prompt_len for c in chunks])
-            vec = postprocess(pooled, spec, calibration)
-            if out is None:
-                out = np.empty((len(queries), *vec.shape[1:]), dtype=vec.dtype)
-            out[idx] = vec
+        with _threads(1 if len(queries) <= FEW_QUERIES else None):
+            for start in range(0, len(order), QUERY_BATCH):
+                idx = order[start : start + QUERY_BATCH]
+                chunks = self.tokenizer.encode([queries[i] for i in idx], role="query")
+                pooled = self.embedder.embed([c.input_ids for c in chunks], [c.prompt_len for c in chunks])
+                vec = postprocess(pooled, spec, calibration)
+                if out is None:
+                    out = np.empty((len(queries), *vec.shape[1:]), dtype=vec.dtype)
+                out[idx] = vec
         return out if out is not None else np.empty((0, self.spec.dim), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Torch's intra-op threads set to `n` for a while (None: unchanged).
+
+    A few short queries are milliseconds of work: split across threads they spend more on
+    synchronisation than they save, and on a busy machine the threads wait for each other
+    (MiniLM, one query, 2 busy CPUs: 40 ms on one thread, 0.8-1.9 s on two).
+    """
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def query_encoder(fp: dict, model_path: str | None = None) -> QueryEncoder:
