@@ -219,3 +219,15 @@ def test_search_grouping_and_rank_fusion_by_hand():
     # b: 1/62 + 1/61 beats a: 1/61 beats c: 1/62
     assert [r["doc_id"] for r in fused] == ["b", "a", "c"]
     assert abs(fused[0]["score"] - (1 / 62 + 1 / 61)) < 1e-12
+
+
+def test_search_groups_documents_by_the_rule_eval_ranks_them():
+    from gpte_ray.search import group_by_document
+
+    # a tie between b and a, listed b first (as an index may return it): both rank a first
+    hits = [{"doc_id": "b", "chunk": 0, "score": 0.5}, {"doc_id": "a", "chunk": 3, "score": 0.5},
+            {"doc_id": "c", "chunk": 1, "score": 0.4}, {"doc_id": "c", "chunk": 0, "score": 0.9}]
+    grouped = group_by_document(hits)
+    assert [g["doc_id"] for g in grouped] == [d for d, _ in collapse_to_docs(hits)] == ["c", "a", "b"]
+    assert grouped[0]["chunk"] == 0 and [c["chunk"] for c in grouped[0]["chunks"]] == [0, 1]
+    assert group_by_document(list(reversed(hits))) == grouped
