@@ -7,8 +7,8 @@ import json
 import lance
 import pytest
 
-from gpte_ray.config import load_config
 from gpte_ray.cli import main
+from gpte_ray.config import load_config
 from gpte_ray.evalset import build_docstring_retrieval_set
 from gpte_ray.evaluate import evaluate
 from gpte_ray.pipeline import run_index

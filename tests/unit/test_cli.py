@@ -82,7 +82,7 @@ def test_first_shard_columns_jsonl(tmp_path):
     with pytest.raises(ShardError, match="missing column 'txt'"):
         check_first_shard(str(path), InputConfig(text_column="txt"))
     check_first_shard(str(path), InputConfig(template="{title} {text}"))  # an optional template field
-    with pytest.raises(ShardError, match="missing column 'title' \(input.template"):
+    with pytest.raises(ShardError, match=r"missing column 'title' \(input.template"):
         check_first_shard(str(path), InputConfig(template="{title} {summary}"))
 
 

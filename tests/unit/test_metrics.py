@@ -185,8 +185,8 @@ def test_rank_docs_fetches_more_chunks_when_one_doc_crowds_the_top(tmp_path):
 def test_int8_search_matches_brute_force(tmp_path):
     import pyarrow as pa
 
-    from gpte_ray.query import int8_search
     from gpte_ray.quantize import calibrate_int8, quantize_int8
+    from gpte_ray.query import int8_search
 
     rng = np.random.default_rng(1)
     floats = rng.standard_normal((300, 16)).astype(np.float32)
