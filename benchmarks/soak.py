@@ -384,7 +384,7 @@ class Soak:
         up = report.get("upkeep", {})
         self.summary["compactions"] += "compacted_fragments" in up
         self.summary["index_created"] += str(up.get("vector_index", "")).startswith("created")
-        self.summary["index_updates"] += up.get("indexes") == "updated"
+        self.summary["index_updates"] += bool(up.get("indexes"))  # delta segments or merges
         self.summary["rebuilds"] += bool(rebuild)
         tags = [name for name in backend.dataset().tags.list() if name.startswith("run-")]
         self.summary["max_run_tags"] = max(self.summary.get("max_run_tags", 0), len(tags))
