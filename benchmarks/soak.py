@@ -401,7 +401,8 @@ class Soak:
 
         from tests.support.s3 import FaultProxy
 
-        self.head = LocalHead(num_cpus=2, dashboard=False).start()
+        # the head's workers import this checkout (it may be a snapshot: git worktree)
+        self.head = LocalHead(num_cpus=2, dashboard=False, env={"PYTHONPATH": str(REPO)}).start()
         port = free_port()
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self.moto.start()
