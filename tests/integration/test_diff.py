@@ -58,7 +58,7 @@ scan_rows = st.lists(st.tuples(st.integers(0, 2), doc_ids, st.sampled_from(["t1"
                                st.sampled_from([None, None, None, None, "bad text"])), max_size=40)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scan_rows,
        st.one_of(st.none(), st.dictionaries(st.sampled_from(["a", "b", "c", "x'y", "y", "z"]),
                                             st.sampled_from(["t1", "t2"]))),
@@ -101,7 +101,7 @@ def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, re
     assert len(got_q) == ref.quarantined
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scan_rows, st.dictionaries(st.sampled_from(["a", "b", "c", "y"]), st.sampled_from(["t1", "t2"])),
        st.randoms(), st.integers(1, 4))
 def test_same_work_same_digest_in_any_order(ray_session, tmp_path, rows, existing, rnd, blocks):

@@ -1,0 +1,202 @@
+"""Resume state: what this run has staged, and what it still has to embed.
+
+Every embedded window leaves a Parquet marker in the run's staging folder, written after its
+Lance fragment: one row per chunk (doc_id, chunk, n_chunks), the fragment's metadata in the
+file's schema metadata. The state is computed on the cluster with Ray Data's hash-shuffle
+aggregation, never with an object per document on the driver:
+
+- a chunk staged by two markers (a retried window) would be committed twice: the later marker
+  of every such pair is dropped (its documents are embedded again);
+- a planned document is done when its staged chunks number its n_chunks; the others are
+  written as a new embed plan, with the chunks already staged (of documents split across
+  windows) listed so the tokenizer skips them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gpte_ray.diff import EMBED_SCHEMA, _name, _partitions, _write
+from gpte_ray.storage import ensure_dir, filesystem, join
+
+__all__ = ["MARKER_SCHEMA", "StagedState", "marker_files", "read_skip", "staged_state", "write_marker"]
+
+MARKER_SCHEMA = pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("n_chunks", pa.int32())])
+FRAGMENTS_KEY = b"gpte_ray.fragments"
+
+
+def write_marker(staging_dir: str, storage_options: dict | None, name: str, keys: pa.Table,
+                 fragments: list[str]) -> None:
+    """Durably record a window's fragments and the chunks they hold (atomic per file)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(staging_dir, storage_options)
+    ensure_dir(fs, path)
+    table = keys.select(MARKER_SCHEMA.names).cast(MARKER_SCHEMA)
+    table = table.replace_schema_metadata({FRAGMENTS_KEY: json.dumps(fragments).encode()})
+    tmp = f"{path}/.{name}.tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, f"{path}/{name}.parquet")
+
+
+def marker_files(staging_dir: str, storage_options: dict | None) -> list[str]:
+    """Paths of the run's markers, sorted (one per staged window)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(staging_dir, storage_options)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.path for i in infos if i.is_file and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith("."))
+
+
+def _marker_meta(path: str, fs) -> tuple[list, int]:
+    """(FragmentMetadata list, rows) of one marker, from its footer alone."""
+    import pyarrow.parquet as pq
+    from lance.fragment import FragmentMetadata
+
+    meta = pq.read_metadata(path, filesystem=fs)
+    frags = json.loads(meta.metadata[FRAGMENTS_KEY])
+    return [FragmentMetadata.from_json(f if isinstance(f, str) else json.dumps(f)) for f in frags], meta.num_rows
+
+
+@dataclass
+class StagedState:
+    fragments: list = field(default_factory=list)  # lance FragmentMetadata of the kept markers
+    chunks: int = 0  # chunks staged in the kept markers
+    todo: int = 0  # documents still to embed
+    plan_dir: str = ""  # the embed plan of the documents still to embed
+    shards: list[int] = field(default_factory=list)  # shards holding them
+    skip_dir: str | None = None  # (doc_id, chunk) already staged of documents still to embed
+
+
+def read_skip(skip_dir: str | None, storage_options: dict | None) -> frozenset[tuple[str, int]]:
+    """The chunks the tokenizer skips (only documents split across windows: a few per window)."""
+    if not skip_dir:
+        return frozenset()
+    from gpte_ray.diff import _batches
+
+    out: set[tuple[str, int]] = set()
+    for b in _batches(skip_dir, storage_options, ["doc_id", "chunk"], 65536):
+        out.update(zip(b.column(0).to_pylist(), b.column(1).to_pylist()))
+    return frozenset(out)
+
+
+def _conflict_key(batch: pa.Table) -> pa.Table:
+    k = pc.binary_join_element_wise(batch["doc_id"], pc.cast(batch["chunk"], pa.string()), "\0")
+    return pa.table({"k": k, "path": batch["path"]})
+
+
+def _docs_union(batch: pa.Table) -> pa.Table:
+    """Plan rows (EMBED_SCHEMA) or marker rows -> one schema for the per-document grouping."""
+    n = batch.num_rows
+    if "shard" in batch.column_names:
+        return pa.table({"doc_id": batch["doc_id"], "shard": batch["shard"], "row": batch["row"],
+                         "content_hash": batch["content_hash"], "chunk": pa.nulls(n, pa.int32()),
+                         "n_chunks": pa.nulls(n, pa.int32())})
+    return pa.table({"doc_id": batch["doc_id"], "shard": pa.nulls(n, pa.int32()), "row": pa.nulls(n, pa.int64()),
+                     "content_hash": pa.nulls(n, pa.string()), "chunk": batch["chunk"],
+                     "n_chunks": batch["n_chunks"]})
+
+
+def _todo(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Table:
+    planned = pc.greater(batch["planned"], 0)
+    staged = batch["staged"]
+    done = pc.and_(planned, pc.equal(staged, pc.fill_null(batch["n_chunks"], -1)))
+    todo = pc.and_(planned, pc.invert(done))
+    partial = pc.and_(todo, pc.greater(staged, 0))
+    rows = pa.table({"shard": batch["shard"], "row": batch["row"], "doc_id": batch["doc_id"],
+                     "content_hash": batch["content_hash"]}, schema=EMBED_SCHEMA).filter(todo)
+    name = _name(batch["doc_id"].combine_chunks() if isinstance(batch["doc_id"], pa.ChunkedArray)
+                 else batch["doc_id"])
+    _write(rows.sort_by([("shard", "ascending"), ("row", "ascending")]), join(out_dir, "embed"), name,
+           storage_options)
+    _write(pa.table({"doc_id": batch["doc_id"]}).filter(partial), join(out_dir, "partial"), name,
+           storage_options)
+    return pa.table({"todo": [rows.num_rows], "partial": [int(pc.sum(pc.cast(partial, pa.int64())).as_py() or 0)],
+                     "shards": [pc.unique(rows["shard"]).to_pylist()]},
+                    schema=pa.schema([("todo", pa.int64()), ("partial", pa.int64()),
+                                      ("shards", pa.list_(pa.int32()))]))
+
+
+def _skips(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(join(out_dir, "partial"), storage_options)
+    partial = pads.dataset(path, format="parquet", filesystem=fs).to_table()["doc_id"]
+    rows = batch.select(["doc_id", "chunk"]).filter(pc.is_in(batch["doc_id"], value_set=partial))
+    if rows.num_rows:
+        name = _name(pc.binary_join_element_wise(rows["doc_id"], pc.cast(rows["chunk"], pa.string()), "\0")
+                     .combine_chunks())
+        _write(rows, join(out_dir, "skip"), name, storage_options)
+    return pa.table({"rows": [rows.num_rows]})
+
+
+def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, planned: int,
+                 planned_shards: list[int], out_dir: str) -> StagedState:
+    """The run's staged fragments and, in `out_dir`, the plan of what is left to embed."""
+    import ray.data
+    from ray.data.aggregate import Count, Max, Min
+
+    fs, _ = filesystem(staging_dir, storage_options)
+    files = marker_files(staging_dir, storage_options)
+    if not files:
+        return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
+
+    def keys():
+        return ray.data.read_parquet(files, filesystem=fs, include_paths=True, columns=MARKER_SCHEMA.names)
+
+    # 1. chunks staged twice: drop the later marker of each pair until none is left
+    while True:
+        pairs = (keys().map_batches(_conflict_key, batch_format="pyarrow", batch_size=None)
+                 .groupby("k", num_partitions=_partitions(len(files) * 1024))
+                 .aggregate(Count(alias_name="n"), Max("path", alias_name="last"))
+                 .filter(expr="n > 1").select_columns(["last"]).unique("last"))
+        if not pairs:
+            break
+        for p in pairs:
+            fs.delete_file(p)
+        files = [f for f in files if f not in set(pairs)]
+        if not files:
+            return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
+
+    # 2. per planned document: staged chunks against its chunk count
+    plan = ray.data.read_parquet(join(plan_dir, "embed"), filesystem=filesystem(plan_dir, storage_options)[0]) \
+        if planned else None
+    staged = keys().drop_columns(["path"]).map_batches(_docs_union, batch_format="pyarrow", batch_size=None)
+    union = staged if plan is None else staged.union(
+        plan.map_batches(_docs_union, batch_format="pyarrow", batch_size=None))
+    per_doc = union.groupby("doc_id", num_partitions=_partitions(planned + len(files) * 1024)).aggregate(
+        Count("shard", ignore_nulls=True, alias_name="planned"),
+        Count("chunk", ignore_nulls=True, alias_name="staged"),
+        Max("n_chunks", alias_name="n_chunks"), Min("shard", alias_name="shard"), Min("row", alias_name="row"),
+        Min("content_hash", alias_name="content_hash"),
+    )
+    state = StagedState(plan_dir=out_dir)
+    shards: set[int] = set()
+    partial = 0
+    for b in per_doc.map_batches(_todo, batch_format="pyarrow", batch_size=None,
+                                 fn_kwargs={"out_dir": out_dir, "storage_options": storage_options}
+                                 ).iter_batches(batch_size=None, batch_format="pyarrow"):
+        state.todo += int(pc.sum(b["todo"]).as_py() or 0)
+        partial += int(pc.sum(b["partial"]).as_py() or 0)
+        shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())
+    state.shards = sorted(shards)
+    if partial:
+        for _ in keys().drop_columns(["path"]).map_batches(
+                _skips, batch_format="pyarrow", batch_size=None,
+                fn_kwargs={"out_dir": out_dir, "storage_options": storage_options}).iter_batches(batch_size=None):
+            pass
+        state.skip_dir = join(out_dir, "skip")
+
+    # 3. the kept markers' fragments: one footer per window, read in parallel threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        for frags, rows in pool.map(lambda p: _marker_meta(p, fs), files):
+            state.fragments += frags
+            state.chunks += rows
+    return state
