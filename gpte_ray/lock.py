@@ -89,6 +89,7 @@ class TableLock:
         self.uri = join(db.rstrip("/"), "_gpte_staging", table, "lease.json")
         self.table = table
         self.fs, self.path = filesystem(self.uri, storage_options)
+        self.remote = is_remote(self.uri)
         self.lease_s = lease_s
         self.settle_s = settle_s
         self.token = uuid.uuid4().hex
@@ -98,18 +99,31 @@ class TableLock:
         self._thread: threading.Thread | None = None
 
     def _read(self) -> dict | None:
+        """The lease, or None if there is none. Other I/O errors propagate: an unreadable
+        lease is not an absent one."""
         try:
             with self.fs.open_input_stream(self.path) as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, OSError, ValueError):
+                raw = f.read()
+        except FileNotFoundError:
             return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return {"run_id": "unknown (unreadable lease)", "heartbeat": 0}
 
     def _write(self) -> None:
-        ensure_dir(self.fs, self.path.rsplit("/", 1)[0])
-        body = {"token": self.token, "run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "heartbeat": time.time()}
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(json.dumps(body).encode())
+        folder = self.path.rsplit("/", 1)[0]
+        ensure_dir(self.fs, folder)
+        body = json.dumps({"token": self.token, "run_id": self.run_id, "host": socket.gethostname(),
+                           "pid": os.getpid(), "heartbeat": time.time()}).encode()
+        if self.remote:  # an object PUT is atomic
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(body)
+            return
+        tmp = f"{folder}/.lease-{self.token}.tmp"  # a reader never sees a half-written lease
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(body)
+        self.fs.move(tmp, self.path)
 
     def _holder_alive(self, held: dict) -> bool:
         if time.time() - held.get("heartbeat", 0) > self.lease_s:
@@ -120,6 +134,8 @@ class TableLock:
 
     @staticmethod
     def describe(held: dict) -> str:
+        if "host" not in held:
+            return str(held.get("run_id"))
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held.get("heartbeat", 0)))
         return f"run {held.get('run_id')} (host {held.get('host')}, pid {held.get('pid')}, heartbeat {since} UTC)"
 
@@ -146,10 +162,10 @@ class TableLock:
         self._write()
 
     def check(self) -> None:
-        """Raise LockLostError if another run has taken the lease."""
+        """Raise LockLostError if another run has taken the lease (or removed it)."""
         held = self._read()
         if self.lost_to is None and (not held or held.get("token") != self.token):
-            self.lost_to = held or {"run_id": "unknown"}
+            self.lost_to = held or {"run_id": "another run (it has released the table since)"}
         if self.lost_to is not None:
             raise LockLostError(
                 f"table {self.table!r}: this run lost its lock to {self.describe(self.lost_to)} "
@@ -158,20 +174,26 @@ class TableLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
-            held = self._read()
-            if held is not None and held.get("token") != self.token:
-                self.lost_to = held  # never overwrite another run's lease
-                return
-            self._write()
+            try:
+                held = self._read()
+                if held is None or held.get("token") != self.token:
+                    # taken over, or released by the run that took it over: never write again
+                    self.lost_to = held or {"run_id": "another run (it has released the table since)"}
+                    return
+                self._write()
+            except OSError:
+                continue  # a failed beat is retried at the next one; the lease has slack
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        held = self._read()
-        if held and held.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
+        try:
+            held = self._read()
+            if held and held.get("token") == self.token:
                 self.fs.delete_file(self.path)
+        except OSError:
+            pass  # a lease left behind expires after lease_s
 
     def __enter__(self) -> TableLock:
         return self

@@ -194,3 +194,22 @@ def test_the_fence_refuses_what_the_pre_check_cannot_see(store):
         pass
     with first(v + 1):  # the same run again (a retried commit) keeps its own claim
         pass
+
+
+def test_a_lease_released_by_the_run_that_took_it_over_is_not_taken_back(store):
+    a = TableLock(store.db, store.table, None, lease_s=0.4, settle_s=0.01)
+    a.acquire("a" * 16)
+    a._stop.set()
+    a._thread.join()
+    time.sleep(0.6)
+    b = TableLock(store.db, store.table, None, lease_s=0.4, settle_s=0.01)
+    b.acquire("b" * 16)
+    b.release()  # B finished its night while A slept
+    a._stop.clear()
+    a._thread = threading.Thread(target=a._beat, daemon=True)
+    a._thread.start()
+    time.sleep(0.3)
+    assert a._read() is None  # A's heartbeat did not write its lease again
+    with pytest.raises(LockLostError, match="released the table since"):
+        a.check()
+    a.release()
