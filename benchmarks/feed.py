@@ -85,19 +85,28 @@ def load_docs(corpus: str, n: int) -> list[dict]:
 
 
 def tokenizer_rate(model: str, texts: list[str], rounds: int = 3) -> dict:
-    """Documents/s of the bare fast tokenizer on one core (best of `rounds`)."""
+    """Documents/s of the bare fast tokenizer on one core (best of `rounds`), called two ways:
+    the transformers call (`tok(texts)`, ids + masks as Python lists), and the Rust backend's
+    `encode_batch_fast` (ids only), which the job's tokenize stage calls."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
     tok.model_max_length = 1 << 30
-    best = float("inf")
-    tokens = 0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        ids = tok(texts, add_special_tokens=True)["input_ids"]
-        best = min(best, time.perf_counter() - t)
-        tokens = sum(map(len, ids))
-    return {"seconds": best, "docs_per_s": len(texts) / best, "tokens_per_s": tokens / best}
+    calls = {
+        "transformers": lambda: tok(texts, add_special_tokens=True)["input_ids"],
+        "backend": lambda: [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=True)],
+    }
+    out = {}
+    for name, call in calls.items():
+        best, tokens = float("inf"), 0
+        for _ in range(rounds):
+            t = time.perf_counter()
+            ids = call()
+            best = min(best, time.perf_counter() - t)
+            tokens = sum(map(len, ids))
+        out[name] = {"seconds": best, "docs_per_s": len(texts) / best, "tokens_per_s": tokens / best}
+    out["docs_per_s"] = max(v["docs_per_s"] for v in out.values())  # the stricter reference
+    return out
 
 
 def run_tree(tree: str, model: str, shards: str, cpus: int, docs: int) -> dict:
@@ -154,9 +163,8 @@ def summarise(r: dict, cpus: int) -> dict:
     s["docs_per_s_core"] = s["docs_per_s"] / cpus
     s["tokens_per_s_core"] = s["tokens_per_s"] / cpus
     cost = r.get("cost") or {}
-    held = cost.get("embed_actor_seconds")
-    if held:
-        s["outside_forward"] = 1 - cost["embed_forward_seconds"] / held
+    if cost.get("outside_forward_share") is not None:
+        s["outside_forward"] = cost["outside_forward_share"]  # of the actors' time after model load
         s["input_wait_s"] = cost["embed_input_wait_seconds"]
         s["cost"] = cost
     return s
@@ -205,8 +213,10 @@ def main() -> None:
         shards = os.path.join(work, f"shards-{corpus}")
         write_shards(iter(docs), shards, rows_per_shard=1000)
         tok = tokenizer_rate(model, [d["text"] for d in docs])
-        print(f"[{corpus}] {len(docs)} docs; bare tokenizer, one core: {tok['docs_per_s']:.0f} docs/s "
-              f"{tok['tokens_per_s']:.0f} tok/s", flush=True)
+        print(f"[{corpus}] {len(docs)} docs; bare tokenizer, one core: transformers call "
+              f"{tok['transformers']['docs_per_s']:.0f} docs/s {tok['transformers']['tokens_per_s']:.0f} tok/s, "
+              f"backend encode_batch_fast {tok['backend']['docs_per_s']:.0f} docs/s "
+              f"{tok['backend']['tokens_per_s']:.0f} tok/s", flush=True)
         runs: dict[str, list] = {k: [] for k in trees}
         for r in range(args.rounds):
             for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
@@ -219,7 +229,7 @@ def main() -> None:
         if "new" in best:
             new = best["new"]
             ratio_tok = new["docs_per_s"] / tok["docs_per_s"]
-            print(f"  job docs/s / bare tokenizer (one core) = {ratio_tok:.2f} "
+            print(f"  job docs/s / faster bare tokenizer (one core) = {ratio_tok:.2f} "
                   f"(target >= 0.5: {'ok' if ratio_tok >= 0.5 else 'MISSED'})")
             if "base" in best:
                 ratio = new["docs_per_s"] / best["base"]["docs_per_s"]

@@ -366,11 +366,16 @@ def run_method(name: str, corpus: str, rnd: int, args, path: str, texts: list[st
     rows = lancedb.connect(db).open_table("bench").count_rows()
     assert report.committed and report.docs_embedded == len(texts) and not report.quarantined, (
         report.docs_embedded, report.quarantined)
+    if report.cost:
+        c = report.cost
+        print(f"  {name}: embed actor time outside forward {c['outside_forward_share']:.3f} (model load aside), "
+              f"waited for input {c['embed_input_wait_seconds']:.2f} s, forward {c['embed_forward_seconds']:.2f} s, "
+              f"CPU {c['embed_cpu_seconds']:.2f} s", flush=True)
     if args.long_documents == "truncate" and report.tokens != int(lengths.sum()):
         print(f"  warning: job embedded {report.tokens} tokens, the tokenizer counts {int(lengths.sum())}")
     return out | {"padding_efficiency": report.padding_efficiency, "run_index_seconds": round(r["run_seconds"], 2),
                   "table_rows": rows, "stage_seconds": report.stage_seconds, "job_tokens": report.tokens,
-                  "padded_tokens": report.padded_tokens}
+                  "padded_tokens": report.padded_tokens, "cost": report.cost}
 
 
 # ----------------------------------------------------------------------------- main

@@ -128,6 +128,12 @@ class EmbedStage:
     def __init__(self, spec: ModelSpec, device: str, token_budget: int, max_rows: int, min_fill: float,
                  torch_threads: int | None, calibration: dict | None, progress=None, writer=None):
         born, born_cpu, born_wall = time.perf_counter(), time.process_time(), time.time()
+        if device == "cpu":
+            # idle OpenMP threads spin by default; on a node shared with tokenizers, reads and
+            # other actors a spinning thread holds the core its peer waits for (a stand-in
+            # model's window measured 0.7 s passive vs 35 s spinning, two threads, loaded
+            # machine). Read when torch loads, so set before this process first imports it.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         from gpte_ray.embedder import Embedder
