@@ -152,6 +152,49 @@ def child(spec: dict) -> None:
     print(json.dumps(out))
 
 
+def stages_child(spec: dict) -> None:
+    """Inside a subprocess: the tokenize and embed stages called directly on 2,048-row windows
+    (no Ray, no writer, one torch thread), tokenize then embed per window, each timed."""
+    import pyarrow.parquet as pq
+    import torch
+
+    import gpte_ray
+    from gpte_ray.config import ModelConfig
+    from gpte_ray.spec import resolve_model
+    from gpte_ray.stages import EmbedStage, TokenizeStage
+
+    torch.set_num_threads(1)
+    model = resolve_model(ModelConfig(path=spec["model"], dtype="float32"))
+    import pyarrow as pa
+
+    shards = pq.read_table(spec["shards"])
+    docs = pa.table({"doc_id": shards["id"], "text": shards["text"], "content_hash": shards["id"]})
+    tok, emb = TokenizeStage(model), EmbedStage(model, "cpu", 8192, 256, 0.9, 1, None)
+    emb(tok(docs.slice(0, 64)))  # warm-up
+    tok_s = emb_s = 0.0
+    chunks = 0
+    for start in range(0, docs.num_rows, 2048):
+        t = time.perf_counter()
+        w = tok(docs.slice(start, 2048))
+        t2 = time.perf_counter()
+        emb(w)
+        tok_s, emb_s = tok_s + t2 - t, emb_s + time.perf_counter() - t2
+        chunks += w.num_rows
+    fig = getattr(emb, "figures", None)
+    print(json.dumps({"docs": docs.num_rows, "chunks": chunks, "tokenize_s": tok_s, "embed_s": emb_s,
+                      "forward_s": fig.forward if fig else None, "package": os.path.dirname(gpte_ray.__file__)}))
+
+
+def run_stages(tree: str, model: str, shards: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--stages-child",
+                           json.dumps({"model": model, "shards": shards})], env=env, capture_output=True,
+                          text=True, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise RuntimeError(f"stages under {tree} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def summarise(r: dict, cpus: int) -> dict:
     """The figures this benchmark prints, from one run's report."""
     wall = r["wall"]
@@ -188,10 +231,16 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="a source tree whose gpte_ray is the baseline")
     ap.add_argument("--trees", default=None, help="only these trees: 'new', 'base' or 'new,base'")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--stages", action="store_true",
+                    help="also time the tokenize and embed stages in one process, per tree (no Ray)")
+    ap.add_argument("--no-jobs", action="store_true", help="only the bare tokenizer (and --stages)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--stages-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    if args.stages_child:
+        return stages_child(json.loads(args.stages_child))
 
     sys.path.insert(0, TREE)
     from gpte_ray.corpus import write_shards
@@ -217,13 +266,21 @@ def main() -> None:
               f"{tok['transformers']['docs_per_s']:.0f} docs/s {tok['transformers']['tokens_per_s']:.0f} tok/s, "
               f"backend encode_batch_fast {tok['backend']['docs_per_s']:.0f} docs/s "
               f"{tok['backend']['tokens_per_s']:.0f} tok/s", flush=True)
+        if args.stages:
+            for name, tree in trees.items():
+                r = run_stages(tree, model, shards)
+                fwd = f"forward {r['forward_s']:.2f} s" if r["forward_s"] is not None else "forward n/a"
+                print(f"  stages {name:<5} tokenize {r['docs'] / r['tokenize_s']:7.0f} docs/s  embed stage "
+                      f"{r['docs'] / r['embed_s']:7.0f} docs/s ({r['embed_s']:.2f} s, {fwd})  "
+                      f"both {r['docs'] / (r['tokenize_s'] + r['embed_s']):7.0f} docs/s on one core", flush=True)
+                results.setdefault("stages", {}).setdefault(corpus, {})[name] = r
         runs: dict[str, list] = {k: [] for k in trees}
-        for r in range(args.rounds):
+        for r in range(0 if args.no_jobs else args.rounds):
             for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
                 s = summarise(run_tree(trees[name], model, shards, args.cpus, len(docs)), args.cpus)
                 runs[name].append(s)
                 print(f"  round {r + 1} " + fmt(name, s) + f"  loadavg {os.getloadavg()[0]:.1f}", flush=True)
-        best = {k: min(v, key=lambda s: s["seconds"]) for k, v in runs.items()}
+        best = {k: min(v, key=lambda s: s["seconds"]) for k, v in runs.items() if v}
         for name, s in best.items():
             print("  best    " + fmt(name, s), flush=True)
         if "new" in best:

@@ -150,9 +150,33 @@ class TextTokenizer:
             # the rare long texts take the chunking path; the rest stay columnar
             short, long = np.flatnonzero(fits), np.flatnonzero(~fits)
             a = self._whole([rows[i] for i in short], lengths[short], [texts[i] for i in short])
-            b = Encoded.from_chunks(self.encode([texts[i] for i in long], role))
+            b = Encoded.from_chunks(self._long([texts[i] for i in long], lengths[long], prefix, suffix, role))
             return Encoded.merge([(a, short), (b, long)])
         return Encoded.from_chunks(self.encode(texts, role))
+
+    def _long(self, texts: list[str], full_lengths: np.ndarray, prefix: str, suffix: str,
+              role: str) -> list[Chunk]:
+        """`encode` for texts that do not fit (no prompt left out of pooling), in two batched
+        calls to the Rust tokenizer instead of several calls per text; same chunks."""
+        backend = self.tok.backend_tokenizer
+        max_len = self.spec.max_length
+        if self.spec.long_documents == "truncate" or role == "query":
+            spans = [(i, 0, 0, len(t), True) for i, t in enumerate(texts)]
+        else:
+            spans = []
+            for i, own in enumerate(backend.encode_batch(texts, add_special_tokens=False)):
+                offsets = own.offsets  # (n_tokens, 2) character spans of the text's own tokens
+                # tokens the template adds; a small margin as re-tokenising can merge at the edges
+                size = max(8, max_len - (int(full_lengths[i]) - len(own.ids)) - 2)
+                for c, (s, e) in enumerate(chunk_windows(len(offsets), size, self.spec.chunk_overlap)):
+                    spans.append((i, c, offsets[s][0], offsets[e - 1][1], False))
+        pieces = [prefix + texts[i][a:b] + suffix for i, _, a, b, _ in spans]
+        backend.enable_truncation(max_len)
+        try:
+            encs = backend.encode_batch_fast(pieces, add_special_tokens=True)
+        finally:
+            backend.no_truncation()
+        return [Chunk(i, c, e.ids, a, b, 0, trunc) for (i, c, a, b, trunc), e in zip(spans, encs)]
 
     @staticmethod
     def _whole(rows: list[list[int]], lengths: np.ndarray, texts: list[str]) -> Encoded:
