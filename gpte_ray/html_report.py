@@ -478,8 +478,8 @@ def render_html_report(report: dict) -> str:
         _card("docs embedded / s", _num(r.get("docs_embedded_per_s")),
               f"over the embed stage · {_num(r.get('tokens_per_s'), 0)} tokens/s over the run"),
         _card("counts add up", "yes" if add_up else "no",
-              "every row read is accounted for" if add_up
-              else "read ≠ new + changed + unchanged + quarantined",
+              "every row in the files was read and accounted for" if add_up
+              else "rows in the files ≠ read ≠ new + changed + unchanged + quarantined",
               cls="ok" if add_up else "bad"),
     ])
     keys = ("bad_shards", "truncated", "oom_retries", "min_token_budget", "chunks_embedded", "chunks_resumed",
