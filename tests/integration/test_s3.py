@@ -77,13 +77,13 @@ def test_s3_to_s3_run_search_and_exactly_once(ray_session, moto_endpoint, varied
                for t in ds.get_transactions(5) if t is not None)
     assert f"run-{report.run_id}" in ds.tags.list()
 
-    # retrying the committed run's commit is a no-op: no doubled rows
+    # retrying the committed run's commit (on the version it planned on) is a no-op: no doubled rows
     store = TableStore(db, "docs", ds.storage_options_accessor and None or
                        {"aws_endpoint": endpoint, "allow_http": "true", "aws_region": "us-east-1",
                         "aws_access_key_id": "testing", "aws_secret_access_key": "testing"})
     frags = [f.metadata for f in ds.get_fragments()]
-    store.commit(CommitPlan(run_id=report.run_id, read_version=version, overwrite=False, fragments=frags),
-                 ds.schema)
+    store.commit(CommitPlan(run_id=report.run_id, read_version=report.version_before, overwrite=False,
+                            fragments=frags), ds.schema)
     assert _count(db, endpoint)[:2] == (version, rows)
 
     # search through the CLI, credentials from the config file
