@@ -1,7 +1,8 @@
 """One `index` run: scan -> diff -> tokenize -> embed -> write fragments -> ONE commit -> finish.
 
-The driver holds ids and hashes, never texts. Work is staged as it completes (Lance
-fragments plus a marker per written batch, under a run id derived from the table version,
+The driver holds counts and what the one commit needs: ids, hashes and texts stay on the
+cluster and in staging files (diff.py, resume.py). Work is staged as it completes (Lance
+fragments plus a marker per written window, under a run id derived from the table version,
 the model fingerprint and the diff), so a run killed at any point resumes where it stopped,
 and a run that already committed is never committed twice.
 """
@@ -14,21 +15,23 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from gpte_ray.audit import source_rows
 from gpte_ray.config import ConfigError, JobConfig
+from gpte_ray.diff import DeleteIds, Diff, calibration_rows, compute_diff, drop_plans, new_plan_dir, read_planned
 from gpte_ray.lock import FenceError, TableLock
-from gpte_ray.plan import Plan, make_plan
 from gpte_ray.preflight import preflight
 from gpte_ray.report import Progress, ProgressCounter, RunReport
+from gpte_ray.resume import StagedState, read_skip, staged_state
 from gpte_ray.sources import ShardError
 from gpte_ray.spec import ModelSpec, resolve_model
-from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, read_shard, scan_shard
-from gpte_ray.storage import lance_options
+from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, scan_shard
+from gpte_ray.storage import join, lance_options
 from gpte_ray.table import CommitPlan, TableStore, table_schema
-from gpte_ray.upkeep import finish_table
+from gpte_ray.upkeep import run_upkeep
 
 __all__ = ["connect_ray", "run_index"]
 
@@ -130,28 +133,35 @@ def _user_error(e: BaseException) -> BaseException | None:
     return None
 
 
-def _scan(shards: list[str], cfg: JobConfig) -> list[tuple]:
+def _scan(shards: list[str], cfg: JobConfig):
+    """The manifest pass as a lazy Ray dataset (stages.SCAN_SCHEMA rows); the diff consumes it."""
     import ray.data
 
     items = [{"shard": i, "uri": u} for i, u in enumerate(shards)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         scan_shard, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
         num_cpus=cfg.resources.read_cpus,
     )
-    rows = []
-    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows.extend(zip(*(b[c].to_pylist() for c in ("shard", "row", "doc_id", "content_hash", "reason"))))
-    return rows
 
 
-def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], plan: Plan, device: str) -> dict:
+def _table_ids(store: TableStore, current):
+    """The table's documents (doc_id, content_hash of chunk 0) at the planned version, as a lazy
+    Ray dataset read by Lance in worker tasks."""
+    import ray.data
+
+    if current is None:
+        return None
+    return ray.data.read_lance(store.uri, version=current.version, columns=["doc_id", "content_hash"],
+                               scanner_options={"filter": "chunk = 0"}, storage_options=store.storage_options)
+
+
+def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], diff: Diff, device: str) -> dict:
     """int8 ranges from a fixed sample of this corpus, computed once per table."""
     import ray
 
     from gpte_ray.sources import read_prepared
 
-    sample = sorted(plan.embed_docs)[: cfg.model.calibration_sample]
-    by_shard = plan.rows_by_shard(sample)
+    plan_dir, opts, sample = diff.plan_dir, diff.storage_options, cfg.model.calibration_sample
 
     gpus = cfg.resources.gpus_per_actor if device == "cuda" or cfg.resources.fake_gpus else 0
 
@@ -166,8 +176,9 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], plan: Plan, d
         from gpte_ray.tokenize import TextTokenizer
 
         texts = []
-        for shard, rows in by_shard.items():
-            for t in read_prepared(shards[shard], shard, cfg.input, rows=set(rows)):
+        # the first documents to embed by doc_id: read from the plan here, not on the driver
+        for shard, rows in sorted(calibration_rows(plan_dir, opts, sample).items()):
+            for t in read_prepared(shards[shard], shard, cfg.input, rows=rows):
                 texts.extend(t["text"].to_pylist())
         tok, emb = TextTokenizer(spec), Embedder(spec, device)
         chunks = [c for c in tok.encode(texts) if c.chunk == 0]
@@ -179,43 +190,61 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], plan: Plan, d
         low, high = calibrate_int8(floats)
         return {"low": low, "high": high, "sample": len(chunks)}
 
-    if not sample:
+    if not diff.embed:
         raise ConfigError("config error: model.precision: int8 needs documents to calibrate on")
     return ray.get(calibrate.remote())
 
 
-def _embed(cfg: JobConfig, spec: ModelSpec, shards: list[str], plan: Plan, doc_ids: list[str],
-           staged: frozenset, store: TableStore, schema: pa.Schema, run_id: str, device: str,
-           calibration: dict | None, overwrite: bool, report: RunReport) -> None:
-    """Stream the selected documents through tokenize -> embed -> write."""
+@dataclass
+class RunContext:
+    """What the steps of one run share, instead of a dozen parameters each."""
+
+    cfg: JobConfig
+    spec: ModelSpec
+    shards: list[str]
+    store: TableStore
+    device: str
+    report: RunReport
+    schema: pa.Schema | None = None
+    run_id: str = ""
+    calibration: dict | None = None
+    overwrite: bool = False  # the run's fragments replace the table (first build, new model)
+
+
+def _embed(ctx: RunContext, state: StagedState) -> None:
+    """Stream the documents still to embed (`state`'s plan) through tokenize -> embed -> write."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    cfg, spec, store, device, report = ctx.cfg, ctx.spec, ctx.store, ctx.device, ctx.report
     r, b = cfg.resources, cfg.batch
-    items = [{"shard": s, "uri": shards[s], "rows": rows} for s, rows in plan.rows_by_shard(doc_ids).items()]
+    # one read task per shard with work; each reads its own rows from the plan
+    items = [{"shard": s, "uri": ctx.shards[s]} for s in state.shards]
+    # chunks already staged, of documents split across windows only: a few per window
+    staged = read_skip(state.skip_dir, store.storage_options)
     budget = b.token_budget or DEFAULT_BUDGET[device]
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    writer = WindowWriter(store.db, store.table, store.storage_options, schema, run_id, overwrite)
+    writer = WindowWriter(store.db, store.table, store.storage_options, ctx.schema, ctx.run_id, ctx.overwrite)
     embed_resources = {"num_cpus": r.cpus_per_actor}
     if device == "cuda" or r.fake_gpus:
         embed_resources["num_gpus"] = r.gpus_per_actor
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_shard, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
-                     num_cpus=r.read_cpus)
+        .map_batches(read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus,
+                     fn_kwargs={"cfg": cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options})
         .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=b.window_rows,
                      batch_format="pyarrow", num_cpus=r.tokenize_cpus,
                      # grown by Ray Data while its input queues up: capacity follows the embedders
                      compute=ActorPoolStrategy(min_size=1, max_size=r.max_actors * r.tokenize_actors_per_embed_actor))
         .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, b.min_fill, r.torch_threads,
-                                                      calibration, counter, writer),
+                                                      ctx.calibration, counter, writer),
                      batch_size=b.window_rows, batch_format="pyarrow",
                      # two windows per actor: one on the device while the other's fragment is written
                      compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
                                                max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
                      **embed_resources)
     )
-    progress = Progress(len(doc_ids))
+    progress = Progress(state.todo)
     done = threading.Event()
 
     def poll() -> None:
@@ -260,27 +289,14 @@ def _collect(ds, report: RunReport) -> dict[str, dict]:
     return actors
 
 
-def _staged_state(store: TableStore, run_id: str, plan: Plan) -> tuple[list, frozenset, list[str]]:
-    """(fragments, staged keys, docs still to embed) from this run's markers.
+def _staged_state(ctx: RunContext, diff: Diff, attempt: int) -> StagedState:
+    """This run's staged fragments and what is left to embed, from its markers (on the cluster).
 
-    A marker whose keys overlap an earlier one (a retried batch) is dropped, so no
+    A marker whose chunks overlap an earlier one (a retried window) is dropped, so no
     (doc_id, chunk) is ever committed twice; its documents are embedded again.
     """
-    from lance.fragment import FragmentMetadata
-
-    fragments, keys, n_chunks = [], set(), {}
-    for m in store.read_markers(run_id):
-        mkeys = {(d, c) for d, c in m["keys"]}
-        if mkeys & keys:
-            continue
-        keys |= mkeys
-        n_chunks.update(m["n_chunks"])
-        fragments += [FragmentMetadata.from_json(json.dumps(f)) for f in m["fragments"]]
-    done = {}
-    for d, _ in keys:
-        done[d] = done.get(d, 0) + 1
-    todo = [d for d in sorted(plan.embed_docs) if done.get(d, 0) != n_chunks.get(d, -1)]
-    return fragments, frozenset(keys), todo
+    return staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.plan_dir, diff.embed,
+                        diff.shards, join(diff.plan_dir, f"todo-{attempt}"))
 
 
 def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int | None = None) -> RunReport:
@@ -321,62 +337,71 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
                 lock: TableLock, report: RunReport) -> None:
     current = store.open()
     rebuild = current is not None and store.fingerprint(current) != spec.fingerprint()
-    # a rebuild needs the old ids too: the mass-delete guard compares old and new documents
-    existing = store.existing_docs(current) if current is not None else {}
     report.version_before = current.version if current is not None else None
 
-    t = time.perf_counter()
+    # the diff runs on the cluster: the driver gets counts, the per-document lists stay in
+    # files under a plan folder in staging (a crashed run's plan is never reused)
+    plans_root = join(store.db, "_gpte_staging", store.table, "plans")
+    drop_plans(plans_root, store.storage_options)
+    plan_dir = new_plan_dir(plans_root)
+    # (a rebuild reads the old ids too: the mass-delete guard compares old and new documents)
+    rows_hint = (current.count_rows() if current is not None else 0) + 100_000 * len(shards)
     try:
-        scan = _scan(shards, cfg)
+        diff = compute_diff(_scan(shards, cfg), _table_ids(store, current), plan_dir, shards, store.storage_options,
+                            rebuild, rows_hint, cfg.output.max_delete_fraction, cfg.output.allow_mass_delete)
     except Exception as e:
+        drop_plans(plans_root, store.storage_options)
         raise (_user_error(e) or e) from None
-    plan = make_plan(scan, shards, existing, rebuild, cfg.output.max_delete_fraction, cfg.output.allow_mass_delete)
-    report.stage_seconds["scan"] = time.perf_counter() - t
+    report.stage_seconds.update(diff.seconds)  # table_ids, scan, diff
     for k in ("rows_read", "new", "changed", "unchanged", "quarantined", "deleted", "bad_shards", "rebuild"):
-        setattr(report, k, getattr(plan, k))
-    report.add_quarantine(plan.quarantine, shards)
-    report.source_rows = source_rows(shards, cfg.input, plan.quarantine, cfg.resources.read_cpus)
+        setattr(report, k, getattr(diff, k))
+    for b in diff.quarantine_batches():  # counted by kind, a few examples kept
+        report.add_quarantine(b.select(["shard", "row", "doc_id", "reason"]).to_pylist(), shards)
+    whole = [{"shard": s, "row": -1} for s in sorted(diff.whole_shards())]
+    report.source_rows = source_rows(shards, cfg.input, whole, cfg.resources.read_cpus)
 
     calibration = None
     if spec.precision == "int8":
         calibration = (store.calibration(current) if current is not None and not rebuild else None) or \
-            _calibrate(spec, cfg, shards, plan, device)
+            _calibrate(spec, cfg, shards, diff, device)
     schema = table_schema(spec, cfg.output.store_text, calibration)
-    key = f"{report.version_before}|{spec.fingerprint_digest()}|{plan.digest()}|{cfg.output.store_text}"
+    key = f"{report.version_before}|{spec.fingerprint_digest()}|{diff.digest()}|{cfg.output.store_text}"
     run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
     report.run_id = run_id
     lock.relabel(run_id)
     for stale in store.stale_staging(keep=run_id):
         store.drop_staging(stale)  # staged under another table version or corpus: never committable
 
+    ctx = RunContext(cfg, spec, shards, store, device, report, schema, run_id, calibration, rebuild or current is None)
     t = time.perf_counter()
-    fragments, staged, todo = _staged_state(store, run_id, plan)
-    if store.missing_files(fragments):
+    state = _staged_state(ctx, diff, 0)
+    if store.missing_files(state.fragments):
         # staged for a table folder that was deleted since: its fragments can never be committed
         log.warning("run %s: staged data files are gone; embedding again", run_id)
         store.drop_staging(run_id)
-        fragments, staged, todo = _staged_state(store, run_id, plan)
-    report.chunks_resumed = len(staged)
-    for _ in range(3):
-        if not todo:
+        state = _staged_state(ctx, diff, 0)
+    report.stage_seconds["resume_state"] = time.perf_counter() - t
+    report.chunks_resumed = state.chunks
+    t = time.perf_counter()
+    for attempt in range(1, 4):
+        if not state.todo:
             break
         try:
-            _embed(cfg, spec, shards, plan, todo, staged, store, schema, run_id, device, calibration,
-                   rebuild or current is None, report)
+            _embed(ctx, state)
         except Exception as e:
             raise (_user_error(e) or e) from None
-        fragments, staged, todo = _staged_state(store, run_id, plan)
-    if todo:
-        raise RuntimeError(f"{len(todo)} documents could not be staged after 3 attempts (first: {todo[0]})")
+        state = _staged_state(ctx, diff, attempt)
+    if state.todo:
+        raise RuntimeError(f"{state.todo} documents could not be staged after 3 attempts")
     report.stage_seconds["embed"] = time.perf_counter() - t
-    report.docs_embedded = len(plan.embed_docs)
-    report.chunks_written = len(staged)
+    report.docs_embedded = diff.embed
+    report.chunks_written = state.chunks
 
     t = time.perf_counter()
     ds = current
-    if plan.embed_docs or plan.delete_doc_ids or rebuild or current is None:
+    if diff.embed or diff.replaced or rebuild or current is None:
         commit = CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
-                            delete_doc_ids=plan.delete_doc_ids, fragments=fragments)
+                            delete_doc_ids=DeleteIds(diff), fragments=state.fragments)
         latest = store.open()
         if latest is not None and store.committed_run(latest, commit):
             # a run with the very same work (same version, corpus and model: same run id) that
@@ -392,13 +417,17 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
             report.committed = True
     report.version = ds.version if ds is not None else None
     report.stage_seconds["commit"] = time.perf_counter() - t
-    if plan.quarantine and cfg.output.quarantine:
-        report.quarantine_file = store.write_quarantine(run_id, plan.quarantine, shards)
+    if diff.quarantined and cfg.output.quarantine:
+        report.quarantine_file = diff.write_quarantine(
+            join(store.db, f"{store.table}.quarantine", f"{run_id}.parquet"), run_id)
     store.drop_staging(run_id)
+    drop_plans(plans_root, store.storage_options)
 
     t = time.perf_counter()
     if ds is not None and lock.lost_to is None:
         # (a run that lost its lease after committing leaves upkeep to the new holder)
-        report.upkeep = finish_table(ds, cfg.output, run_id, spec.fingerprint(), report.committed)
-        report.version = ds.version
+        # a Ray task with its own CPU, on a worker: the head (often 0 CPUs) stays small
+        report.upkeep = run_upkeep(store.uri, store.storage_options, ds.version, cfg.output, run_id,
+                                   spec.fingerprint(), report.committed)
+        report.version = report.upkeep["version"]
     report.stage_seconds["upkeep"] = time.perf_counter() - t

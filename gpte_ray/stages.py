@@ -330,13 +330,9 @@ class WindowWriter:
             return summary.slice(0, 0)
         data = batch.select(self.schema.names).cast(self.schema)
         fragments = self.store.write_fragments(data, self.schema, data.num_rows, self.overwrite)
-        doc_ids = batch["doc_id"].to_pylist()
-        marker = {
-            "fragments": [f.to_json() for f in fragments],
-            "keys": [[d, c] for d, c in zip(doc_ids, batch["chunk"].to_pylist())],
-            "n_chunks": dict(zip(doc_ids, batch["n_chunks"].to_pylist())),
-        }
-        self.store.write_marker(self.run_id, uuid.uuid4().hex, marker)  # after the data files: durable
+        keys = batch.select(["doc_id", "chunk", "n_chunks"])
+        fragment_json = [f.to_json() for f in fragments]
+        self.store.write_marker(self.run_id, uuid.uuid4().hex, keys, fragment_json)  # after the data files: durable
         return summary
 
     @staticmethod

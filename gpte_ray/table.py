@@ -131,14 +131,6 @@ class TableStore:
         raw = (ds.schema.metadata or {}).get(CALIBRATION_KEY.encode())
         return json.loads(raw) if raw else None
 
-    @staticmethod
-    def existing_docs(ds) -> dict[str, str]:
-        """doc_id -> content_hash of every document in the table (chunks collapse to one)."""
-        docs: dict[str, str] = {}
-        for batch in ds.to_batches(columns=["doc_id", "content_hash"], batch_size=65536):
-            docs.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-        return docs
-
     def committed_run(self, ds, plan: CommitPlan) -> bool:
         """Whether `plan`'s run already made the version after the one it planned on.
 
@@ -218,28 +210,15 @@ class TableStore:
         infos = fs.get_file_info([filesystem(p, self.storage_options)[1] for p in paths])
         return [p for p, i in zip(paths, infos) if i.type == pafs.FileType.NotFound][:3]
 
-    def _deletions(self, ds, doc_ids: list[str]) -> tuple[list[int], list]:
-        """Fragments to drop and fragments with new deletion files, for these doc ids."""
+    def _deletions(self, ds, doc_ids) -> tuple[list[int], list]:
+        """Fragments to drop and fragments with new deletion files, for these doc ids (a list,
+        or Arrow batches such as `diff.DeleteIds`): Lance finds their rows, no Python row loop."""
+        from gpte_ray.diff import fragment_deletions
+
         if not doc_ids:
             return [], []
-        wanted = set(doc_ids)
-        per_fragment: dict[int, set[str]] = {}
-        for batch in ds.to_batches(columns=["doc_id"], with_row_address=True, batch_size=65536):
-            ids = batch.column("doc_id").to_pylist()
-            addrs = batch.column("_rowaddr").to_numpy()
-            for i, a in zip(ids, addrs):
-                if i in wanted:
-                    # the high 32 bits of a row address are its fragment id
-                    per_fragment.setdefault(int(a) >> 32, set()).add(i)
-        removed, updated = [], []
-        for frag_id, ids in sorted(per_fragment.items()):
-            quoted = ", ".join("'" + d.replace("'", "''") + "'" for d in sorted(ids))
-            meta = ds.get_fragment(frag_id).delete(f"doc_id IN ({quoted})")
-            if meta is None:
-                removed.append(frag_id)  # every row of it goes
-            else:
-                updated.append(meta)
-        return removed, updated
+        batches = [pa.array(doc_ids, pa.string())] if isinstance(doc_ids, list) else doc_ids
+        return fragment_deletions(ds, batches)
 
     def write_quarantine(self, run_id: str, rows: list[dict], shards: list[str]) -> str:
         """Quarantined rows of this run as Parquet beside the table; returns its URI."""
@@ -274,26 +253,12 @@ class TableStore:
     def staging_dir(self, run_id: str) -> str:
         return join(self.staging_root, run_id)
 
-    def write_marker(self, run_id: str, name: str, payload: dict) -> None:
-        """Durably record fragments written (and the keys they hold), atomically per file."""
-        fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
-        ensure_dir(fs, path)
-        tmp = f"{path}/.{name}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(payload).encode())
-        fs.move(tmp, f"{path}/{name}.json")
+    def write_marker(self, run_id: str, name: str, keys: pa.Table, fragments: list[str]) -> None:
+        """Durably record fragments written and the (doc_id, chunk, n_chunks) they hold, as
+        Parquet, atomically per file (read back on the cluster by `resume.staged_state`)."""
+        from gpte_ray.resume import write_marker
 
-    def read_markers(self, run_id: str) -> list[dict]:
-        import pyarrow.fs as pafs
-
-        fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        out = []
-        for info in sorted(infos, key=lambda i: i.path):
-            if info.is_file and info.path.endswith(".json") and "/." not in info.path:
-                with fs.open_input_stream(info.path) as f:
-                    out.append(json.loads(f.read()))
-        return out
+        write_marker(self.staging_dir(run_id), self.storage_options, name, keys, fragments)
 
     def stale_staging(self, keep: str) -> list[str]:
         import pyarrow.fs as pafs

@@ -131,7 +131,7 @@ def test_killed_embed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, 
     killed = []
 
     def staged() -> int:
-        return len([f for _, _, fs in os.walk(f"{db}/_gpte_staging/docs/runs") for f in fs if f.endswith(".json")])
+        return len([f for _, _, fs in os.walk(f"{db}/_gpte_staging/docs/runs") for f in fs if f.endswith(".parquet")])
 
     def killer():
         deadline = time.time() + 120

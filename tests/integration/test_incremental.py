@@ -109,7 +109,7 @@ def test_sigkill_mid_run_then_resume(ray_session, tmp_path, varied_docs):
     deadline = time.time() + 240
     markers = []
     while time.time() < deadline and proc.poll() is None:
-        markers = glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.json")
+        markers = glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.parquet")
         if len(markers) >= 7:
             break
         time.sleep(0.2)
@@ -128,5 +128,5 @@ def test_sigkill_mid_run_then_resume(ray_session, tmp_path, varied_docs):
     fresh = str(tmp_path / "fresh")
     run_index(load_config(None, {"input.paths": shards, "output.db": fresh, "output.table": "docs"}))
     _same_tables(table, _table(fresh))
-    assert not glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.json")
+    assert not glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.parquet")
     assert json.loads(json.dumps(resumed.upkeep))["fragments"] >= 1
