@@ -136,6 +136,9 @@ def test_mass_delete_guard_counts_rebuilds(ray_session, tmp_path):
                         allow=False)
     assert d.deleted == 0 and d.bad_shards == 1 and list(d.delete_batches()) == []
     assert [x for b in ids_from(f"{plan_dir}/vanished", None) for x in b.to_pylist()] != []
+    assert d.whole_shards() == {1}
+    q = pads.dataset(d.write_quarantine(str(tmp_path / "q" / "r.parquet"), "r1"), format="parquet").to_table()
+    assert q.to_pylist() == [{"source": SHARDS[1], "row": -1, "doc_id": None, "reason": "bad shard: x", "run_id": "r1"}]
 
 
 def test_guard_function():
