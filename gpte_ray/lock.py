@@ -111,6 +111,16 @@ class TableLock:
         except ValueError:
             return {"run_id": "unknown (unreadable lease)", "heartbeat": 0}
 
+    def _read_settled(self) -> dict | None:
+        """`_read`, but an absent lease is read again before it counts: some object stores
+        answer 404 for a moment while an object is being overwritten."""
+        for _ in range(3):
+            held = self._read()
+            if held is not None:
+                return held
+            time.sleep(0.3)
+        return None
+
     def _write(self) -> None:
         folder = self.path.rsplit("/", 1)[0]
         ensure_dir(self.fs, folder)
@@ -163,7 +173,7 @@ class TableLock:
 
     def check(self) -> None:
         """Raise LockLostError if another run has taken the lease (or removed it)."""
-        held = self._read()
+        held = self._read_settled()
         if self.lost_to is None and (not held or held.get("token") != self.token):
             self.lost_to = held or {"run_id": "another run (it has released the table since)"}
         if self.lost_to is not None:
@@ -175,7 +185,7 @@ class TableLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             try:
-                held = self._read()
+                held = self._read_settled()
                 if held is None or held.get("token") != self.token:
                     # taken over, or released by the run that took it over: never write again
                     self.lost_to = held or {"run_id": "another run (it has released the table since)"}
