@@ -56,25 +56,14 @@ KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "reg
 
 def tiny_st_model(folder: str) -> str:
     """A one-layer random BERT with MiniLM's tokenizer, as a sentence-transformers folder."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
 
     from gpte_ray.spec import default_model_path
+    from tests.support.models import save_tiny
 
-    torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=512)
-    BertModel(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
-    Path(folder, "modules.json").write_text(json.dumps(modules))
-    Path(folder, "1_Pooling").mkdir(exist_ok=True)
-    Path(folder, "1_Pooling", "config.json").write_text(
-        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
-    Path(folder, "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
-    return folder
+    return save_tiny(folder, cfg, BertModel, default_model_path(), {"pooling_mode_mean_tokens": True})
 
 
 class Reference:

@@ -15,7 +15,7 @@ import string
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, InputConfig, JobConfig
-from gpte_ray.sources import ShardError, list_shards, shard_format
+from gpte_ray.sources import ShardError, check_columns, list_shards, shard_format
 from gpte_ray.storage import filesystem
 
 __all__ = [
@@ -88,7 +88,7 @@ def check_first_shard(uri: str, cfg: InputConfig) -> None:
         except (OSError, pa.ArrowException):
             return
         _check_names(uri, schema.names, cfg)
-        _check_types(uri, schema, cfg)
+        check_columns(uri, schema, cfg)
         return
     seen = _json_keys(fs, path)
     if not seen:
@@ -111,17 +111,6 @@ def _check_names(uri: str, names: list[str], cfg: InputConfig) -> None:
         raise ShardError(
             f"input error: {uri}: missing column {missing[0]!r} ({flag}; the shard has: {', '.join(names)})"
         )
-
-
-def _check_types(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
-    id_type = schema.field(cfg.id_column).type
-    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
-        raise ShardError(f"input error: {uri}: column {cfg.id_column!r} is {id_type}, expected string or integer")
-    for name in needed_columns(cfg)[1:]:
-        t = schema.field(name).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-                or pa.types.is_large_binary(t) or pa.types.is_null(t)):
-            raise ShardError(f"input error: {uri}: column {name!r} is {t}, expected string")
 
 
 def _json_keys(fs, path: str) -> dict[str, None]:

@@ -20,7 +20,7 @@ from gpte_ray.config import InputConfig
 from gpte_ray.prepare import content_hash, prepare_rows, template_fields
 from gpte_ray.storage import filesystem
 
-__all__ = ["PREPARED_SCHEMA", "ShardError", "list_shards", "read_prepared", "shard_format"]
+__all__ = ["PREPARED_SCHEMA", "ShardError", "check_columns", "list_shards", "read_prepared", "shard_format"]
 
 _EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 
@@ -86,7 +86,8 @@ def _needed_columns(cfg: InputConfig) -> list[str]:
     return [cfg.id_column, *[f for f in fields if f != cfg.id_column]]
 
 
-def _check_types(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
+def check_columns(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
+    """The columns the config needs are in `schema`, with usable types (ShardError otherwise)."""
     missing = [c for c in _needed_columns(cfg) if c not in schema.names]
     if missing:
         raise ShardError(
@@ -108,7 +109,7 @@ def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[di
     fs, path = filesystem(uri, cfg.storage_options)
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
-        _check_types(uri, pf.schema_arrow, cfg)
+        check_columns(uri, pf.schema_arrow, cfg)
         for batch in pf.iter_batches(batch_size=batch_rows, columns=_needed_columns(cfg)):
             yield batch.to_pydict()
     except ShardError:
