@@ -39,9 +39,15 @@ rows padded to length p computes r*p), ratios job/st and job/naive, and model FL
                   at the start and again after every method run (the best is kept, so a peak
                   measured while other work loaded the machine does not inflate MFU).
 
+The real corpus is `gpte_ray.corpus.docstring_docs`: docstrings of the installed packages, so
+it changes with the environment (ids are de-duplicated: a property's getter and setter share
+one; the job would quarantine the second). The synthetic one is `synthetic_docs` (seeded).
+
 Usage:
-  python benchmarks/throughput.py --docs 5000 --out throughput.json
-  python benchmarks/throughput.py --docs 500 --set batch.token_budget=4096 --methods job
+  python benchmarks/throughput.py --docs 5000 --rounds 2 --out throughput.json
+  python benchmarks/throughput.py --docs 500 --methods job --set batch.token_budget=4096
+  python benchmarks/throughput.py --docs 5000 --corpora synthetic --methods st,job \
+      --variant b2k:batch.token_budget=2048 --rounds 2      # a config variant, interleaved
 """
 
 from __future__ import annotations
@@ -127,7 +133,8 @@ def load_docs(corpus: str, n: int) -> list[dict]:
 def st_padding(texts: list[str], lengths: np.ndarray, batch_size: int) -> tuple[int, int]:
     """(real, computed) tokens of ST encode: it sorts by -len(text) and pads each batch."""
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    computed = sum(len(b) * int(lengths[b].max()) for b in np.array_split(order, range(batch_size, len(order), batch_size)))
+    batches = np.array_split(order, range(batch_size, len(order), batch_size))
+    computed = sum(len(b) * int(lengths[b].max()) for b in batches)
     return int(lengths.sum()), int(computed)
 
 
