@@ -19,7 +19,7 @@ from _local_ray import REPO, copy_checkout, last_json, ray_env
 
 from gpte_ray.corpus import docstring_docs, write_shards
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def _mount(home: Path, remote: str, local: str, excludes: list[str]) -> None:

@@ -18,7 +18,7 @@ import lancedb
 import pytest
 from _local_ray import REPO, copy_checkout, processes_of, ray_env, require_job_submission, terminate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def readme_recipe() -> str:

@@ -29,7 +29,7 @@ from _local_ray import REPO, free_port, processes_of, ray_env, terminate
 
 from gpte_ray.corpus import docstring_docs, write_shards
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 HUB_ID = "gpte-test/tiny-bert"
 HUB_SHA = "0123456789abcdef0123456789abcdef01234567"
