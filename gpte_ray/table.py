@@ -3,6 +3,7 @@
 Layout under the LanceDB URI (so `lancedb.connect(db).open_table(name)` reads it):
   <db>/<table>.lance                          the table
   <db>/_gpte_staging/<table>/runs/<run_id>/   markers of fragments written but not yet committed
+  <db>/_gpte_staging/<table>/plans/           the diff's plan files of the running run (diff.py)
   <db>/_gpte_staging/<table>/lease.json       the lease of the run that holds the table (lock.py)
   <db>/_gpte_staging/<table>/commits/         one claim per committed version: which run made it
   <db>/<table>.quarantine/<run_id>.parquet    rows that were not embedded, with reasons
@@ -219,23 +220,6 @@ class TableStore:
             return [], []
         batches = [pa.array(doc_ids, pa.string())] if isinstance(doc_ids, list) else doc_ids
         return fragment_deletions(ds, batches)
-
-    def write_quarantine(self, run_id: str, rows: list[dict], shards: list[str]) -> str:
-        """Quarantined rows of this run as Parquet beside the table; returns its URI."""
-        import pyarrow.parquet as pq
-
-        uri = join(self.db, f"{self.table}.quarantine", f"{run_id}.parquet")
-        table = pa.table({
-            "source": [shards[r["shard"]] for r in rows],
-            "row": pa.array([r["row"] for r in rows], pa.int64()),
-            "doc_id": pa.array([r["doc_id"] for r in rows], pa.string()),
-            "reason": [r["reason"] for r in rows],
-            "run_id": [run_id] * len(rows),
-        })
-        fs, path = filesystem(uri, self.storage_options)
-        ensure_dir(fs, path.rsplit("/", 1)[0])
-        pq.write_table(table, path, filesystem=fs)
-        return uri
 
     def report_uri(self, run_id: str) -> str:
         return join(self.db, f"{self.table}.reports", f"{run_id}.html")
