@@ -22,7 +22,7 @@ import pyarrow as pa
 from gpte_ray.audit import source_rows
 from gpte_ray.config import ConfigError, JobConfig
 from gpte_ray.diff import DeleteIds, Diff, calibration_rows, compute_diff, drop_plans, new_plan_dir, read_planned
-from gpte_ray.lock import FenceError, TableLock
+from gpte_ray.lock import FenceError, LockLostError, TableLock
 from gpte_ray.preflight import preflight
 from gpte_ray.report import Progress, ProgressCounter, RunReport
 from gpte_ray.resume import StagedState, read_skip, staged_state
@@ -320,6 +320,17 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     lock.acquire(run_id="planning")
     try:
         _run_locked(cfg, spec, shards, device, store, lock, report)
+    except Exception as e:
+        # a run that lost its lease (paused past it) may fail on files the new holder has
+        # cleaned up: say what happened, not which file was missing
+        if not isinstance(e, FenceError):
+            try:
+                lock.check()
+            except LockLostError as lost:
+                raise lost from None
+            except OSError:
+                pass
+        raise
     finally:
         lock.release()
     report.seconds = time.perf_counter() - t0
