@@ -11,6 +11,7 @@ embed actor (`resources.fake_gpus`) and computes on CPU.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -155,4 +156,5 @@ def test_gpu_workers_scale_up_for_the_job_and_down_when_idle(fake_cluster, tmp_p
     log = head.log_tail("monitor.log", 200_000)
     name, _ = _gpu_worker_type()
     assert f"Adding 1 node(s) of type {name}" in log, log[-3000:]
-    assert f"Removing 1 nodes of type {name} (idle)" in log, log[-3000:]
+    # the autoscaler may start a second worker while the first one boots; all of them must go
+    assert re.search(rf"Removing \d+ nodes of type {re.escape(name)} \(idle\)", log), log[-3000:]
