@@ -33,8 +33,8 @@ from gpte_ray.plan import MassDeleteError
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
-    "DeleteIds", "Diff", "calibration_rows", "check_mass_delete", "compute_diff", "drop_plans",
-    "fragment_deletions", "ids_from", "new_plan_dir", "read_planned", "rows_for_shard", "sql_list",
+    "SMALL_ROWS", "DeleteIds", "Diff", "aggregate", "calibration_rows", "check_mass_delete", "compute_diff",
+    "drop_plans", "fragment_deletions", "ids_from", "new_plan_dir", "read_planned", "rows_for_shard", "sql_list",
 ]
 
 # a scan row's sort key as one string: zero-padded shard and row, then the content hash, so
@@ -335,6 +335,27 @@ def check_mass_delete(deleted: int, existing: int, max_fraction: float, allow: b
         )
 
 
+# Below this many rows a grouping runs as one task over Arrow: a hash shuffle costs tens of
+# seconds of fixed overhead on a small cluster, one task's tables stay under ~100 MB.
+SMALL_ROWS = 300_000
+
+
+def aggregate(table: pa.Table, key: str, specs: list[tuple[str, str, str]]) -> pa.Table:
+    """Group `table` by `key` in one process: specs are (column, "min"|"max"|"count", alias);
+    counts skip nulls, as the cluster path's Count(ignore_nulls=True) does."""
+    out = table.group_by(key, use_threads=False).aggregate([(c, fn) for c, fn, _ in specs])
+    return pa.table([out[key]] + [out[f"{c}_{fn}"] for c, fn, _ in specs], names=[key] + [a for *_, a in specs])
+
+
+def _group_and_classify(plan_dir: str, shards: list[str], storage_options: dict | None, rebuild: bool,
+                        *blocks: pa.Table) -> pa.Table:
+    """The small-diff path: every group row in one task, grouped and classified at once."""
+    groups = pa.concat_tables([b.cast(GROUP_SCHEMA) for b in blocks if b.num_rows] or [GROUP_SCHEMA.empty_table()])
+    grouped = aggregate(groups, "gkey", [("key", "min", "key"), ("key", "count", "n"), ("old", "min", "old"),
+                                         ("reason", "min", "reason"), ("bad_id", "min", "bad_id")])
+    return classify(grouped, plan_dir, shards, storage_options, rebuild)
+
+
 def _partitions(rows_hint: int) -> int:
     # ~250k rows per hash partition keeps each reduce task's Arrow tables around 50 MB
     return max(2, min(512, rows_hint // 250_000 + 2))
@@ -342,15 +363,17 @@ def _partitions(rows_hint: int) -> int:
 
 def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options: dict | None,
                  rebuild: bool, rows_hint: int, max_delete_fraction: float = 1.0,
-                 allow_mass_delete: bool = True) -> Diff:
+                 allow_mass_delete: bool = True, small_rows: int = SMALL_ROWS) -> Diff:
     """Diff a scan dataset (stages.SCAN_SCHEMA rows) against `table` (a Ray dataset of the
     table's doc_id and content_hash of chunk 0, or None for no table).
 
     The plan files land under `plan_dir`; raises MassDeleteError past the guard, counting for
-    a rebuild too the documents the new table would no longer hold.
+    a rebuild too the documents the new table would no longer hold. Up to `small_rows` rows
+    (scan and table together) are grouped in one task, more by a hash shuffle.
     """
     import time
 
+    import ray
     from ray.data.aggregate import Count, Min
 
     seconds: dict[str, float] = {}
@@ -365,19 +388,26 @@ def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options:
     scan_rows = scan.map_batches(scan_groups, batch_format="pyarrow", batch_size=None).materialize()
     seconds["scan"] = time.perf_counter() - t
     t = time.perf_counter()
-    groups = scan_rows if old_rows is None else scan_rows.union(old_rows)
-    grouped = groups.groupby("gkey", num_partitions=_partitions(rows_hint)).aggregate(
-        Min("key", alias_name="key"), Count("key", ignore_nulls=True, alias_name="n"),
-        Min("old", alias_name="old"), Min("reason", alias_name="reason"), Min("bad_id", alias_name="bad_id"),
-    )
-    summary = grouped.map_batches(
-        classify, batch_format="pyarrow", batch_size=None,
-        fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options, "rebuild": rebuild},
-    )
+    parts = [scan_rows] + ([old_rows] if old_rows is not None else [])
+    if sum(p.count() for p in parts) <= small_rows:
+        refs = [r for p in parts for r in p.to_arrow_refs()]
+        task = ray.remote(num_cpus=0.5, max_retries=3)(_group_and_classify)
+        summaries = [ray.get(task.remote(plan_dir, shards, storage_options, rebuild, *refs))]
+    else:
+        groups = scan_rows if old_rows is None else scan_rows.union(old_rows)
+        grouped = groups.groupby("gkey", num_partitions=_partitions(rows_hint)).aggregate(
+            Min("key", alias_name="key"), Count("key", ignore_nulls=True, alias_name="n"),
+            Min("old", alias_name="old"), Min("reason", alias_name="reason"), Min("bad_id", alias_name="bad_id"),
+        )
+        summaries = grouped.map_batches(
+            classify, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options,
+                       "rebuild": rebuild},
+        ).iter_batches(batch_size=None, batch_format="pyarrow")
     totals = dict.fromkeys(SUMMARY_SCHEMA.names[:11], 0)
     work_shards: set[int] = set()
     digests = {k: [0, 0] for k in ("d_embed", "d_changed", "d_vanished")}
-    for b in summary.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for b in summaries:
         for k in totals:
             totals[k] += int(pc.sum(b[k]).as_py() or 0)
         work_shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())

@@ -21,7 +21,16 @@ import pyarrow as pa
 
 from gpte_ray.audit import source_rows
 from gpte_ray.config import ConfigError, JobConfig
-from gpte_ray.diff import DeleteIds, Diff, calibration_rows, compute_diff, drop_plans, new_plan_dir, read_planned
+from gpte_ray.diff import (
+    SMALL_ROWS,
+    DeleteIds,
+    Diff,
+    calibration_rows,
+    compute_diff,
+    drop_plans,
+    new_plan_dir,
+    read_planned,
+)
 from gpte_ray.lock import FenceError, LockLostError, TableLock
 from gpte_ray.preflight import preflight
 from gpte_ray.report import Progress, ProgressCounter, RunReport
@@ -144,6 +153,13 @@ def _scan(shards: list[str], cfg: JobConfig):
     )
 
 
+def _read_table_ids(uri: str, version: int, storage_options: dict | None) -> pa.Table:
+    import lance
+
+    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+    return ds.to_table(columns=["doc_id", "content_hash"], filter="chunk = 0")
+
+
 def _table_ids(store: TableStore, current):
     """The table's documents (doc_id, content_hash of chunk 0) at the planned version, as a lazy
     Ray dataset read by Lance in worker tasks."""
@@ -151,6 +167,10 @@ def _table_ids(store: TableStore, current):
 
     if current is None:
         return None
+    if current.count_rows() <= SMALL_ROWS:
+        # one task: read_lance's per-fragment tasks cost more than they save on a small table
+        task = ray.remote(num_cpus=0.5, max_retries=3)(_read_table_ids)
+        return ray.data.from_arrow_refs([task.remote(store.uri, current.version, store.storage_options)])
     return ray.data.read_lance(store.uri, version=current.version, columns=["doc_id", "content_hash"],
                                scanner_options={"filter": "chunk = 0"}, storage_options=store.storage_options)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.diff import EMBED_SCHEMA, _name, _partitions, _write
+from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _name, _partitions, _write, aggregate
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = ["MARKER_SCHEMA", "StagedState", "marker_files", "read_skip", "staged_state", "write_marker"]
@@ -135,9 +135,49 @@ def _skips(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Ta
     return pa.table({"rows": [rows.num_rows]})
 
 
+def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
+                  storage_options: dict | None) -> tuple[list[str], pa.Table | None]:
+    """The small-run path of staged_state, in one task over Arrow: (markers dropped as
+    duplicates, the _todo summary or None when no marker is left)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(out_dir, storage_options)
+    marks = pa.concat_tables([
+        pq.read_table(f, columns=MARKER_SCHEMA.names, filesystem=fs).cast(MARKER_SCHEMA).append_column(
+            "path", pa.array([f] * pq.read_metadata(f, filesystem=fs).num_rows, pa.string()))
+        for f in files])
+    dropped: list[str] = []
+    while marks.num_rows:
+        pairs = aggregate(_conflict_key(marks), "k", [("path", "count", "n"), ("path", "max", "last")])
+        later = pc.unique(pairs.filter(pc.greater(pairs["n"], 1))["last"])
+        if not len(later):
+            break
+        for p in later.to_pylist():
+            fs.delete_file(p)
+            dropped.append(p)
+        marks = marks.filter(pc.invert(pc.is_in(marks["path"], value_set=later)))
+    if not marks.num_rows:
+        return dropped, None
+    union = [_docs_union(marks.drop_columns(["path"]))]
+    if planned:
+        import pyarrow.dataset as pads
+
+        pfs, path = filesystem(join(plan_dir, "embed"), storage_options)
+        union.append(_docs_union(pads.dataset(path, format="parquet", filesystem=pfs).to_table()))
+    per_doc = aggregate(pa.concat_tables(union), "doc_id", [
+        ("shard", "count", "planned"), ("chunk", "count", "staged"), ("n_chunks", "max", "n_chunks"),
+        ("shard", "min", "shard"), ("row", "min", "row"), ("content_hash", "min", "content_hash")])
+    summary = _todo(per_doc, out_dir, storage_options)
+    if summary["partial"][0].as_py():
+        _skips(marks.select(["doc_id", "chunk"]), out_dir, storage_options)
+    return dropped, summary
+
+
 def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, planned: int,
-                 planned_shards: list[int], out_dir: str) -> StagedState:
-    """The run's staged fragments and, in `out_dir`, the plan of what is left to embed."""
+                 planned_shards: list[int], out_dir: str, small_rows: int = SMALL_ROWS) -> StagedState:
+    """The run's staged fragments and, in `out_dir`, the plan of what is left to embed (in one
+    task up to `small_rows` planned and staged rows, else by hash shuffles)."""
+    import ray
     import ray.data
     from ray.data.aggregate import Count, Max, Min
 
@@ -145,6 +185,18 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
     files = marker_files(staging_dir, storage_options)
     if not files:
         return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
+    footers = dict(zip(files, _footers(files, fs)))
+    if planned + sum(rows for _, rows in footers.values()) <= small_rows:
+        task = ray.remote(num_cpus=0.5, max_retries=3)(_staged_small)
+        dropped, summary = ray.get(task.remote(files, plan_dir, planned, out_dir, storage_options))
+        kept = [f for f in files if f not in set(dropped)]
+        if summary is None:
+            return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
+        state = StagedState(plan_dir=out_dir, todo=summary["todo"][0].as_py(),
+                            shards=sorted(summary["shards"][0].as_py()))
+        if summary["partial"][0].as_py():
+            state.skip_dir = join(out_dir, "skip")
+        return _with_fragments(state, [footers[f] for f in kept])
 
     def keys():
         return ray.data.read_parquet(files, filesystem=fs, include_paths=True, columns=MARKER_SCHEMA.names)
@@ -192,11 +244,20 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
             pass
         state.skip_dir = join(out_dir, "skip")
 
-    # 3. the kept markers' fragments: one footer per window, read in parallel threads
+    # 3. the kept markers' fragments
+    return _with_fragments(state, [footers[f] for f in files])
+
+
+def _footers(files: list[str], fs) -> list[tuple[list, int]]:
+    """(fragments, rows) of each marker: one footer per window, read in parallel threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:
-        for frags, rows in pool.map(lambda p: _marker_meta(p, fs), files):
-            state.fragments += frags
-            state.chunks += rows
+        return list(pool.map(lambda p: _marker_meta(p, fs), files))
+
+
+def _with_fragments(state: StagedState, footers: list[tuple[list, int]]) -> StagedState:
+    for frags, rows in footers:
+        state.fragments += frags
+        state.chunks += rows
     return state

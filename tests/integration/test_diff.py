@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpte_ray.diff import check_mass_delete, compute_diff, ids_from, rows_for_shard
+from gpte_ray.diff import SMALL_ROWS, check_mass_delete, compute_diff, ids_from, rows_for_shard
 from gpte_ray.plan import MassDeleteError, make_plan
 from gpte_ray.prepare import content_hash
 from gpte_ray.stages import SCAN_SCHEMA
@@ -46,10 +46,11 @@ def _read(folder):
         return None
 
 
-def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True):
+def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True, shuffle=False):
     plan_dir = str(tmp_path / f"plan-{uuid.uuid4().hex}")
     d = compute_diff(_scan_ds(scan, blocks), _table_ds(existing), plan_dir, SHARDS, None, rebuild,
-                     rows_hint=len(scan), max_delete_fraction=frac, allow_mass_delete=allow)
+                     rows_hint=len(scan), max_delete_fraction=frac, allow_mass_delete=allow,
+                     small_rows=-1 if shuffle else SMALL_ROWS)
     return d, plan_dir
 
 
@@ -62,8 +63,9 @@ scan_rows = st.lists(st.tuples(st.integers(0, 2), doc_ids, st.sampled_from(["t1"
 @given(scan_rows,
        st.one_of(st.none(), st.dictionaries(st.sampled_from(["a", "b", "c", "x'y", "y", "z"]),
                                             st.sampled_from(["t1", "t2"]))),
-       st.booleans(), st.booleans(), st.integers(1, 4))
-def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, rebuild, bad_shard, blocks):
+       st.booleans(), st.booleans(), st.integers(1, 4), st.booleans())
+def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, rebuild, bad_shard, blocks, shuffle):
+    """Both groupings (one task for small diffs, a hash shuffle for large ones) match the reference."""
     rebuild = rebuild and existing is not None
     scan = []
     for shard, d, t, reason in rows:
@@ -74,7 +76,7 @@ def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, re
     existing = {k: content_hash(v) for k, v in existing.items()} if existing is not None else None
 
     ref = make_plan(scan, SHARDS, existing, rebuild, 1.0, True)
-    d, plan_dir = _diff(tmp_path, scan, existing, rebuild, blocks)
+    d, plan_dir = _diff(tmp_path, scan, existing, rebuild, blocks, shuffle=shuffle)
 
     got = (d.rows_read, d.new, d.changed, d.unchanged, d.quarantined, d.deleted, d.bad_shards)
     assert got == (ref.rows_read, ref.new, ref.changed, ref.unchanged, ref.quarantined, ref.deleted,
@@ -110,7 +112,7 @@ def test_same_work_same_digest_in_any_order(ray_session, tmp_path, rows, existin
     shuffled = scan[:]
     rnd.shuffle(shuffled)
     a, _ = _diff(tmp_path, scan, existing, False, 1)
-    b, _ = _diff(tmp_path, shuffled, existing, False, blocks)
+    b, _ = _diff(tmp_path, shuffled, existing, False, blocks, shuffle=True)
     assert a.digest() == b.digest()
     ref = make_plan(scan, SHARDS, existing, False, 1.0, True)
     if ref.embed_docs or ref.delete_doc_ids:

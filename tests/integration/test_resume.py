@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pytest
 
-from gpte_ray.diff import EMBED_SCHEMA, _write
+from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _write
 from gpte_ray.resume import marker_files, read_skip, staged_state, write_marker
 
 
@@ -21,7 +22,8 @@ def _keys(pairs, n_chunks):
                      "n_chunks": pa.array([n_chunks[d] for d, _ in pairs], pa.int32())})
 
 
-def test_staged_state_drops_retried_windows_and_skips_staged_chunks(ray_session, tmp_path):
+@pytest.mark.parametrize("small_rows", [SMALL_ROWS, -1], ids=["one task", "shuffle"])
+def test_staged_state_drops_retried_windows_and_skips_staged_chunks(ray_session, tmp_path, small_rows):
     n_chunks = {"a": 2, "b": 1, "c": 3, "d": 1}
     plan_dir = str(tmp_path / "plan")
     plan = pa.table({"shard": pa.array([0, 0, 1, 1], pa.int32()), "row": pa.array([0, 1, 0, 1], pa.int64()),
@@ -30,7 +32,7 @@ def test_staged_state_drops_retried_windows_and_skips_staged_chunks(ray_session,
     staging = str(tmp_path / "staging")
 
     # nothing staged yet: the plan itself is the work
-    s = staged_state(staging, None, plan_dir, 4, [0, 1], str(tmp_path / "todo0"))
+    s = staged_state(staging, None, plan_dir, 4, [0, 1], str(tmp_path / "todo0"), small_rows)
     assert (s.todo, s.chunks, s.fragments, s.plan_dir, s.shards) == (4, 0, [], plan_dir, [0, 1])
 
     m1 = _keys([("a", 0), ("a", 1), ("c", 0), ("d", 0)], n_chunks)
@@ -41,7 +43,7 @@ def test_staged_state_drops_retried_windows_and_skips_staged_chunks(ray_session,
     assert len(marker_files(staging, None)) == 3
 
     todo_dir = str(tmp_path / "todo1")
-    s = staged_state(staging, None, plan_dir, 4, [0, 1], todo_dir)
+    s = staged_state(staging, None, plan_dir, 4, [0, 1], todo_dir, small_rows)
     assert [p.rsplit("/", 1)[1] for p in marker_files(staging, None)] == ["m1.parquet", "m2.parquet"]
     assert s.chunks == 5 and len(s.fragments) == 2
     assert sum(f.num_rows for f in s.fragments) == 5
@@ -52,6 +54,6 @@ def test_staged_state_drops_retried_windows_and_skips_staged_chunks(ray_session,
     assert read_skip(s.skip_dir, None) == {("c", 0), ("c", 1)}
 
     write_marker(staging, None, "m4", _keys([("b", 0), ("c", 2)], n_chunks), _fragments(tmp_path, 2))
-    s = staged_state(staging, None, plan_dir, 4, [0, 1], str(tmp_path / "todo2"))
+    s = staged_state(staging, None, plan_dir, 4, [0, 1], str(tmp_path / "todo2"), small_rows)
     assert (s.todo, s.chunks, s.skip_dir) == (0, 7, None)
     assert len(s.fragments) == 3
