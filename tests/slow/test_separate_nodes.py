@@ -185,14 +185,15 @@ def _upload(env: dict, folder: str) -> None:
 def test_every_node_fetches_the_model_itself(tmp_path, moto, minilm_path):
     import numpy as np
 
-    docs = [d for d in docstring_docs(400) if len(d["text"]) < 300][:16]
+    # long enough (truncated at 256 tokens) that embedding a window takes far longer than
+    # tokenizing one: windows queue, and with one in flight per actor both nodes get some
+    docs = [d for d in docstring_docs(2000) if 800 <= len(d["text"]) <= 3000][:16]
     assert len(docs) == 16
     corpus = tmp_path / "corpus"
     write_shards(iter(docs), str(corpus), rows_per_shard=4)
     texts = [d["text"] for d in sorted(docs, key=lambda d: d["id"])]
 
-    # the packaged all-MiniLM-L6-v2 as a folder of its own (big enough that embedding a window
-    # takes longer than tokenizing one, so windows queue and both embed actors get some)
+    # the packaged all-MiniLM-L6-v2 as a folder of its own
     model_a = str(shutil.copytree(minilm_path, tmp_path / "model_a", ignore=shutil.ignore_patterns(".*")))
     model_b = _changed_copy(minilm_path, tmp_path / "model_b")
     _upload(moto, model_a)
