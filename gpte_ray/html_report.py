@@ -407,6 +407,35 @@ def _quarantine_section(r: dict) -> str:
             f"<th>reason</th></tr>{examples}</table>{where}</section>")
 
 
+def _cost_section(r: dict) -> str:
+    """What the embed actors held and, with `report.price_per_hour`, what that cost."""
+    c = r.get("cost") if isinstance(r.get("cost"), dict) else {}
+    if not c:
+        return ""
+    share = c.get("outside_forward_share")
+    cards = [
+        _card("embed actors", _num(c.get("embed_actors")), f"{_num(c.get('embed_actor_seconds'))} actor-seconds held"),
+        _card("accelerator-seconds", _num(c.get("accelerator_seconds")),
+              f"{_num(c.get('tokens_per_accelerator_second'), 0)} tokens per accelerator-second"
+              if c.get("tokens_per_accelerator_second") else "CPU run: no accelerator held"),
+        _card("outside forward", _pct(share) if share is not None else "–",
+              "of the actors' time after model load: feeding, writing, waiting"),
+    ]
+    if "cost" in c:
+        unpriced = c.get("unpriced_node_types") or []
+        cards.append(_card("cost", f"{c['cost']:.4f}",
+                           (f"{c['cost_per_million_tokens']:.4f} per million tokens"
+                            if c.get("cost_per_million_tokens") is not None else "no tokens embedded")
+                           + (f" · no price for {', '.join(map(str, unpriced))}" if unpriced else ""),
+                           cls="bad" if unpriced else ""))
+    nodes = {f"node seconds · {k}": v for k, v in (c.get("node_seconds") or {}).items()}
+    note = ('<p class="note">Each node is charged from its first embed actor\'s start to its last window, '
+            "at <code>report.price_per_hour</code> for its node type.</p>" if "cost" in c else
+            '<p class="note">Set <code>report.price_per_hour</code> (per node type) for a cost line.</p>')
+    return (f'<section><h2>Cost</h2>{note}<div class="cards">{"".join(cards)}</div>'
+            f"{_kv_table(nodes) if nodes else ''}</section>")
+
+
 def _eval_table(ev: dict) -> str:
     modes = [m for m in ("exact", "indexed") if isinstance(ev.get(m), dict)]
     if not modes:
@@ -528,6 +557,7 @@ def render_html_report(report: dict) -> str:
 <div class="cards">{cards_counts}</div><div style="height:10px"></div>
 <div class="cards">{cards_work}</div></section>
 {_quarantine_section(r)}
+{_cost_section(r)}
 <section><h2>Stage times</h2>{stages_svg(r.get("stage_seconds"))}</section>
 <section><h2>Lengths of the chunks embedded in this run (tokens)</h2>{hist_note}{histogram_svg(hist)}</section>
 <section><h2>Micro-batch fill per length bucket</h2>{bucket_note}{buckets_svg(buckets)}</section>

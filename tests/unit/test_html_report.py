@@ -164,3 +164,19 @@ def test_quarantine_reasons_by_kind_with_examples():
     assert re.search(r"<td>5</td><td>empty text</td>.*<td>1</td><td>invalid JSON</td>", section)
     assert "b.jsonl</td><td>7</td><td>–</td><td>invalid JSON (Expecting value: line 1)" in section
     assert "db/docs.quarantine/abc.parquet" in section
+
+
+def test_cost_section_shows_what_the_run_held_and_cost():
+    cost = {"embed_actors": 2, "embed_actor_seconds": 120.0, "accelerator_seconds": 120.0,
+            "tokens_per_accelerator_second": 2083.3, "outside_forward_share": 0.031,
+            "node_seconds": {"gpu-1x": 61.0, "odd-node": 60.0}, "cost": 0.0425,
+            "cost_per_million_tokens": 0.17, "unpriced_node_types": ["odd-node"]}
+    page = render_html_report({**FULL, "cost": cost})
+    section = page[page.index("<h2>Cost</h2>"):page.index("<h2>Stage times</h2>")]
+    assert "0.0425" in section and "0.1700 per million tokens" in section and "no price for odd-node" in section
+    assert "2,083 tokens per accelerator-second" in section and "3.1%" in section
+    assert "node seconds · gpu-1x" in section
+    # unpriced: the section says how to get a cost line; no cost figures at all: no section
+    unpriced = {k: v for k, v in cost.items() if k not in ("cost", "cost_per_million_tokens")}
+    assert "report.price_per_hour" in render_html_report({**FULL, "cost": unpriced})
+    assert "<h2>Cost</h2>" not in render_html_report(FULL)
