@@ -26,6 +26,7 @@ _INDEX_FLAGS = {
     "text_column": "input.text_column",
     "template": "input.template",
     "format": "input.format",
+    "keep_columns": "input.keep_columns",
     "skip_bad_shards": "input.skip_bad_shards",
     "model": "model.path",
     "revision": "model.revision",
@@ -49,6 +50,9 @@ _INDEX_FLAGS = {
     "max_delete_fraction": "output.max_delete_fraction",
     "allow_mass_delete": "output.allow_mass_delete",
 }
+
+# list fields given as one comma-separated value (column names have no commas; paths might)
+_COMMA_LISTS = {"input.keep_columns"}
 
 _CONFIG_HELP = "job YAML (see configs/example.yaml); flags override its fields (default: none)"
 _STORAGE_CONFIG_HELP = "job YAML, for output.storage_options of an s3:// db (default: none)"
@@ -104,11 +108,18 @@ def _add_config_flag(parser: argparse.ArgumentParser, flag: str, dotted: str, *n
         kwargs["choices"] = list(typing.get_args(typ))
     elif typ is bool:
         kwargs.update(action="store_true", default=None)  # unset: the config file decides
+    elif typing.get_origin(typ) is list and dotted in _COMMA_LISTS:
+        kwargs["type"] = _comma_list
     elif typing.get_origin(typ) is list:
         kwargs["nargs"] = "+"
     elif typ in (int, float):
         kwargs["type"] = typ
     parser.add_argument(*(names or (f"--{flag.replace('_', '-')}",)), dest=flag, **kwargs)
+
+
+def _comma_list(value: str) -> list[str]:
+    """'page, heading' -> ['page', 'heading']."""
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _verbose_flag(parser: argparse.ArgumentParser) -> None:
@@ -264,7 +275,8 @@ def _search(args: argparse.Namespace) -> int:
                                    group=not args.chunks) if queries else []
     for query, rows in zip(queries, results):
         for row in rows:
-            print(json.dumps({"query": query, **row} if args.query == "-" else row, ensure_ascii=False))
+            # default=str: kept columns may hold dates, decimals or bytes
+            print(json.dumps({"query": query, **row} if args.query == "-" else row, ensure_ascii=False, default=str))
     return 0
 
 

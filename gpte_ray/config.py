@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "BatchConfig",
@@ -19,6 +19,7 @@ __all__ = [
     "JobConfig",
     "ModelConfig",
     "OutputConfig",
+    "RESERVED_COLUMNS",
     "ReportConfig",
     "ResourceConfig",
     "load_config",
@@ -27,6 +28,16 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the key."""
+
+
+# Names a kept source column may not take: the table's own columns (table.table_schema), the
+# columns rows carry through the pipeline beside them (stages.py), and the keys of a search
+# result. Names starting with "_" are Lance's (_rowid, _distance, _score).
+RESERVED_COLUMNS = frozenset({
+    "doc_id", "chunk", "n_chunks", "vector", "text", "content_hash", "meta_hash", "char_start", "char_end",
+    "shard", "row", "reason", "input_ids", "n_tokens", "prompt_len", "truncated", "padded_tokens",
+    "batch_first", "embed_seconds", "oom_retries", "token_budget", "score", "chunks", "query",
+})
 
 
 class _Strict(BaseModel):
@@ -48,6 +59,11 @@ class InputConfig(_Strict):
         description='Python format template over several columns, e.g. "{title}\\n\\n{body}"; '
         "replaces text_column; default: none (text_column is the text).",
     )
+    keep_columns: list[str] = Field(
+        default_factory=list,
+        description="Source columns stored on every chunk row of their document, with their types, "
+        "for search --where (comma-separated on the command line, e.g. page,heading).",
+    )
     skip_bad_shards: bool = Field(
         False, description="Quarantine unreadable shards instead of failing the run."
     )
@@ -55,6 +71,17 @@ class InputConfig(_Strict):
         default_factory=dict,
         description="Object-store options for s3:// inputs (endpoint, region, keys).",
     )
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _kept_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name or name.startswith("_") or name in RESERVED_COLUMNS:
+                raise ValueError(f"{name!r} is reserved for the table's own columns (reserved: "
+                                 f"{', '.join(sorted(RESERVED_COLUMNS))}, names starting with _, and '')")
+        if len(set(names)) < len(names):
+            raise ValueError(f"{names} names a column twice")
+        return names
 
 
 class ModelConfig(_Strict):
@@ -219,6 +246,8 @@ def _one_line(err: ValidationError) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"config error: {key}: {msg}"
 
 

@@ -1,12 +1,15 @@
 """The diff, on the cluster: which documents a run embeds, deletes and quarantines.
 
-The corpus scan (one row per input row: shard, row, doc_id, content_hash, reason) and the
-table's documents (doc_id and content_hash of chunk 0) are unioned and grouped by doc_id with
+The corpus scan (one row per input row: shard, row, doc_id, content_hash, reason, meta_hash) and
+the table's documents (doc_id, content_hash and meta_hash of chunk 0) are unioned and grouped by doc_id with
 Ray Data's hash-shuffle aggregation. Each group is classified over Arrow in worker tasks, which
 write what the run needs as Parquet under a plan folder in staging:
 
   embed/*.parquet       shard, row, doc_id, content_hash of every document to embed
-  changed/*.parquet     doc_id of documents whose old chunks the commit replaces
+  meta/embed/*.parquet  the same, of documents whose text is unchanged but whose kept columns
+                        changed: their rows are copied with the new values, not embedded (a plan
+                        folder of its own, so resume.staged_state reads it as it reads this one)
+  changed/*.parquet     doc_id of documents whose old chunks the commit replaces (meta too)
   vanished/*.parquet    doc_id of table documents no longer in the corpus
   dups/*.parquet        group key and winning key of ids seen more than once
   quarantine/*.parquet  source, row, doc_id, reason of every row not embedded
@@ -22,7 +25,7 @@ or text, unreadable shard) never claim an id.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,13 +40,14 @@ __all__ = [
     "drop_plans", "fragment_deletions", "ids_from", "new_plan_dir", "read_planned", "rows_for_shard", "sql_list",
 ]
 
-# a scan row's sort key as one string: zero-padded shard and row, then the content hash, so
-# that the minimum per doc_id is the first occurrence and carries its hash along
+# a scan row's sort key as one string: zero-padded shard and row, then the content hash and
+# "|" meta hash, so that the minimum per doc_id is the first occurrence and carries its hashes
 SHARD_W, ROW_W = 10, 13
 GROUP_SCHEMA = pa.schema([
     ("gkey", pa.string()),    # "d" + doc_id, or "q<shard>:<row>" for a row with a reason
-    ("key", pa.string()),     # shard|row|content_hash of a good scan row, else null
+    ("key", pa.string()),     # shard|row|content_hash|meta_hash of a good scan row, else null
     ("old", pa.string()),     # content_hash in the table, else null
+    ("old_meta", pa.string()),  # meta_hash in the table, else null
     ("reason", pa.string()),  # why a scan row is quarantined, else null
     ("bad_id", pa.string()),  # the doc_id of a quarantined scan row (may be null)
 ])
@@ -96,33 +100,42 @@ def scan_groups(batch: pa.Table) -> pa.Table:
     bad_key = pc.binary_join_element_wise(
         "q", pc.cast(shard, pa.string()), ":", pc.cast(row, pa.string()), "")
     gkey = pc.if_else(good, pc.binary_join_element_wise("d", batch["doc_id"], ""), bad_key)
-    key = pc.binary_join_element_wise(_pad(shard, SHARD_W), _pad(row, ROW_W), batch["content_hash"], "")
+    meta = pc.fill_null(batch["meta_hash"], "")
+    key = pc.binary_join_element_wise(_pad(shard, SHARD_W), _pad(row, ROW_W), batch["content_hash"], "|", meta, "")
     null = pa.nulls(batch.num_rows, pa.string())
     return pa.table({
         "gkey": gkey,
         "key": pc.if_else(good, key, null),
         "old": null,
+        "old_meta": null,
         "reason": batch["reason"],
         "bad_id": pc.if_else(good, null, batch["doc_id"]),
     }, schema=GROUP_SCHEMA)
 
 
 def table_groups(batch: pa.Table) -> pa.Table:
-    """The table's (doc_id, content_hash) of chunk 0 -> GROUP_SCHEMA rows."""
+    """The table's (doc_id, content_hash, meta_hash if it has one) of chunk 0 -> GROUP_SCHEMA rows."""
     null = pa.nulls(batch.num_rows, pa.string())
+    meta = batch["meta_hash"] if "meta_hash" in batch.column_names else null
     return pa.table({"gkey": pc.binary_join_element_wise("d", batch["doc_id"], ""), "key": null,
-                     "old": batch["content_hash"], "reason": null, "bad_id": null}, schema=GROUP_SCHEMA)
+                     "old": batch["content_hash"], "old_meta": meta, "reason": null, "bad_id": null},
+                    schema=GROUP_SCHEMA)
 
 
-def _winner(key: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
+def _winner(key: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+    """shard, row, content_hash and meta_hash ("" when no column is kept) of scan keys."""
     shard = pc.cast(pc.utf8_slice_codeunits(key, 0, SHARD_W), pa.int32())
     row = pc.cast(pc.utf8_slice_codeunits(key, SHARD_W, SHARD_W + ROW_W), pa.int64())
-    return shard, row, pc.utf8_slice_codeunits(key, SHARD_W + ROW_W)
+    hashes = pc.split_pattern(pc.utf8_slice_codeunits(key, SHARD_W + ROW_W), "|")
+    return shard, row, pc.list_element(hashes, 0), pc.list_element(hashes, 1)
 
 
 def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options: dict | None,
-             rebuild: bool) -> pa.Table:
-    """One block of groups (one per doc_id or quarantined row) -> plan files + a summary row."""
+             rebuild: bool, copy_all: bool = False) -> pa.Table:
+    """One block of groups (one per doc_id or quarantined row) -> plan files + a summary row.
+
+    `copy_all`: the table's kept columns change, so every document whose text is unchanged
+    is copied (with its new kept values), not only those whose kept values changed."""
     is_doc = pc.starts_with(batch["gkey"], "d")
     docs, bad = batch.filter(is_doc), batch.filter(pc.invert(is_doc))
     name = _name(batch["gkey"].combine_chunks() if isinstance(batch["gkey"], pa.ChunkedArray) else batch["gkey"])
@@ -131,15 +144,21 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
     n, old, key = docs["n"], docs["old"], docs["key"]
     in_corpus = pc.greater(n, 0)
     in_table = pc.is_valid(old)
-    shard, row, chash = _winner(key)
+    shard, row, chash, mhash = _winner(key)
     same = pc.fill_null(pc.equal(old, chash), False)
+    same_meta = pc.fill_null(pc.equal(pc.fill_null(docs["old_meta"], ""), mhash), False)
+    none = pc.and_(in_corpus, pc.invert(in_corpus))
     if rebuild:
         embed = in_corpus
-        new, changed, unchanged = in_corpus, pc.and_(in_corpus, pc.invert(in_corpus)), None
+        new, changed, unchanged, meta = in_corpus, none, None, none
     else:
         new = pc.and_(in_corpus, pc.invert(in_table))
         changed = pc.and_(pc.and_(in_corpus, in_table), pc.invert(same))
-        unchanged = pc.and_(in_corpus, same)
+        same_text = pc.and_(in_corpus, same)
+        if copy_all:  # new kept columns: every document with the same text is copied
+            meta, unchanged = same_text, none
+        else:
+            meta, unchanged = pc.and_(same_text, pc.invert(same_meta)), pc.and_(same_text, same_meta)
         embed = pc.or_(new, changed)
     vanished = pc.invert(in_corpus)
     dup = pc.greater(n, 1)
@@ -147,9 +166,12 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
     emb = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash},
                    schema=EMBED_SCHEMA).filter(embed)
     emb = emb.sort_by([("shard", "ascending"), ("row", "ascending")])
-    changed_ids = pa.table({"doc_id": doc_id}).filter(changed)
+    copies = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash},
+                      schema=EMBED_SCHEMA).filter(meta).sort_by([("shard", "ascending"), ("row", "ascending")])
+    changed_ids = pa.table({"doc_id": doc_id}).filter(pc.or_(changed, meta))
     vanished_ids = pa.table({"doc_id": doc_id}).filter(vanished)
     _write(emb, join(plan_dir, "embed"), name, storage_options)
+    _write(copies, join(plan_dir, "meta", "embed"), name, storage_options)
     _write(changed_ids, join(plan_dir, "changed"), name, storage_options)
     _write(vanished_ids, join(plan_dir, "vanished"), name, storage_options)
     _write(pa.table({"gkey": docs["gkey"], "key": key}).filter(dup), join(plan_dir, "dups"), name,
@@ -166,6 +188,8 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
 
     embed_digest = _digest_parts(pc.binary_join_element_wise(emb["doc_id"], emb["content_hash"], "\0")
                                  .combine_chunks()) if emb.num_rows else (0, 0)
+    meta_digest = _digest_parts(pc.binary_join_element_wise(doc_id, mhash, "\0").filter(meta)
+                                .combine_chunks()) if copies.num_rows else (0, 0)
     changed_digest = _digest_parts(changed_ids["doc_id"].combine_chunks())
     vanished_digest = _digest_parts(vanished_ids["doc_id"].combine_chunks())
     count = lambda mask: int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)  # noqa: E731
@@ -174,6 +198,7 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
         "new": [count(new)],
         "changed": [count(changed)],
         "unchanged": [count(unchanged) if unchanged is not None else 0],
+        "meta": [copies.num_rows],
         "vanished": [count(vanished)],
         "existing": [count(in_table)],
         "embed": [emb.num_rows],
@@ -182,18 +207,21 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
         "bad_rows": [bad.num_rows],
         "bad_shards": [count(pc.less(brow, 0))],
         "shards": [pc.unique(emb["shard"]).to_pylist()],
+        "meta_shards": [pc.unique(copies["shard"]).to_pylist()],
         "d_embed": [list(embed_digest)],
+        "d_meta": [list(meta_digest)],
         "d_changed": [list(changed_digest)],
         "d_vanished": [list(vanished_digest)],
     }, schema=SUMMARY_SCHEMA)
 
 
 SUMMARY_SCHEMA = pa.schema(
-    [(k, pa.int64()) for k in ("rows_read", "new", "changed", "unchanged", "vanished", "existing", "embed",
+    [(k, pa.int64()) for k in ("rows_read", "new", "changed", "unchanged", "meta", "vanished", "existing", "embed",
                               "dup_docs", "dup_rows", "bad_rows", "bad_shards")]
-    + [("shards", pa.list_(pa.int32()))]
-    + [(k, pa.list_(pa.uint64())) for k in ("d_embed", "d_changed", "d_vanished")]
+    + [("shards", pa.list_(pa.int32())), ("meta_shards", pa.list_(pa.int32()))]
+    + [(k, pa.list_(pa.uint64())) for k in ("d_embed", "d_meta", "d_changed", "d_vanished")]
 )
+_COUNTS = SUMMARY_SCHEMA.names[:12]
 
 
 def quarantine_duplicates(batch: pa.Table, plan_dir: str, shards: list[str],
@@ -207,8 +235,8 @@ def quarantine_duplicates(batch: pa.Table, plan_dir: str, shards: list[str],
     rows = rows.join(dups.rename_columns(["gkey", "winner"]), "gkey")
     losers = rows.filter(pc.not_equal(rows["key"], rows["winner"]))
     if losers.num_rows:
-        shard, row, _ = _winner(losers["key"])
-        wshard, wrow, _ = _winner(losers["winner"])
+        shard, row, *_ = _winner(losers["key"])
+        wshard, wrow, *_ = _winner(losers["winner"])
         paths = pa.array(shards, pa.string())
         reason = pc.binary_join_element_wise(
             "duplicate doc_id (kept ", pc.take(paths, wshard), " row ", pc.cast(wrow, pa.string()), ")", "")
@@ -231,25 +259,40 @@ class Diff:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    metadata_updated: int = 0  # same text, new kept values: rows copied, not embedded
     quarantined: int = 0
     deleted: int = 0  # documents the table loses (vanished, unless a shard could not be read)
     bad_shards: int = 0
     rebuild: bool = False
+    copy_all: bool = False  # the kept columns change: unchanged documents are copied into a new table
     existing: int = 0  # documents in the table before the run
     embed: int = 0  # documents to embed
     shards: list[int] = field(default_factory=list)  # shards holding documents to embed
+    meta_shards: list[int] = field(default_factory=list)  # shards holding documents to copy
     digest_parts: tuple = ()
     seconds: dict[str, float] = field(default_factory=dict)  # table_ids, scan, diff
 
     @property
+    def overwrite(self) -> bool:
+        """The run's fragments replace the table (a new model, or new kept columns)."""
+        return self.rebuild or self.copy_all
+
+    @property
+    def meta_dir(self) -> str:
+        """The plan folder of the documents whose rows are copied with new kept values."""
+        return join(self.plan_dir, "meta")
+
+    @property
     def delete_vanished(self) -> bool:
         """Vanished documents leave the table unless a shard was unreadable (they may be in it)."""
-        return not self.rebuild and not self.bad_shards
+        return not self.overwrite and not self.bad_shards
 
     @property
     def replaced(self) -> int:
         """Documents whose rows the commit removes from the current table (not for overwrites)."""
-        return 0 if self.rebuild else self.changed + (self.deleted if self.delete_vanished else 0)
+        if self.overwrite:
+            return 0
+        return self.changed + self.metadata_updated + (self.deleted if self.delete_vanished else 0)
 
     def digest(self) -> str:
         """Identity of the work: the same embed and delete sets give the same digest."""
@@ -257,7 +300,7 @@ class Diff:
 
     def delete_batches(self, batch_rows: int = 8192) -> Iterator[pa.Array]:
         """doc_ids whose current rows the commit deletes, in Arrow batches."""
-        if self.rebuild:
+        if self.overwrite:
             return
         yield from ids_from(join(self.plan_dir, "changed"), self.storage_options, batch_rows)
         if self.delete_vanished:
@@ -348,12 +391,13 @@ def aggregate(table: pa.Table, key: str, specs: list[tuple[str, str, str]]) -> p
 
 
 def _group_and_classify(plan_dir: str, shards: list[str], storage_options: dict | None, rebuild: bool,
-                        *blocks: pa.Table) -> pa.Table:
+                        copy_all: bool, *blocks: pa.Table) -> pa.Table:
     """The small-diff path: every group row in one task, grouped and classified at once."""
     groups = pa.concat_tables([b.cast(GROUP_SCHEMA) for b in blocks if b.num_rows] or [GROUP_SCHEMA.empty_table()])
     grouped = aggregate(groups, "gkey", [("key", "min", "key"), ("key", "count", "n"), ("old", "min", "old"),
-                                         ("reason", "min", "reason"), ("bad_id", "min", "bad_id")])
-    return classify(grouped, plan_dir, shards, storage_options, rebuild)
+                                         ("old_meta", "min", "old_meta"), ("reason", "min", "reason"),
+                                         ("bad_id", "min", "bad_id")])
+    return classify(grouped, plan_dir, shards, storage_options, rebuild, copy_all)
 
 
 def _partitions(rows_hint: int) -> int:
@@ -363,13 +407,17 @@ def _partitions(rows_hint: int) -> int:
 
 def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options: dict | None,
                  rebuild: bool, rows_hint: int, max_delete_fraction: float = 1.0,
-                 allow_mass_delete: bool = True, small_rows: int = SMALL_ROWS) -> Diff:
+                 allow_mass_delete: bool = True, small_rows: int = SMALL_ROWS,
+                 kept_changed: Callable[[], bool] | None = None) -> Diff:
     """Diff a scan dataset (stages.SCAN_SCHEMA rows) against `table` (a Ray dataset of the
-    table's doc_id and content_hash of chunk 0, or None for no table).
+    table's doc_id, content_hash and meta_hash of chunk 0, or None for no table).
 
     The plan files land under `plan_dir`; raises MassDeleteError past the guard, counting for
     a rebuild too the documents the new table would no longer hold. Up to `small_rows` rows
     (scan and table together) are grouped in one task, more by a hash shuffle.
+    `kept_changed` is called once the scan is done (the kept columns' types are known then):
+    true when the table's kept columns change, so that every document whose text is
+    unchanged is copied into the new table (`Diff.copy_all`).
     """
     import time
 
@@ -387,30 +435,34 @@ def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options:
     # kept (in the object store) for the duplicates pass; the driver holds block references only
     scan_rows = scan.map_batches(scan_groups, batch_format="pyarrow", batch_size=None).materialize()
     seconds["scan"] = time.perf_counter() - t
+    copy_all = (kept_changed() if kept_changed is not None else False) and not rebuild
     t = time.perf_counter()
     parts = [scan_rows] + ([old_rows] if old_rows is not None else [])
     if sum(p.count() for p in parts) <= small_rows:
         refs = [r for p in parts for r in p.to_arrow_refs()]
         task = ray.remote(num_cpus=0.5, max_retries=3)(_group_and_classify)
-        summaries = [ray.get(task.remote(plan_dir, shards, storage_options, rebuild, *refs))]
+        summaries = [ray.get(task.remote(plan_dir, shards, storage_options, rebuild, copy_all, *refs))]
     else:
         groups = scan_rows if old_rows is None else scan_rows.union(old_rows)
         grouped = groups.groupby("gkey", num_partitions=_partitions(rows_hint)).aggregate(
             Min("key", alias_name="key"), Count("key", ignore_nulls=True, alias_name="n"),
-            Min("old", alias_name="old"), Min("reason", alias_name="reason"), Min("bad_id", alias_name="bad_id"),
+            Min("old", alias_name="old"), Min("old_meta", alias_name="old_meta"), Min("reason", alias_name="reason"),
+            Min("bad_id", alias_name="bad_id"),
         )
         summaries = grouped.map_batches(
             classify, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options,
-                       "rebuild": rebuild},
+                       "rebuild": rebuild, "copy_all": copy_all},
         ).iter_batches(batch_size=None, batch_format="pyarrow")
-    totals = dict.fromkeys(SUMMARY_SCHEMA.names[:11], 0)
+    totals = dict.fromkeys(_COUNTS, 0)
     work_shards: set[int] = set()
-    digests = {k: [0, 0] for k in ("d_embed", "d_changed", "d_vanished")}
+    meta_shards: set[int] = set()
+    digests = {k: [0, 0] for k in ("d_embed", "d_meta", "d_changed", "d_vanished")}
     for b in summaries:
         for k in totals:
             totals[k] += int(pc.sum(b[k]).as_py() or 0)
         work_shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())
+        meta_shards.update(pc.unique(pc.list_flatten(b["meta_shards"])).to_pylist())
         for k, acc in digests.items():
             for parts in b[k].to_pylist():
                 acc[0], acc[1] = (acc[0] + parts[0]) % 2**64, (acc[1] + parts[1]) % 2**64
@@ -425,16 +477,19 @@ def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options:
     del scan_rows, old_rows
     seconds["diff"] = time.perf_counter() - t
 
-    d = Diff(plan_dir=plan_dir, storage_options=storage_options, rebuild=rebuild,
+    d = Diff(plan_dir=plan_dir, storage_options=storage_options, rebuild=rebuild, copy_all=copy_all,
              rows_read=totals["rows_read"], new=totals["new"], changed=totals["changed"],
-             unchanged=totals["unchanged"], quarantined=totals["bad_rows"] + totals["dup_rows"],
+             unchanged=totals["unchanged"], metadata_updated=totals["meta"],
+             quarantined=totals["bad_rows"] + totals["dup_rows"],
              bad_shards=totals["bad_shards"], existing=totals["existing"], embed=totals["embed"],
-             shards=sorted(work_shards), seconds=seconds)
-    # a rebuild overwrites the table: what it leaves out is lost whatever the reason
-    d.deleted = totals["vanished"] if (rebuild or not d.bad_shards) else 0
+             shards=sorted(work_shards), meta_shards=sorted(meta_shards), seconds=seconds)
+    # an overwrite replaces the table: what it leaves out is lost whatever the reason
+    d.deleted = totals["vanished"] if (d.overwrite or not d.bad_shards) else 0
     deletes = [digests["d_changed"]] + ([digests["d_vanished"]] if d.delete_vanished else [])
     d.digest_parts = (tuple(digests["d_embed"]), d.embed, rebuild,
                       tuple(sum(p[i] for p in deletes) % 2**64 for i in (0, 1)), d.replaced)
+    if d.metadata_updated or copy_all:  # (without copies, the run ids of earlier versions stay)
+        d.digest_parts += (tuple(digests["d_meta"]), d.metadata_updated, copy_all)
     check_mass_delete(d.deleted, d.existing, max_delete_fraction, allow_mass_delete)
     return d
 
@@ -450,13 +505,15 @@ def rows_for_shard(plan_dir: str, shard: int, storage_options: dict | None) -> s
     return set(rows.to_numpy().tolist())
 
 
-def read_planned(batch: pa.Table, cfg, plan_dir: str, storage_options: dict | None):
-    """Embed pass read task: the prepared rows of one shard that the plan selected."""
+def read_planned(batch: pa.Table, cfg, plan_dir: str, storage_options: dict | None,
+                 kept_schema: pa.Schema | None = None):
+    """Embed pass read task: the prepared rows of one shard that the plan selected (kept
+    columns cast to the table's `kept_schema`, so every block has the same schema)."""
     from gpte_ray.sources import read_prepared
 
     shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
     rows = rows_for_shard(plan_dir, shard, storage_options)
-    for t in read_prepared(uri, shard, cfg, rows=rows):
+    for t in read_prepared(uri, shard, cfg, rows=rows, kept_schema=kept_schema):
         yield t.drop_columns(["reason", "row", "shard"])
 
 

@@ -495,6 +495,7 @@ def render_html_report(report: dict) -> str:
         _card("new", _num(r.get("new"))),
         _card("changed", _num(r.get("changed"))),
         _card("unchanged", _num(r.get("unchanged"))),
+        _card("metadata updated", _num(r.get("metadata_updated")), "kept columns only: copied, not embedded"),
         _card("quarantined", _num(r.get("quarantined")), cls="bad" if r.get("quarantined") else ""),
         _card("deleted", _num(r.get("deleted"))),
     ])
@@ -508,11 +509,11 @@ def render_html_report(report: dict) -> str:
               f"over the embed stage · {_num(r.get('tokens_per_s'), 0)} tokens/s over the run"),
         _card("counts add up", "yes" if add_up else "no",
               "every row in the files was read and accounted for" if add_up
-              else "rows in the files ≠ read ≠ new + changed + unchanged + quarantined",
+              else "rows in the files ≠ read ≠ new + changed + unchanged + metadata updated + quarantined",
               cls="ok" if add_up else "bad"),
     ])
     keys = ("bad_shards", "truncated", "oom_retries", "min_token_budget", "chunks_embedded", "chunks_resumed",
-            "quarantine_file")
+            "chunks_copied", "quarantine_file")
     extra = {k: r[k] for k in keys if r.get(k) not in (None, 0, "")}
     upkeep = r.get("upkeep") if isinstance(r.get("upkeep"), dict) else {}
     details = ""

@@ -31,6 +31,7 @@ from gpte_ray.diff import (
     new_plan_dir,
     read_planned,
 )
+from gpte_ray.kept import copy_shard, resolve_kept
 from gpte_ray.lock import FenceError, LockLostError, TableLock
 from gpte_ray.preflight import preflight
 from gpte_ray.report import Progress, ProgressCounter, RunReport
@@ -39,7 +40,7 @@ from gpte_ray.sources import ShardError
 from gpte_ray.spec import ModelSpec, resolve_model
 from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, scan_shard
 from gpte_ray.storage import join, lance_options
-from gpte_ray.table import CommitPlan, TableStore, table_schema
+from gpte_ray.table import CommitPlan, TableStore, kept_fields, table_schema
 from gpte_ray.upkeep import run_upkeep
 
 __all__ = ["connect_ray", "run_index"]
@@ -142,36 +143,38 @@ def _user_error(e: BaseException) -> BaseException | None:
     return None
 
 
-def _scan(shards: list[str], cfg: JobConfig):
-    """The manifest pass as a lazy Ray dataset (stages.SCAN_SCHEMA rows); the diff consumes it."""
+def _scan(shards: list[str], cfg: JobConfig, types_dir: str, storage_options: dict | None):
+    """The manifest pass as a lazy Ray dataset (stages.SCAN_SCHEMA rows); the diff consumes it.
+    The kept columns' types of each shard go to `types_dir`."""
     import ray.data
 
     items = [{"shard": i, "uri": u} for i, u in enumerate(shards)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        scan_shard, fn_kwargs={"cfg": cfg.input}, batch_size=1, batch_format="pyarrow",
-        num_cpus=cfg.resources.read_cpus,
+        scan_shard, fn_kwargs={"cfg": cfg.input, "types_dir": types_dir, "storage_options": storage_options},
+        batch_size=1, batch_format="pyarrow", num_cpus=cfg.resources.read_cpus,
     )
 
 
-def _read_table_ids(uri: str, version: int, storage_options: dict | None) -> pa.Table:
+def _read_table_ids(uri: str, version: int, storage_options: dict | None, columns: list[str]) -> pa.Table:
     import lance
 
     ds = lance.dataset(uri, version=version, storage_options=storage_options)
-    return ds.to_table(columns=["doc_id", "content_hash"], filter="chunk = 0")
+    return ds.to_table(columns=columns, filter="chunk = 0")
 
 
 def _table_ids(store: TableStore, current):
-    """The table's documents (doc_id, content_hash of chunk 0) at the planned version, as a lazy
-    Ray dataset read by Lance in worker tasks."""
+    """The table's documents (doc_id, content_hash and meta_hash if kept columns are stored,
+    of chunk 0) at the planned version, as a lazy Ray dataset read by Lance in worker tasks."""
     import ray.data
 
     if current is None:
         return None
+    columns = ["doc_id", "content_hash", *(["meta_hash"] if "meta_hash" in current.schema.names else [])]
     if current.count_rows() <= SMALL_ROWS:
         # one task: read_lance's per-fragment tasks cost more than they save on a small table
         task = ray.remote(num_cpus=0.5, max_retries=3)(_read_table_ids)
-        return ray.data.from_arrow_refs([task.remote(store.uri, current.version, store.storage_options)])
-    return ray.data.read_lance(store.uri, version=current.version, columns=["doc_id", "content_hash"],
+        return ray.data.from_arrow_refs([task.remote(store.uri, current.version, store.storage_options, columns)])
+    return ray.data.read_lance(store.uri, version=current.version, columns=columns,
                                scanner_options={"filter": "chunk = 0"}, storage_options=store.storage_options)
 
 
@@ -228,7 +231,8 @@ class RunContext:
     schema: pa.Schema | None = None
     run_id: str = ""
     calibration: dict | None = None
-    overwrite: bool = False  # the run's fragments replace the table (first build, new model)
+    overwrite: bool = False  # the run's fragments replace the table (first build, new model or kept columns)
+    read_version: int | None = None  # the table version the run planned on
 
 
 def _embed(ctx: RunContext, state: StagedState) -> None:
@@ -251,7 +255,8 @@ def _embed(ctx: RunContext, state: StagedState) -> None:
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus,
-                     fn_kwargs={"cfg": cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options})
+                     fn_kwargs={"cfg": cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options,
+                                "kept_schema": kept_fields(ctx.schema)})
         .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=b.window_rows,
                      batch_format="pyarrow", num_cpus=r.tokenize_cpus,
                      # grown by Ray Data while its input queues up: capacity follows the embedders
@@ -309,14 +314,32 @@ def _collect(ds, report: RunReport) -> dict[str, dict]:
     return actors
 
 
-def _staged_state(ctx: RunContext, diff: Diff, attempt: int) -> StagedState:
-    """This run's staged fragments and what is left to embed, from its markers (on the cluster).
+def _staged_state(ctx: RunContext, diff: Diff, attempt: int, copies: bool = False) -> StagedState:
+    """This run's staged fragments and what is left to embed (or, with `copies`, to copy),
+    from its markers (on the cluster).
 
     A marker whose chunks overlap an earlier one (a retried window) is dropped, so no
     (doc_id, chunk) is ever committed twice; its documents are embedded again.
     """
+    if copies:
+        return staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.meta_dir,
+                            diff.metadata_updated, diff.meta_shards, join(diff.plan_dir, f"copy-todo-{attempt}"))
     return staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.plan_dir, diff.embed,
                         diff.shards, join(diff.plan_dir, f"todo-{attempt}"))
+
+
+def _copy(ctx: RunContext, state: StagedState) -> int:
+    """Stage the documents of `state`'s plan as copies of their table rows with their new kept
+    values (one Ray task per shard); returns the rows staged."""
+    import ray
+
+    store = ctx.store
+    skip = read_skip(state.skip_dir, store.storage_options)
+    task = ray.remote(num_cpus=ctx.cfg.resources.read_cpus, max_retries=3)(copy_shard)
+    return sum(ray.get([
+        task.remote(ctx.shards[s], s, ctx.cfg.input, state.plan_dir, store.db, store.table, store.storage_options,
+                    ctx.read_version, ctx.schema, ctx.run_id, ctx.overwrite, skip)
+        for s in state.shards]))
 
 
 def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int | None = None) -> RunReport:
@@ -375,16 +398,28 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     plans_root = join(store.db, "_gpte_staging", store.table, "plans")
     drop_plans(plans_root, store.storage_options)
     plan_dir = new_plan_dir(plans_root)
+    types_dir = join(plan_dir, "kept_types")
+    kept: dict[str, pa.Schema] = {}
+
+    def kept_changed() -> bool:
+        """Called by the diff after the scan: the kept columns' schema, and whether it is new."""
+        table_kept = kept_fields(current.schema) if current is not None and not rebuild else None
+        kept["schema"], changed = resolve_kept(types_dir, shards, store.storage_options, cfg.input.keep_columns,
+                                               table_kept)
+        return changed
+
     # (a rebuild reads the old ids too: the mass-delete guard compares old and new documents)
     rows_hint = (current.count_rows() if current is not None else 0) + 100_000 * len(shards)
     try:
-        diff = compute_diff(_scan(shards, cfg), _table_ids(store, current), plan_dir, shards, store.storage_options,
-                            rebuild, rows_hint, cfg.output.max_delete_fraction, cfg.output.allow_mass_delete)
+        diff = compute_diff(_scan(shards, cfg, types_dir, store.storage_options), _table_ids(store, current), plan_dir,
+                            shards, store.storage_options, rebuild, rows_hint, cfg.output.max_delete_fraction,
+                            cfg.output.allow_mass_delete, kept_changed=kept_changed)
     except Exception as e:
         drop_plans(plans_root, store.storage_options)
         raise (_user_error(e) or e) from None
     report.stage_seconds.update(diff.seconds)  # table_ids, scan, diff
-    for k in ("rows_read", "new", "changed", "unchanged", "quarantined", "deleted", "bad_shards", "rebuild"):
+    for k in ("rows_read", "new", "changed", "unchanged", "metadata_updated", "quarantined", "deleted", "bad_shards",
+              "rebuild"):
         setattr(report, k, getattr(diff, k))
     for b in diff.quarantine_batches():  # counted by kind, a few examples kept
         report.add_quarantine(b.select(["shard", "row", "doc_id", "reason"]).to_pylist(), shards)
@@ -395,15 +430,18 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     if spec.precision == "int8":
         calibration = (store.calibration(current) if current is not None and not rebuild else None) or \
             _calibrate(spec, cfg, shards, diff, device)
-    schema = table_schema(spec, cfg.output.store_text, calibration)
+    schema = table_schema(spec, cfg.output.store_text, calibration, kept["schema"])
     key = f"{report.version_before}|{spec.fingerprint_digest()}|{diff.digest()}|{cfg.output.store_text}"
+    if len(kept["schema"]):
+        key += f"|{kept['schema']}"
     run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
     report.run_id = run_id
     lock.relabel(run_id)
     for stale in store.stale_staging(keep=run_id):
         store.drop_staging(stale)  # staged under another table version or corpus: never committable
 
-    ctx = RunContext(cfg, spec, shards, store, device, report, schema, run_id, calibration, rebuild or current is None)
+    ctx = RunContext(cfg, spec, shards, store, device, report, schema, run_id, calibration,
+                     diff.overwrite or current is None, report.version_before)
     t = time.perf_counter()
     state = _staged_state(ctx, diff, 0)
     if store.missing_files(state.fragments):
@@ -426,12 +464,28 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         raise RuntimeError(f"{state.todo} documents could not be staged after 3 attempts")
     report.stage_seconds["embed"] = time.perf_counter() - t
     report.docs_embedded = diff.embed
+    if diff.metadata_updated:
+        # documents with new kept values: their rows copied, vectors and all (after the embed
+        # pass, so this state's fragments are every marker's of the run)
+        t = time.perf_counter()
+        state = _staged_state(ctx, diff, 0, copies=True)
+        for attempt in range(1, 4):
+            if not state.todo:
+                break
+            try:
+                report.chunks_copied += _copy(ctx, state)
+            except Exception as e:
+                raise (_user_error(e) or e) from None
+            state = _staged_state(ctx, diff, attempt, copies=True)
+        if state.todo:
+            raise RuntimeError(f"{state.todo} documents could not be copied after 3 attempts")
+        report.stage_seconds["copy"] = time.perf_counter() - t
     report.chunks_written = state.chunks
 
     t = time.perf_counter()
     ds = current
-    if diff.embed or diff.replaced or rebuild or current is None:
-        commit = CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=rebuild or current is None,
+    if diff.embed or diff.replaced or diff.overwrite or current is None:
+        commit = CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=ctx.overwrite,
                             delete_doc_ids=DeleteIds(diff), fragments=state.fragments)
         latest = store.open()
         if latest is not None and store.committed_run(latest, commit):

@@ -15,7 +15,7 @@ import string
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, InputConfig, JobConfig
-from gpte_ray.sources import ShardError, check_columns, list_shards, shard_format
+from gpte_ray.sources import ShardError, check_columns, list_shards, missing_kept, shard_format
 from gpte_ray.storage import filesystem
 
 __all__ = [
@@ -73,8 +73,8 @@ def needed_columns(cfg: InputConfig) -> list[str]:
 
 
 def check_first_shard(uri: str, cfg: InputConfig) -> None:
-    """The needed columns exist in the first shard (types too, for Parquet; in JSONL, in at
-    least one of its first objects).
+    """The needed and kept columns exist in the first shard (types too, for Parquet; in JSONL,
+    in at least one of its first objects).
 
     A shard that cannot be read at all is left to the job, which reports it as a bad shard.
     """
@@ -93,6 +93,9 @@ def check_first_shard(uri: str, cfg: InputConfig) -> None:
     seen = _json_keys(fs, path)
     if not seen:
         return
+    absent = [c for c in cfg.keep_columns if c not in seen]
+    if absent:  # a kept column may be null in places, but not absent from all the first objects
+        raise ShardError(missing_kept(uri, absent[0], list(seen)))
     # one object may lack a column (that row is quarantined); a column that none of the first
     # objects has is a wrong name. A template field may be optional, but not all of them.
     needed = needed_columns(cfg)
@@ -146,13 +149,15 @@ def local_db_exists(db: str) -> bool | None:
 def tidy_after_failure(db: str, table: str, existed: bool | None) -> None:
     """After a run that failed before committing: remove the empty folders it made.
 
-    Only empty folders go (the lock's `_gpte_staging/`, a db folder this run created), so a
+    Only empty folders go (the lock's `_gpte_staging/`, the diff's `plans/`, a db folder this run
+    created), so a
     failed first run leaves the disk as it found it; staged work that a rerun can resume from
     is never touched.
     """
     if existed is None:
         return
-    for folder in (os.path.join(db, "_gpte_staging", table), os.path.join(db, "_gpte_staging"),
+    for folder in (os.path.join(db, "_gpte_staging", table, "plans"), os.path.join(db, "_gpte_staging", table),
+                   os.path.join(db, "_gpte_staging"),
                    *(() if existed else (db,))):
         try:
             os.rmdir(folder)  # only succeeds on an empty folder

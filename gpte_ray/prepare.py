@@ -8,16 +8,24 @@ content, or that is not text at all, is quarantined.
 from __future__ import annotations
 
 import hashlib
+import json
 import string
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["content_hash", "prepare_rows", "template_fields"]
+__all__ = ["content_hash", "meta_hashes", "prepare_rows", "template_fields"]
 
 
 def content_hash(text: str) -> str:
     """Stable hash of a document's prepared text (what the change detection compares)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def meta_hashes(rows: list[dict]) -> list[str]:
+    """Stable hash of each row's kept column values, as read ({column: value} dicts): what
+    tells a document whose kept values changed but whose text did not."""
+    return [hashlib.blake2b(json.dumps(r, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"),
+                            digest_size=16).hexdigest() for r in rows]
 
 
 def template_fields(template: str) -> list[str]:

@@ -25,6 +25,7 @@ class RunReport:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    metadata_updated: int = 0  # same text, new kept column values: rows copied, not embedded
     quarantined: int = 0
     deleted: int = 0
     bad_shards: int = 0
@@ -32,6 +33,7 @@ class RunReport:
     chunks_written: int = 0
     chunks_embedded: int = 0  # chunks that went through the model in this run (resumed ones did not)
     chunks_resumed: int = 0
+    chunks_copied: int = 0  # rows copied from the table with new kept values (metadata_updated)
     truncated: int = 0
     tokens: int = 0
     padded_tokens: int = 0
@@ -133,8 +135,9 @@ class RunReport:
 
     def finish(self) -> RunReport:
         self._finish_cost()
-        # every row in the files is read, and every row read is new, changed, unchanged or quarantined
-        accounted = self.new + self.changed + self.unchanged + self.quarantined
+        # every row in the files is read, and every row read is new, changed, unchanged,
+        # metadata-updated or quarantined
+        accounted = self.new + self.changed + self.unchanged + self.metadata_updated + self.quarantined
         self.counts_add_up = self.source_rows == self.rows_read == accounted
         if self.padded_tokens:
             self.padding_efficiency = round(self.tokens / self.padded_tokens, 4)

@@ -12,7 +12,7 @@ import numpy as np
 
 from gpte_ray.config import ConfigError
 from gpte_ray.query import collapse_to_docs, index_on, int8_search, nearest_params, query_encoder, vector_search
-from gpte_ray.table import TableStore
+from gpte_ray.table import TableStore, kept_fields
 
 __all__ = ["Searcher", "fuse_rankings", "group_by_document", "nearest_params", "open_embedded_table", "search"]
 
@@ -53,7 +53,9 @@ class Searcher:
         self.calibration = self.store.calibration(self.ds)
         self.metric = vector_metric(self.fp)
         self.encoder = query_encoder(self.fp, self.model_path)
-        self.columns = [c for c in ("doc_id", "chunk", "text") if c in self.ds.schema.names]
+        # kept source columns (input.keep_columns) come with every result
+        self.kept = kept_fields(self.ds.schema).names
+        self.columns = [c for c in ("doc_id", "chunk", "text") if c in self.ds.schema.names] + self.kept
 
     def embed(self, queries: Sequence[str]) -> np.ndarray:
         """Query vectors as the table stores them (float32 for int8 tables: scored asymmetrically)."""
@@ -66,7 +68,8 @@ class Searcher:
 
     def search_many(self, queries: Sequence[str], k: int = 10, where: str | None = None, exact: bool = False,
                     hybrid: bool = False, group: bool = True) -> list[list[dict]]:
-        """The best k results per query, best first: doc_id, chunk, score and a text snippet.
+        """The best k results per query, best first: doc_id, chunk, score, a text snippet and the
+        table's kept source columns.
 
         With `group`, results are documents: a document's score is its best chunk's (ties by
         doc_id), and its matching chunks are listed under `chunks`. With `hybrid`, the vector
@@ -84,7 +87,7 @@ class Searcher:
             if hybrid:
                 rows = fuse_rankings(rows, self._text_search(query, depth, where))
             rows = [{"doc_id": r["doc_id"], "chunk": r["chunk"], "score": round(float(r["score"]), 6),
-                     "text": (r.get("text") or "")[:SNIPPET_CHARS]} for r in rows]
+                     "text": (r.get("text") or "")[:SNIPPET_CHARS], **{c: r[c] for c in self.kept}} for r in rows]
             out.append(group_by_document(rows)[:k] if group else rows[:k])
         return out
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from gpte_ray.config import InputConfig
-from gpte_ray.prepare import content_hash, prepare_rows, template_fields
+from gpte_ray.prepare import content_hash, meta_hashes, prepare_rows, template_fields
 from gpte_ray.storage import filesystem
 
 __all__ = ["PREPARED_SCHEMA", "ShardError", "check_columns", "list_shards", "read_prepared", "shard_format"]
@@ -32,6 +32,7 @@ PREPARED_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("content_hash", pa.string()),
         ("reason", pa.string()),
+        ("meta_hash", pa.string()),  # hash of the kept columns' values (null when none are kept)
     ]
 )
 
@@ -93,6 +94,9 @@ def check_columns(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
         raise ShardError(
             f"input error: {uri}: missing column {missing[0]!r} (has: {', '.join(schema.names)})"
         )
+    missing = [c for c in cfg.keep_columns if c not in schema.names]
+    if missing:
+        raise ShardError(missing_kept(uri, missing[0], schema.names))
     id_type = schema.field(cfg.id_column).type
     if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
         raise ShardError(f"input error: {uri}: column {cfg.id_column!r} is {id_type}, expected string or integer")
@@ -103,15 +107,24 @@ def check_columns(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
             raise ShardError(f"input error: {uri}: column {f!r} is {t}, expected string")
 
 
-def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict[str, list]]:
+def missing_kept(uri: str, column: str, names: list[str] | None) -> str:
+    """The one line for a kept column a shard lacks (`names`: its columns, None for JSONL)."""
+    has = f"the shard has: {', '.join(names)}" if names is not None else "no object of the shard has it"
+    return f"input error: {uri}: missing column {column!r} (input.keep_columns; {has})"
+
+
+def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
     import pyarrow.parquet as pq
 
     fs, path = filesystem(uri, cfg.storage_options)
+    needed = _needed_columns(cfg)
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
         check_columns(uri, pf.schema_arrow, cfg)
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=_needed_columns(cfg)):
-            yield batch.to_pydict()
+        columns = [*needed, *(c for c in cfg.keep_columns if c not in needed)]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            kept = pa.Table.from_batches([batch]).select(cfg.keep_columns) if cfg.keep_columns else None
+            yield {c: batch.column(c).to_pylist() for c in needed}, kept
     except ShardError:
         raise
     except (OSError, pa.ArrowException) as e:
@@ -122,10 +135,27 @@ def _short(e: BaseException) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
-def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict[str, list]]:
+def _kept_table(uri: str, values: dict[str, list]) -> pa.Table | None:
+    """Kept JSON values as Arrow, typed as pyarrow infers them (one type per column)."""
+    if not values:
+        return None
+    columns = {}
+    for name, v in values.items():
+        try:
+            columns[name] = pa.array(v)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise ShardError(f"input error: {uri}: column {name!r} (input.keep_columns) holds values of "
+                             f"mixed types ({_short(e)})") from None
+    return pa.table(columns)
+
+
+def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
     fs, path = filesystem(uri, cfg.storage_options)
     needed = _needed_columns(cfg)
     cols: dict[str, list] = {c: [] for c in needed}
+    kept: dict[str, list] = {c: [] for c in cfg.keep_columns}
+    seen: set[str] = set()  # kept columns found in at least one object of the shard
+    objects = 0
     lines_read = 0
     try:
         # decompress ourselves: pyarrow's codec cannot tell a truncated gzip from its end
@@ -133,6 +163,7 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
         stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else io.BufferedReader(raw)
         for line in stream:
             lines_read += 1
+            obj = None
             if not line.strip():
                 _append_bad(cols, needed, "blank line")
             else:
@@ -143,8 +174,11 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
                     if not isinstance(obj, dict):
                         raise ValueError("not a JSON object")
                 except ValueError as e:
+                    obj = None
                     _append_bad(cols, needed, f"invalid JSON ({_short(e)})")
                 else:
+                    objects += 1
+                    seen.update(c for c in kept if c in obj)
                     # an object without the id or text field is quarantined, wherever it is in
                     # the shard (a missing template field renders empty, like a null one)
                     absent = [c for c in needed[: 1 if cfg.template else 2] if c not in obj]
@@ -154,9 +188,12 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
                     else:
                         for c in needed:
                             cols[c].append(obj.get(c))
+            for c, values in kept.items():
+                values.append(obj.get(c) if obj is not None else None)
             if len(cols[needed[0]]) >= batch_rows:
-                yield cols
+                yield cols, _kept_table(uri, kept)
                 cols = {c: [] for c in needed}
+                kept = {c: [] for c in cfg.keep_columns}
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise ShardError(
             f"input error: {uri}: truncated or corrupt gzip after line {lines_read} ({_short(e)})"
@@ -164,7 +201,10 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[dict
     except OSError as e:
         raise ShardError(f"input error: {uri}: unreadable ({_short(e)})") from None
     if cols[needed[0]]:
-        yield cols
+        yield cols, _kept_table(uri, kept)
+    absent = [c for c in cfg.keep_columns if c not in seen]
+    if objects and absent:  # no object of the shard has it: a wrong name, or a shard without it
+        raise ShardError(missing_kept(uri, absent[0], None))
 
 
 class _Bad:
@@ -181,24 +221,28 @@ def _append_bad(cols: dict[str, list], needed: list[str], reason: str) -> None:
 
 
 def read_prepared(
-    uri: str, shard: int, cfg: InputConfig, rows: set[int] | None = None, batch_rows: int = 4096
+    uri: str, shard: int, cfg: InputConfig, rows: set[int] | None = None, batch_rows: int = 4096,
+    kept_schema: pa.Schema | None = None,
 ) -> Iterator[pa.Table]:
-    """Prepared batches (PREPARED_SCHEMA) of one shard; `rows` keeps only those positions."""
+    """Prepared batches (PREPARED_SCHEMA, then the kept columns) of one shard; `rows` keeps only
+    those positions. Kept columns come as read, or cast to `kept_schema` when given."""
     reader = _parquet_batches if shard_format(uri, cfg.format) == "parquet" else _jsonl_batches
     position = 0
-    for cols in reader(uri, cfg, batch_rows):
+    for cols, kept in reader(uri, cfg, batch_rows):
         ids = cols[cfg.id_column]
         n = len(ids)
         prepared = prepare_rows(
             [None if isinstance(x, _Bad) else x for x in ids], cols, cfg.text_column, cfg.template
         )
         out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
+        taken: list[int] = []
         for i, (doc_id, text, reason) in enumerate(prepared):
             pos = position + i
             if rows is not None and pos not in rows:
                 continue
             if isinstance(ids[i], _Bad):
                 doc_id, text, reason = None, None, ids[i].reason
+            taken.append(i)
             out["shard"].append(shard)
             out["row"].append(pos)
             out["doc_id"].append(doc_id)
@@ -206,5 +250,26 @@ def read_prepared(
             out["content_hash"].append(content_hash(text) if text is not None else None)
             out["reason"].append(reason)
         position += n
-        if out["row"]:
+        if not taken:
+            continue
+        if kept is None:
+            out["meta_hash"] = [None] * len(taken)
             yield pa.table(out, schema=PREPARED_SCHEMA)
+            continue
+        kept = kept.take(pa.array(taken, pa.int64()))
+        out["meta_hash"] = meta_hashes(kept.to_pylist())  # of the values as read, before any cast
+        table = pa.table(out, schema=PREPARED_SCHEMA)
+        for name in kept.column_names:
+            table = table.append_column(name, _cast_kept(uri, kept[name], name, kept_schema))
+        yield table
+
+
+def _cast_kept(uri: str, column: pa.ChunkedArray, name: str, schema: pa.Schema | None) -> pa.ChunkedArray:
+    if schema is None:
+        return column
+    target = schema.field(name).type
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise ShardError(f"input error: {uri}: column {name!r} (input.keep_columns) is {column.type}, which does "
+                         f"not cast to {target}, its type in the table or other shards ({_short(e)})") from None

@@ -25,22 +25,31 @@ __all__ = ["ActorFigures", "EmbedStage", "TokenizeStage", "WindowWriter", "read_
 
 SCAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
-     ("content_hash", pa.string()), ("reason", pa.string())]
+     ("content_hash", pa.string()), ("reason", pa.string()), ("meta_hash", pa.string())]
 )
 
 
-def scan_shard(batch: pa.Table, cfg: InputConfig):
-    """Manifest pass: ids, hashes and quarantine reasons of one shard (no texts)."""
+def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
+               storage_options: dict | None = None):
+    """Manifest pass: ids, hashes and quarantine reasons of one shard (no texts); the types of
+    its kept columns, if any, go to a file in `types_dir` (kept.write_shard_types)."""
+    from gpte_ray.kept import unify_kept, write_shard_types
+
     shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
+    types = None
     try:
         for t in read_prepared(uri, shard, cfg):
-            yield t.drop_columns(["text"])
+            if cfg.keep_columns:
+                types = unify_kept(uri, types, t.select(cfg.keep_columns).schema)
+            yield t.select(SCAN_SCHEMA.names)
+        if types is not None and types_dir is not None:
+            write_shard_types(types_dir, shard, types, storage_options)
     except ShardError as e:
         if not cfg.skip_bad_shards:
             raise
         yield pa.table(
             {"shard": [shard], "row": [-1], "doc_id": [None], "content_hash": [None],
-             "reason": [f"bad shard: {e}"]},
+             "reason": [f"bad shard: {e}"], "meta_hash": [None]},
             schema=SCAN_SCHEMA,
         )
 
@@ -59,10 +68,15 @@ CHUNK_SCHEMA = pa.schema(
      ("text", pa.string()), ("char_start", pa.int32()), ("char_end", pa.int32()),
      ("content_hash", pa.string()), ("truncated", pa.bool_())]
 )
+# what a document carries to each of its chunks beside CHUNK_SCHEMA: meta_hash and the kept columns
+_DOC_COLUMNS = ("doc_id", "text", "content_hash")
 
 
 class TokenizeStage:
-    """Documents -> one row per chunk, with token ids. Skips chunks already staged."""
+    """Documents -> one row per chunk, with token ids. Skips chunks already staged.
+
+    Other columns of the documents (meta_hash, kept source columns) are repeated on each of
+    their chunks, after CHUNK_SCHEMA's."""
 
     def __init__(self, spec: ModelSpec, staged: frozenset[tuple[str, int]] = frozenset()):
         from gpte_ray.tokenize import TextTokenizer
@@ -96,6 +110,9 @@ class TokenizeStage:
             "content_hash": batch["content_hash"].take(doc),
             "truncated": enc.truncated,
         }, schema=CHUNK_SCHEMA)
+        for name in batch.column_names:
+            if name not in _DOC_COLUMNS:
+                out = out.append_column(name, batch[name].take(doc))
         return out.filter(self._unstaged(out)) if self.staged else out
 
     def _unstaged(self, chunks: pa.Table) -> np.ndarray:

@@ -30,8 +30,10 @@ from gpte_ray.storage import ensure_dir, filesystem, join
 __all__ = [
     "FINGERPRINT_KEY",
     "RUN_ID_KEY",
+    "META_HASH",
     "CommitPlan",
     "TableStore",
+    "kept_fields",
     "table_schema",
     "vector_type",
 ]
@@ -65,7 +67,14 @@ def vector_type(spec: ModelSpec) -> pa.DataType:
     return pa.list_(pa.float32(), spec.dim)
 
 
-def table_schema(spec: ModelSpec, store_text: bool, calibration: dict | None) -> pa.Schema:
+# the table's own columns; a table with kept source columns has META_HASH and them after these
+BASE_COLUMNS = ("doc_id", "chunk", "vector", "text", "content_hash", "char_start", "char_end")
+META_HASH = "meta_hash"
+
+
+def table_schema(spec: ModelSpec, store_text: bool, calibration: dict | None,
+                 kept: pa.Schema | None = None) -> pa.Schema:
+    """The table's schema; `kept`: the kept source columns (with meta_hash, the hash of their values)."""
     fields = [
         pa.field("doc_id", pa.string(), nullable=False),
         pa.field("chunk", pa.int32(), nullable=False),
@@ -76,10 +85,17 @@ def table_schema(spec: ModelSpec, store_text: bool, calibration: dict | None) ->
     ]
     if store_text:
         fields.insert(3, pa.field("text", pa.string()))
+    if kept is not None and len(kept):
+        fields += [pa.field(META_HASH, pa.string()), *kept]
     meta = {FINGERPRINT_KEY: json.dumps(spec.fingerprint(), sort_keys=True)}
     if calibration is not None:
         meta[CALIBRATION_KEY] = json.dumps(calibration)
     return pa.schema(fields, metadata=meta)
+
+
+def kept_fields(schema: pa.Schema) -> pa.Schema:
+    """The kept source columns of a table's schema (empty for a table that keeps none)."""
+    return pa.schema([f for f in schema if f.name not in BASE_COLUMNS and f.name != META_HASH])
 
 
 def vectors_to_arrow(vectors: np.ndarray, typ: pa.DataType) -> pa.Array:

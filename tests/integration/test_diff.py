@@ -1,5 +1,5 @@
 """The cluster diff (`gpte_ray.diff`) against the reference `make_plan`, on random corpora with
-duplicates, quarantined rows, unreadable shards, deletions and rebuilds."""
+duplicates, quarantined rows, unreadable shards, deletions, rebuilds and kept-column changes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ SHARDS = ["s0.parquet", "s1.parquet", "s2.parquet"]
 def _scan_ds(scan, blocks):
     import ray.data
 
-    cols = list(zip(*scan)) if scan else [[]] * 5
+    scan = [(*r, None)[:6] for r in scan]  # meta_hash: None unless given
+    cols = list(zip(*scan)) if scan else [[]] * 6
     table = pa.table(dict(zip(SCAN_SCHEMA.names, cols)), schema=SCAN_SCHEMA)
     if table.num_rows == 0:
         return ray.data.from_arrow(table)
@@ -35,8 +36,10 @@ def _table_ds(existing):
 
     if existing is None:
         return None
+    values = [v if isinstance(v, tuple) else (v, None) for v in existing.values()]
     return ray.data.from_arrow(pa.table({"doc_id": pa.array(list(existing), pa.string()),
-                                         "content_hash": pa.array(list(existing.values()), pa.string())}))
+                                         "content_hash": pa.array([c for c, _ in values], pa.string()),
+                                         "meta_hash": pa.array([m for _, m in values], pa.string())}))
 
 
 def _read(folder):
@@ -46,42 +49,52 @@ def _read(folder):
         return None
 
 
-def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True, shuffle=False):
+def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True, shuffle=False, copy_all=False):
     plan_dir = str(tmp_path / f"plan-{uuid.uuid4().hex}")
     d = compute_diff(_scan_ds(scan, blocks), _table_ds(existing), plan_dir, SHARDS, None, rebuild,
                      rows_hint=len(scan), max_delete_fraction=frac, allow_mass_delete=allow,
-                     small_rows=-1 if shuffle else SMALL_ROWS)
+                     small_rows=-1 if shuffle else SMALL_ROWS, kept_changed=lambda: copy_all)
     return d, plan_dir
 
 
 doc_ids = st.sampled_from(["a", "b", "c", "d", "e", "f", "x'y", "ü"])
+metas = st.sampled_from([None, "m1", "m2"])  # hash of the kept columns' values (None: none kept)
 scan_rows = st.lists(st.tuples(st.integers(0, 2), doc_ids, st.sampled_from(["t1", "t2"]),
-                               st.sampled_from([None, None, None, None, "bad text"])), max_size=40)
+                               st.sampled_from([None, None, None, None, "bad text"]), metas), max_size=40)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scan_rows,
        st.one_of(st.none(), st.dictionaries(st.sampled_from(["a", "b", "c", "x'y", "y", "z"]),
-                                            st.sampled_from(["t1", "t2"]))),
-       st.booleans(), st.booleans(), st.integers(1, 4), st.booleans())
-def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, rebuild, bad_shard, blocks, shuffle):
+                                            st.tuples(st.sampled_from(["t1", "t2"]), metas))),
+       st.booleans(), st.booleans(), st.integers(1, 4), st.booleans(), st.booleans())
+def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, rebuild, bad_shard, blocks, shuffle,
+                                       copy_all):
     """Both groupings (one task for small diffs, a hash shuffle for large ones) match the reference."""
     rebuild = rebuild and existing is not None
     scan = []
-    for shard, d, t, reason in rows:
+    for shard, d, t, reason, meta in rows:
         row = sum(1 for s, *_ in scan if s == shard)
-        scan.append((shard, row, None if reason and d == "f" else d, None if reason else content_hash(t), reason))
+        scan.append((shard, row, None if reason and d == "f" else d, None if reason else content_hash(t), reason,
+                     None if reason else meta))
     if bad_shard:
-        scan.append((2, -1, None, None, "bad shard: s2.parquet: unreadable"))
-    existing = {k: content_hash(v) for k, v in existing.items()} if existing is not None else None
+        scan.append((2, -1, None, None, "bad shard: s2.parquet: unreadable", None))
+    existing = {k: (content_hash(t), m) for k, (t, m) in existing.items()} if existing is not None else None
 
-    ref = make_plan(scan, SHARDS, existing, rebuild, 1.0, True)
-    d, plan_dir = _diff(tmp_path, scan, existing, rebuild, blocks, shuffle=shuffle)
+    ref = make_plan(scan, SHARDS, existing, rebuild, 1.0, True, copy_all=copy_all)
+    d, plan_dir = _diff(tmp_path, scan, existing, rebuild, blocks, shuffle=shuffle, copy_all=copy_all)
 
-    got = (d.rows_read, d.new, d.changed, d.unchanged, d.quarantined, d.deleted, d.bad_shards)
-    assert got == (ref.rows_read, ref.new, ref.changed, ref.unchanged, ref.quarantined, ref.deleted,
-                   ref.bad_shards)
+    got = (d.rows_read, d.new, d.changed, d.unchanged, d.metadata_updated, d.quarantined, d.deleted, d.bad_shards)
+    assert got == (ref.rows_read, ref.new, ref.changed, ref.unchanged, ref.metadata_updated, ref.quarantined,
+                   ref.deleted, ref.bad_shards)
     assert d.existing == len(existing or {})
+    assert d.overwrite == (rebuild or ref.copy_all)
+
+    copies = _read(f"{plan_dir}/meta/embed")
+    got_copies = set() if copies is None else set(zip(*(copies[c].to_pylist() for c in ("doc_id", "shard", "row",
+                                                                                         "content_hash"))))
+    assert got_copies == {(k, *v[:3]) for k, v in ref.copy_docs.items()}
+    assert d.meta_shards == sorted({s for s, *_ in ref.copy_docs.values()})
 
     embed = _read(f"{plan_dir}/embed")
     rows = set() if embed is None else set(zip(*(embed[c].to_pylist() for c in ("doc_id", "shard", "row",
@@ -107,7 +120,7 @@ def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, re
 @given(scan_rows, st.dictionaries(st.sampled_from(["a", "b", "c", "y"]), st.sampled_from(["t1", "t2"])),
        st.randoms(), st.integers(1, 4))
 def test_same_work_same_digest_in_any_order(ray_session, tmp_path, rows, existing, rnd, blocks):
-    scan = [(s, i, d, None if r else content_hash(t), r) for i, (s, d, t, r) in enumerate(rows)]
+    scan = [(s, i, d, None if r else content_hash(t), r, m) for i, (s, d, t, r, m) in enumerate(rows)]
     existing = {k: content_hash(v) for k, v in existing.items()}
     shuffled = scan[:]
     rnd.shuffle(shuffled)
@@ -118,6 +131,11 @@ def test_same_work_same_digest_in_any_order(ray_session, tmp_path, rows, existin
     if ref.embed_docs or ref.delete_doc_ids:
         # different work, different digest: one more document to embed
         c, _ = _diff(tmp_path, [*scan, (0, 10_000, "new-doc", content_hash("t"), None)], existing, False)
+        assert c.digest() != a.digest()
+    if ref.copy_docs:
+        # the same documents to copy with other kept values: another digest
+        other = [(*r[:5], "m3" if r[2] in ref.copy_docs and r[4] is None else r[5]) for r in scan]
+        c, _ = _diff(tmp_path, other, existing, False)
         assert c.digest() != a.digest()
 
 
