@@ -4,6 +4,7 @@ or do not fit one type."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -154,3 +155,34 @@ def test_kept_types_across_shards(tmp_path):
                                                           {"id": "2", "text": "b", "n": "two"}])
     with pytest.raises(ShardError, match=f"input error: {mixed}: column 'n' .input.keep_columns. holds values of"):
         list(read_prepared(mixed, 0, InputConfig(keep_columns=["n"])))
+
+
+@pytest.mark.ray
+def test_copies_are_staged_and_resumed_like_embedded_windows(ray_session, tmp_path, monkeypatch):
+    docs = [{"id": f"d{i}", "text": f"page {i} of the manual", "page": "old"} for i in range(3)]
+    db = str(tmp_path / "db")
+    cfg = load_config(None, {"input.paths": [str(tmp_path / "c")], "output.db": db, "output.table": "docs",
+                             "input.keep_columns": ["page"]})
+    write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
+    run_index(cfg)
+    version = lance.dataset(f"{db}/docs.lance").version
+    docs[2]["page"] = "new"
+    write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed before the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr("gpte_ray.table.TableStore.commit", fail)
+        with pytest.raises(RuntimeError, match="killed before the commit"):
+            run_index(cfg)
+    assert lance.dataset(f"{db}/docs.lance").version == version
+    assert glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.parquet")  # the copy is staged
+
+    resumed = run_index(cfg)
+    # nothing copied again: the staged copy is committed
+    assert (resumed.metadata_updated, resumed.chunks_copied, resumed.chunks_resumed, resumed.docs_embedded) == \
+        (1, 0, 1, 0)
+    assert resumed.committed and not glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.parquet")
+    rows = check_table(db, "docs", ["d0", "d1", "d2"], 3)
+    assert dict(zip(rows["doc_id"].to_pylist(), rows["page"].to_pylist())) == {"d0": "old", "d1": "old", "d2": "new"}
