@@ -9,7 +9,7 @@ default vector index). Then, each in a fresh process:
   (a) `run_index` over the same corpus: nothing changed;
   (b) `run_index` over the corpus with 0.1% of the texts edited, 0.1% deleted, 0.1% added.
 
-Printed per run: the driver's peak RSS (ru_maxrss of the driver process alone: Ray's raylet,
+Printed per run: the driver's peak RSS (VmHWM of the driver process alone: Ray's raylet,
 GCS and workers are other processes), wall seconds, each stage's seconds from the run report,
 the cluster's CPU-seconds (workers, raylet and GCS: the driver's live descendants and what
 they reaped) per document; and between sizes the per-document slope of the driver peak.
@@ -149,6 +149,16 @@ def build_table(corpus: str, db: str, model: str, overrides: dict) -> dict:
             "upkeep": done}
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which belongs to the process's own address space
+    (ru_maxrss on Linux carries over the parent's peak through fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_child(corpus: str, db: str, model: str, num_cpus: int, overrides: dict) -> dict:
     """One `run_index` in this (fresh) process; the driver's figures."""
     import logging
@@ -159,11 +169,11 @@ def run_child(corpus: str, db: str, model: str, num_cpus: int, overrides: dict) 
     from gpte_ray.pipeline import run_index
 
     cfg = _config(corpus, db, model, overrides)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _peak_rss()
     t0 = time.perf_counter()
     report = run_index(cfg, "local", num_cpus)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     import psutil
     import ray
 
