@@ -148,7 +148,7 @@ def throughput(args) -> None:
     def run_job() -> tuple[float, float]:
         sync(args.device)
         t = time.perf_counter()
-        padded = sum(int(stage(w)["padded_tokens"].to_numpy().sum()) for w in windows)
+        padded = sum(int(stage.embed(w)[1].padded.sum()) for w in windows)
         sync(args.device)
         return time.perf_counter() - t, padded
 

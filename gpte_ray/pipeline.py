@@ -193,25 +193,25 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], diff: Diff, d
         import dataclasses
 
         import numpy as np
+        import pyarrow.compute as pc
 
-        from gpte_ray.embedder import Embedder, postprocess
         from gpte_ray.quantize import calibrate_int8
-        from gpte_ray.tokenize import TextTokenizer
 
-        texts = []
+        docs = []
         # the first documents to embed by doc_id: read from the plan here, not on the driver
         for shard, rows in sorted(calibration_rows(plan_dir, opts, sample).items()):
             for t in read_prepared(shards[shard], shard, cfg.input, rows=rows):
-                texts.extend(t["text"].to_pylist())
-        tok, emb = TextTokenizer(spec), Embedder(spec, device)
-        chunks = [c for c in tok.encode(texts) if c.chunk == 0]
-        pooled = np.concatenate([
-            emb.embed([c.input_ids for c in chunks[i : i + 32]], [c.prompt_len for c in chunks[i : i + 32]])
-            for i in range(0, len(chunks), 32)
-        ])
-        floats = postprocess(pooled, dataclasses.replace(spec, precision="float32"), None)
+                docs.append(t.select(["doc_id", "text", "content_hash"]))
+        # the job's own stages, with float32 output: the ranges of the vectors int8 will hold
+        chunks = TokenizeStage(spec)(pa.concat_tables(docs))
+        chunks = chunks.filter(pc.equal(chunks["chunk"], 0))
+        f32 = dataclasses.replace(spec, precision="float32")
+        b = cfg.batch
+        stage = EmbedStage(f32, device, b.token_budget or DEFAULT_BUDGET[device], b.max_rows, b.min_fill,
+                           cfg.resources.torch_threads, None)
+        floats = np.stack(stage(chunks)["vector"].to_numpy(zero_copy_only=False))
         low, high = calibrate_int8(floats)
-        return {"low": low, "high": high, "sample": len(chunks)}
+        return {"low": low, "high": high, "sample": chunks.num_rows}
 
     if not diff.embed:
         raise ConfigError("config error: model.precision: int8 needs documents to calibrate on")

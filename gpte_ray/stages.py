@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -215,6 +216,15 @@ class EmbedStage:
         fig.sync(emb.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """The window's rows with vectors; with a writer, the staged window's summary instead."""
+        out, stats = self.embed(batch)
+        if self.writer is None:
+            return out
+        summary = self.writer(out, stats)  # the device is free meanwhile: the next window embeds
+        return self.figures.attach(summary)
+
+    def embed(self, batch: pa.Table) -> tuple[pa.Table, WindowStats]:
+        """(the window's rows with a `vector` column instead of token ids, its figures)."""
         from gpte_ray.embedder import postprocess
         from gpte_ray.table import vector_type, vectors_to_arrow
 
@@ -238,17 +248,18 @@ class EmbedStage:
         vectors = postprocess(pooled, self.spec, self.calibration)
         out = batch.drop_columns(["input_ids", "prompt_len"])
         out = out.append_column("vector", vectors_to_arrow(vectors, vector_type(self.spec)))
-        out = out.append_column("padded_tokens", pa.array(padded))
-        out = out.append_column("batch_first", pa.array(first))
-        out = out.append_column("embed_seconds", pa.array(np.full(n, seconds / max(n, 1))))
-        per_window = np.zeros(n, np.int32)
-        per_window[:1] = retries  # counted once per window, summed by the writer
-        out = out.append_column("oom_retries", pa.array(per_window))
-        out = out.append_column("token_budget", pa.array(np.full(n, budget, np.int32)))
-        if self.writer is None:
-            return out
-        summary = self.writer(out)  # the device is free meanwhile: the next window embeds
-        return fig.attach(summary)
+        return out, WindowStats(seconds, retries, budget, padded, first)
+
+
+@dataclass
+class WindowStats:
+    """One embedded window's figures, handed to the writer beside its rows."""
+
+    seconds: float  # on the device (the embedding of the whole window)
+    oom_retries: int
+    token_budget: int  # after any OOM halving
+    padded: np.ndarray  # each row's padded length (its micro-batch's longest row, or its own if packed)
+    first: np.ndarray  # 1 on the first row of each micro-batch
 
 
 class ActorFigures:
@@ -341,8 +352,8 @@ class WindowWriter:
         self.run_id = run_id
         self.overwrite = overwrite
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        summary = self._summary(batch)
+    def __call__(self, batch: pa.Table, stats: WindowStats) -> pa.Table:
+        summary = self._summary(batch, stats)
         if batch.num_rows == 0:  # every chunk of this window was already staged
             return summary.slice(0, 0)
         data = batch.select(self.schema.names).cast(self.schema)
@@ -353,11 +364,11 @@ class WindowWriter:
         return summary
 
     @staticmethod
-    def _summary(batch: pa.Table) -> pa.Table:
+    def _summary(batch: pa.Table, stats: WindowStats) -> pa.Table:
         import ray
 
         n_tokens = batch["n_tokens"].to_numpy()
-        padded = batch["padded_tokens"].to_numpy()
+        padded = stats.padded
         chunks, n_chunks = batch["chunk"].to_numpy(), batch["n_chunks"].to_numpy()
         # per length bucket (by padded length): real tokens, computed tokens, micro-batches
         bucket = np.searchsorted(LENGTH_EDGES, padded, side="left")
@@ -370,14 +381,14 @@ class WindowWriter:
             "length_hist": [hist(np.searchsorted(LENGTH_EDGES, n_tokens, side="left"))],
             "bucket_real": [hist(bucket, n_tokens)],
             "bucket_computed": [hist(bucket, padded)],
-            "bucket_batches": [hist(bucket, batch["batch_first"].to_numpy())],
+            "bucket_batches": [hist(bucket, stats.first)],
             "rows": [batch.num_rows],
             "docs_done": [int((chunks == n_chunks - 1).sum())],
             "tokens": [int(n_tokens.sum())],
             "padded_tokens": [int(padded.sum())],
-            "embed_seconds": [float(batch["embed_seconds"].to_numpy().sum())],
+            "embed_seconds": [stats.seconds],
             "truncated": [int(batch["truncated"].to_numpy(zero_copy_only=False).sum())],
-            "oom_retries": [int(batch["oom_retries"].to_numpy().sum())],
-            "token_budget": [int(batch["token_budget"].to_numpy().min()) if batch.num_rows else 0],
+            "oom_retries": [stats.oom_retries],
+            "token_budget": [stats.token_budget if batch.num_rows else 0],
             "node": [ray.get_runtime_context().get_node_id()],  # where this window was embedded
         })

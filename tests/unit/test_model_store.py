@@ -53,7 +53,12 @@ def node(s3, tmp_path, monkeypatch):
 def _weight_gets(proxy: FaultProxy, key: str) -> list[int]:
     """Start counting GETs of `key`; the returned list fills as they happen."""
     seen: list[int] = []
-    proxy.fault = lambda method, path, n: seen.append(n) if method == "GET" and path.split("?")[0].endswith(key) else None
+
+    def count(method, path, n):
+        if method == "GET" and path.split("?")[0].endswith(key):
+            seen.append(n)
+
+    proxy.fault = count
     return seen
 
 
