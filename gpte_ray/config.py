@@ -79,6 +79,8 @@ class InputConfig(_Strict):
             if not name or name.startswith("_") or name in RESERVED_COLUMNS:
                 raise ValueError(f"{name!r} is reserved for the table's own columns (reserved: "
                                  f"{', '.join(sorted(RESERVED_COLUMNS))}, names starting with _, and '')")
+            if "." in name or "`" in name:  # Lance refuses '.' in a field name; '`' breaks search filters
+                raise ValueError(f"{name!r}: a kept column's name cannot contain '.' or '`' (rename it in the source)")
         if len(set(names)) < len(names):
             raise ValueError(f"{names} names a column twice")
         return names

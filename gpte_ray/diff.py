@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpte_ray.plan import MassDeleteError
+from gpte_ray.sources import ShardError
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
@@ -490,6 +491,11 @@ def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options:
                       tuple(sum(p[i] for p in deletes) % 2**64 for i in (0, 1)), d.replaced)
     if d.metadata_updated or copy_all:  # (without copies, the run ids of earlier versions stay)
         d.digest_parts += (tuple(digests["d_meta"]), d.metadata_updated, copy_all)
+    if copy_all and d.bad_shards:
+        # copying the table into the new columns would leave out the documents of unread shards
+        raise ShardError(f"input error: {d.bad_shards} shard(s) could not be read; a new set of kept columns "
+                         "(input.keep_columns) rewrites the table and would drop their documents: fix those "
+                         "shards, or keep the previous input.keep_columns until they read")
     check_mass_delete(d.deleted, d.existing, max_delete_fraction, allow_mass_delete)
     return d
 

@@ -366,11 +366,18 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     except Exception as e:
         # a run that lost its lease (paused past it) may fail on files the new holder has
         # cleaned up: say what happened, not which file was missing
-        if not isinstance(e, FenceError):
-            try:
-                lock.check()
-            except LockLostError as lost:
+        held = True
+        try:
+            lock.check()
+        except LockLostError as lost:
+            if not isinstance(e, FenceError):
                 raise lost from None
+            held = False
+        except OSError:
+            held = False
+        if held:  # the plans folder is this run's alone: drop it (a rerun plans afresh)
+            try:
+                drop_plans(join(store.db, "_gpte_staging", store.table, "plans"), store.storage_options)
             except OSError:
                 pass
         raise

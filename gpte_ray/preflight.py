@@ -15,7 +15,7 @@ import string
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, InputConfig, JobConfig
-from gpte_ray.sources import ShardError, check_columns, list_shards, missing_kept, shard_format
+from gpte_ray.sources import ShardError, check_columns, list_shards, shard_format
 from gpte_ray.storage import filesystem
 
 __all__ = [
@@ -93,9 +93,6 @@ def check_first_shard(uri: str, cfg: InputConfig) -> None:
     seen = _json_keys(fs, path)
     if not seen:
         return
-    absent = [c for c in cfg.keep_columns if c not in seen]
-    if absent:  # a kept column may be null in places, but not absent from all the first objects
-        raise ShardError(missing_kept(uri, absent[0], list(seen)))
     # one object may lack a column (that row is quarantined); a column that none of the first
     # objects has is a wrong name. A template field may be optional, but not all of them.
     needed = needed_columns(cfg)

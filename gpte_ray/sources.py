@@ -20,6 +20,8 @@ from gpte_ray.config import InputConfig
 from gpte_ray.prepare import content_hash, meta_hashes, prepare_rows, template_fields
 from gpte_ray.storage import filesystem
 
+META_HASH = "meta_hash"  # PREPARED_SCHEMA's column: rides with the kept values until read_prepared
+
 __all__ = ["PREPARED_SCHEMA", "ShardError", "check_columns", "list_shards", "read_prepared", "shard_format"]
 
 _EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
@@ -123,7 +125,8 @@ def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tu
         check_columns(uri, pf.schema_arrow, cfg)
         columns = [*needed, *(c for c in cfg.keep_columns if c not in needed)]
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            kept = pa.Table.from_batches([batch]).select(cfg.keep_columns) if cfg.keep_columns else None
+            kept = _with_hash(_decoded(pa.Table.from_batches([batch]).select(cfg.keep_columns))) \
+                if cfg.keep_columns else None
             yield {c: batch.column(c).to_pylist() for c in needed}, kept
     except ShardError:
         raise
@@ -131,14 +134,30 @@ def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tu
         raise ShardError(f"input error: {uri}: unreadable Parquet ({_short(e)})") from None
 
 
+def _decoded(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns (pandas categories) as their values: one type with plain ones."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
+    return table
+
+
+def _with_hash(kept: pa.Table) -> pa.Table:
+    return kept.append_column(META_HASH, pa.array(meta_hashes(kept.to_pylist()), pa.string()))
+
+
 def _short(e: BaseException) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _kept_table(uri: str, values: dict[str, list]) -> pa.Table | None:
-    """Kept JSON values as Arrow, typed as pyarrow infers them (one type per column)."""
+    """Kept JSON values as Arrow, typed as pyarrow infers them (one type per column), with
+    their meta hashes taken of the values as parsed: the inferred type depends on the batch's
+    other rows (1 reads as 1.0 beside 2.5), the hash must not."""
     if not values:
         return None
+    names = list(values)
+    hashes = meta_hashes([dict(zip(names, row)) for row in zip(*values.values())])
     columns = {}
     for name, v in values.items():
         try:
@@ -146,7 +165,7 @@ def _kept_table(uri: str, values: dict[str, list]) -> pa.Table | None:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise ShardError(f"input error: {uri}: column {name!r} (input.keep_columns) holds values of "
                              f"mixed types ({_short(e)})") from None
-    return pa.table(columns)
+    return pa.table(columns).append_column(META_HASH, pa.array(hashes, pa.string()))
 
 
 def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
@@ -257,7 +276,8 @@ def read_prepared(
             yield pa.table(out, schema=PREPARED_SCHEMA)
             continue
         kept = kept.take(pa.array(taken, pa.int64()))
-        out["meta_hash"] = meta_hashes(kept.to_pylist())  # of the values as read, before any cast
+        out["meta_hash"] = kept[META_HASH].to_pylist()  # of the values as read, before any cast
+        kept = kept.drop_columns([META_HASH])
         table = pa.table(out, schema=PREPARED_SCHEMA)
         for name in kept.column_names:
             table = table.append_column(name, _cast_kept(uri, kept[name], name, kept_schema))

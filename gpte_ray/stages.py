@@ -38,13 +38,17 @@ def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
 
     shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
     types = None
+    # a shard's rows go out only once all of it was read: a shard that fails half way (a
+    # corrupt gzip tail, a kept column's type changing) is skipped whole, never half planned
+    rows = []
     try:
         for t in read_prepared(uri, shard, cfg):
             if cfg.keep_columns:
                 types = unify_kept(uri, types, t.select(cfg.keep_columns).schema)
-            yield t.select(SCAN_SCHEMA.names)
+            rows.append(t.select(SCAN_SCHEMA.names))
         if types is not None and types_dir is not None:
             write_shard_types(types_dir, shard, types, storage_options)
+        yield from rows
     except ShardError as e:
         if not cfg.skip_bad_shards:
             raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ RUN_ID_KEY = "gpte_ray.run_id"
 # folder a parent of other tables' data) or hidden files
 TABLE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
 RUN_ID = re.compile(r"^[0-9a-f]{16}$")
+_IN_PROCESS = threading.Lock()  # see TableStore.commit
 
 
 def check_table_name(name: str) -> str:
@@ -207,9 +209,12 @@ class TableStore:
             )
         tx = Transaction(plan.read_version or 0, op, uuid=str(uuid.uuid4()), transaction_properties=props)
         try:
-            # max_retries=0: a lost race for the version is final, never retried on a newer one
-            lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options,
-                                      commit_lock=fence, max_retries=0)
+            # max_retries=0: a lost race for the version is final, never retried on a newer one;
+            # one Lance commit at a time per process: two threads committing with a Python commit
+            # lock at once have hung inside Lance (a run commits once; racing runs are processes)
+            with _IN_PROCESS:
+                lance.LanceDataset.commit(self.uri, tx, storage_options=self.storage_options,
+                                          commit_lock=fence, max_retries=0)
         except OSError:
             if fence.error is not None:
                 raise fence.error from None

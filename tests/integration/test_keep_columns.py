@@ -13,6 +13,7 @@ import sys
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 
 from gpte_ray.cli import _parser, main
@@ -121,9 +122,14 @@ def test_kept_column_checks_before_ray(tmp_path):
     check_first_shard(shard, InputConfig(keep_columns=["page"]))
     with pytest.raises(ShardError, match=r"missing column 'heading' \(input.keep_columns; the shard has: id, text"):
         check_first_shard(shard, InputConfig(keep_columns=["page", "heading"]))
-    jsonl = _write_jsonl(str(tmp_path / "b.jsonl"), [{"id": "1", "text": "x"}])
-    with pytest.raises(ShardError, match="missing column 'page' .input.keep_columns"):
-        check_first_shard(jsonl, InputConfig(keep_columns=["page"]))
+    # a JSONL field may first appear anywhere in the shard: the reader checks the whole shard
+    jsonl = _write_jsonl(str(tmp_path / "b.jsonl"), [{"id": str(i), "text": "x"} for i in range(150)]
+                         + [{"id": "150", "text": "x", "page": "p"}])
+    check_first_shard(jsonl, InputConfig(keep_columns=["page"]))
+    assert [t["page"].to_pylist()[-1] for t in read_prepared(jsonl, 0, InputConfig(keep_columns=["page"]))] == ["p"]
+    for name in ("a.b", "a`b"):  # Lance refuses the first, the second breaks search filters
+        with pytest.raises(ConfigError, match=r"^config error: input.keep_columns: .* cannot contain"):
+            load_config(None, {"input.keep_columns": [name]})
     for name in ("vector", "doc_id", "meta_hash", "_rowid"):
         with pytest.raises(ConfigError, match=f"^config error: input.keep_columns: '{name}' is reserved"):
             load_config(None, {"input.keep_columns": [name]})
@@ -156,6 +162,18 @@ def test_kept_types_across_shards(tmp_path):
     with pytest.raises(ShardError, match=f"input error: {mixed}: column 'n' .input.keep_columns. holds values of"):
         list(read_prepared(mixed, 0, InputConfig(keep_columns=["n"])))
 
+    # a JSONL value's hash is its own, whatever type its batch neighbours give the column
+    alone = _write_jsonl(str(tmp_path / "alone.jsonl"), [{"id": "1", "text": "a", "n": 1}])
+    beside = _write_jsonl(str(tmp_path / "beside.jsonl"), [{"id": "1", "text": "a", "n": 1},
+                                                            {"id": "2", "text": "b", "n": 2.5}])
+    cfg = InputConfig(keep_columns=["n"])
+    hashes = [next(read_prepared(p, 0, cfg))["meta_hash"][0].as_py() for p in (alone, beside)]
+    assert hashes[0] == hashes[1]
+    # pandas categories (dictionary-encoded) read as their values: one type with plain strings
+    cat = str(tmp_path / "cat.parquet")
+    pa.parquet.write_table(pa.table({"id": ["1"], "text": ["a"], "p": pa.array(["x"]).dictionary_encode()}), cat)
+    assert next(read_prepared(cat, 0, InputConfig(keep_columns=["p"]))).schema.field("p").type == pa.string()
+
 
 @pytest.mark.ray
 def test_copies_are_staged_and_resumed_like_embedded_windows(ray_session, tmp_path, monkeypatch):
@@ -186,3 +204,30 @@ def test_copies_are_staged_and_resumed_like_embedded_windows(ray_session, tmp_pa
     assert resumed.committed and not glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.parquet")
     rows = check_table(db, "docs", ["d0", "d1", "d2"], 3)
     assert dict(zip(rows["doc_id"].to_pylist(), rows["page"].to_pylist())) == {"d0": "old", "d1": "old", "d2": "new"}
+
+
+def test_a_shard_failing_half_way_is_skipped_whole(tmp_path):
+    from gpte_ray.stages import scan_shard
+
+    # the kept column's type changes after the first batch of 4,096 objects
+    half = _write_jsonl(str(tmp_path / "half.jsonl"), [{"id": str(i), "text": "t", "n": i} for i in range(4100)]
+                        + [{"id": "x", "text": "t", "n": "a string"}])
+    cfg = InputConfig(keep_columns=["n"], skip_bad_shards=True)
+    out = pa.concat_tables(scan_shard(pa.table({"shard": [0], "uri": [half]}), cfg))
+    assert out.num_rows == 1 and out["row"].to_pylist() == [-1]
+    assert out["reason"][0].as_py().startswith(f"bad shard: input error: {half}: column 'n'")
+
+
+@pytest.mark.ray
+def test_new_kept_columns_wait_for_unreadable_shards(ray_session, tmp_path):
+    docs = [{"id": f"d{i}", "text": f"page {i} of the manual", "page": "p", "section": i} for i in range(6)]
+    corpus = _corpus(tmp_path / "c", docs)
+    db = str(tmp_path / "db")
+    base = {"input.paths": [corpus], "output.db": db, "output.table": "docs", "input.skip_bad_shards": True}
+    assert run_index(load_config(None, {**base, "input.keep_columns": ["page"]})).committed
+    version = lance.dataset(f"{db}/docs.lance").version
+    os.rename(os.path.join(corpus, "b.jsonl"), os.path.join(corpus, "b.jsonl.gz"))  # not gzip: unreadable
+    with pytest.raises(ShardError, match=r"^input error: 1 shard\(s\) could not be read; a new set of kept columns"):
+        run_index(load_config(None, {**base, "input.keep_columns": ["page", "section"]}))
+    assert lance.dataset(f"{db}/docs.lance").version == version
+    assert not glob.glob(f"{db}/_gpte_staging/docs/plans/*")  # a failed run leaves no plan behind
