@@ -38,7 +38,8 @@ from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
     "SMALL_ROWS", "DeleteIds", "Diff", "aggregate", "calibration_rows", "check_mass_delete", "compute_diff",
-    "drop_plans", "fragment_deletions", "ids_from", "new_plan_dir", "read_planned", "rows_for_shard", "sql_list",
+    "drop_plans", "fragment_deletions", "ids_from", "new_plan_dir", "ray_aggregations", "read_planned",
+    "rows_for_shard", "sql_list",
 ]
 
 # a scan row's sort key as one string: zero-padded shard and row, then the content hash and
@@ -164,11 +165,9 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
     vanished = pc.invert(in_corpus)
     dup = pc.greater(n, 1)
 
-    emb = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash},
-                   schema=EMBED_SCHEMA).filter(embed)
-    emb = emb.sort_by([("shard", "ascending"), ("row", "ascending")])
-    copies = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash},
-                      schema=EMBED_SCHEMA).filter(meta).sort_by([("shard", "ascending"), ("row", "ascending")])
+    winners = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash}, schema=EMBED_SCHEMA)
+    emb = winners.filter(embed).sort_by([("shard", "ascending"), ("row", "ascending")])
+    copies = winners.filter(meta).sort_by([("shard", "ascending"), ("row", "ascending")])
     changed_ids = pa.table({"doc_id": doc_id}).filter(pc.or_(changed, meta))
     vanished_ids = pa.table({"doc_id": doc_id}).filter(vanished)
     _write(emb, join(plan_dir, "embed"), name, storage_options)
@@ -391,14 +390,24 @@ def aggregate(table: pa.Table, key: str, specs: list[tuple[str, str, str]]) -> p
     return pa.table([out[key]] + [out[f"{c}_{fn}"] for c, fn, _ in specs], names=[key] + [a for *_, a in specs])
 
 
+def ray_aggregations(specs: list[tuple[str, str, str]]) -> list:
+    """The same specs as Ray Data aggregations, for the hash-shuffle path."""
+    from ray.data.aggregate import Count, Max, Min
+
+    make = {"min": Min, "max": Max, "count": lambda c, alias_name: Count(c, ignore_nulls=True, alias_name=alias_name)}
+    return [make[fn](c, alias_name=alias) for c, fn, alias in specs]
+
+
+# per doc_id (or quarantined row): the first occurrence's key, how many, the table's hashes
+_GROUP_AGGS = [("key", "min", "key"), ("key", "count", "n"), ("old", "min", "old"), ("old_meta", "min", "old_meta"),
+               ("reason", "min", "reason"), ("bad_id", "min", "bad_id")]
+
+
 def _group_and_classify(plan_dir: str, shards: list[str], storage_options: dict | None, rebuild: bool,
                         copy_all: bool, *blocks: pa.Table) -> pa.Table:
     """The small-diff path: every group row in one task, grouped and classified at once."""
     groups = pa.concat_tables([b.cast(GROUP_SCHEMA) for b in blocks if b.num_rows] or [GROUP_SCHEMA.empty_table()])
-    grouped = aggregate(groups, "gkey", [("key", "min", "key"), ("key", "count", "n"), ("old", "min", "old"),
-                                         ("old_meta", "min", "old_meta"), ("reason", "min", "reason"),
-                                         ("bad_id", "min", "bad_id")])
-    return classify(grouped, plan_dir, shards, storage_options, rebuild, copy_all)
+    return classify(aggregate(groups, "gkey", _GROUP_AGGS), plan_dir, shards, storage_options, rebuild, copy_all)
 
 
 def _partitions(rows_hint: int) -> int:
@@ -423,7 +432,6 @@ def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options:
     import time
 
     import ray
-    from ray.data.aggregate import Count, Min
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -446,10 +454,7 @@ def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options:
     else:
         groups = scan_rows if old_rows is None else scan_rows.union(old_rows)
         grouped = groups.groupby("gkey", num_partitions=_partitions(rows_hint)).aggregate(
-            Min("key", alias_name="key"), Count("key", ignore_nulls=True, alias_name="n"),
-            Min("old", alias_name="old"), Min("old_meta", alias_name="old_meta"), Min("reason", alias_name="reason"),
-            Min("bad_id", alias_name="bad_id"),
-        )
+            *ray_aggregations(_GROUP_AGGS))
         summaries = grouped.map_batches(
             classify, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options,

@@ -328,15 +328,31 @@ def _staged_state(ctx: RunContext, diff: Diff, attempt: int, copies: bool = Fals
                         diff.shards, join(diff.plan_dir, f"todo-{attempt}"))
 
 
-def _copy(ctx: RunContext, state: StagedState) -> int:
+def _stage_rest(ctx: RunContext, diff: Diff, state: StagedState, stage, copies: bool = False) -> StagedState:
+    """Run `stage` (_embed or _copy) over what `state` has left, then read the state again, up
+    to 3 times: a retried window's marker is dropped there and its documents done again."""
+    for attempt in range(1, 4):
+        if not state.todo:
+            break
+        try:
+            stage(ctx, state)
+        except Exception as e:
+            raise (_user_error(e) or e) from None
+        state = _staged_state(ctx, diff, attempt, copies)
+    if state.todo:
+        raise RuntimeError(f"{state.todo} documents could not be {'copied' if copies else 'staged'} after 3 attempts")
+    return state
+
+
+def _copy(ctx: RunContext, state: StagedState) -> None:
     """Stage the documents of `state`'s plan as copies of their table rows with their new kept
-    values (one Ray task per shard); returns the rows staged."""
+    values (one Ray task per shard); counts the rows in the report's chunks_copied."""
     import ray
 
     store = ctx.store
     skip = read_skip(state.skip_dir, store.storage_options)
     task = ray.remote(num_cpus=ctx.cfg.resources.read_cpus, max_retries=3)(copy_shard)
-    return sum(ray.get([
+    ctx.report.chunks_copied += sum(ray.get([
         task.remote(ctx.shards[s], s, ctx.cfg.input, state.plan_dir, store.db, store.table, store.storage_options,
                     ctx.read_version, ctx.schema, ctx.run_id, ctx.overwrite, skip)
         for s in state.shards]))
@@ -377,7 +393,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
             held = False
         if held:  # the plans folder is this run's alone: drop it (a rerun plans afresh)
             try:
-                drop_plans(join(store.db, "_gpte_staging", store.table, "plans"), store.storage_options)
+                drop_plans(_plans_root(store), store.storage_options)
             except OSError:
                 pass
         raise
@@ -394,6 +410,11 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     return report
 
 
+def _plans_root(store: TableStore) -> str:
+    """The table's plan folders (diff.new_plan_dir), in its staging."""
+    return join(store.db, "_gpte_staging", store.table, "plans")
+
+
 def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,
                 lock: TableLock, report: RunReport) -> None:
     current = store.open()
@@ -402,7 +423,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
 
     # the diff runs on the cluster: the driver gets counts, the per-document lists stay in
     # files under a plan folder in staging (a crashed run's plan is never reused)
-    plans_root = join(store.db, "_gpte_staging", store.table, "plans")
+    plans_root = _plans_root(store)
     drop_plans(plans_root, store.storage_options)
     plan_dir = new_plan_dir(plans_root)
     types_dir = join(plan_dir, "kept_types")
@@ -422,8 +443,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
                             shards, store.storage_options, rebuild, rows_hint, cfg.output.max_delete_fraction,
                             cfg.output.allow_mass_delete, kept_changed=kept_changed)
     except Exception as e:
-        drop_plans(plans_root, store.storage_options)
-        raise (_user_error(e) or e) from None
+        raise (_user_error(e) or e) from None  # (run_index drops the plans of a failed run)
     report.stage_seconds.update(diff.seconds)  # table_ids, scan, diff
     for k in ("rows_read", "new", "changed", "unchanged", "metadata_updated", "quarantined", "deleted", "bad_shards",
               "rebuild"):
@@ -459,33 +479,14 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     report.stage_seconds["resume_state"] = time.perf_counter() - t
     report.chunks_resumed = state.chunks
     t = time.perf_counter()
-    for attempt in range(1, 4):
-        if not state.todo:
-            break
-        try:
-            _embed(ctx, state)
-        except Exception as e:
-            raise (_user_error(e) or e) from None
-        state = _staged_state(ctx, diff, attempt)
-    if state.todo:
-        raise RuntimeError(f"{state.todo} documents could not be staged after 3 attempts")
+    state = _stage_rest(ctx, diff, state, _embed)
     report.stage_seconds["embed"] = time.perf_counter() - t
     report.docs_embedded = diff.embed
     if diff.metadata_updated:
         # documents with new kept values: their rows copied, vectors and all (after the embed
         # pass, so this state's fragments are every marker's of the run)
         t = time.perf_counter()
-        state = _staged_state(ctx, diff, 0, copies=True)
-        for attempt in range(1, 4):
-            if not state.todo:
-                break
-            try:
-                report.chunks_copied += _copy(ctx, state)
-            except Exception as e:
-                raise (_user_error(e) or e) from None
-            state = _staged_state(ctx, diff, attempt, copies=True)
-        if state.todo:
-            raise RuntimeError(f"{state.todo} documents could not be copied after 3 attempts")
+        state = _stage_rest(ctx, diff, _staged_state(ctx, diff, 0, copies=True), _copy, copies=True)
         report.stage_seconds["copy"] = time.perf_counter() - t
     report.chunks_written = state.chunks
 

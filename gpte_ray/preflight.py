@@ -73,8 +73,9 @@ def needed_columns(cfg: InputConfig) -> list[str]:
 
 
 def check_first_shard(uri: str, cfg: InputConfig) -> None:
-    """The needed and kept columns exist in the first shard (types too, for Parquet; in JSONL,
-    in at least one of its first objects).
+    """The needed columns exist in the first shard (types too, for Parquet; in JSONL, in at
+    least one of its first objects), and for Parquet the kept ones too (a JSONL field may first
+    appear anywhere in a shard: the reader checks the whole shard).
 
     A shard that cannot be read at all is left to the job, which reports it as a bad shard.
     """
@@ -147,9 +148,8 @@ def tidy_after_failure(db: str, table: str, existed: bool | None) -> None:
     """After a run that failed before committing: remove the empty folders it made.
 
     Only empty folders go (the lock's `_gpte_staging/`, the diff's `plans/`, a db folder this run
-    created), so a
-    failed first run leaves the disk as it found it; staged work that a rerun can resume from
-    is never touched.
+    created), so a failed first run leaves the disk as it found it; staged work that a rerun
+    can resume from is never touched.
     """
     if existed is None:
         return

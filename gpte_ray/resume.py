@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _name, _partitions, _write, aggregate
+from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _name, _partitions, _write, aggregate, ray_aggregations
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = ["MARKER_SCHEMA", "StagedState", "marker_files", "read_skip", "staged_state", "write_marker"]
@@ -135,6 +135,13 @@ def _skips(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Ta
     return pa.table({"rows": [rows.num_rows]})
 
 
+# per (doc_id, chunk) key: how many markers hold it, and the last of them
+_CONFLICT_AGGS = [("path", "count", "n"), ("path", "max", "last")]
+# per document: planned rows (0/1), staged chunks, its chunk count and plan row
+_PER_DOC_AGGS = [("shard", "count", "planned"), ("chunk", "count", "staged"), ("n_chunks", "max", "n_chunks"),
+                 ("shard", "min", "shard"), ("row", "min", "row"), ("content_hash", "min", "content_hash")]
+
+
 def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
                   storage_options: dict | None) -> tuple[list[str], pa.Table | None]:
     """The small-run path of staged_state, in one task over Arrow: (markers dropped as
@@ -142,13 +149,12 @@ def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
     import pyarrow.parquet as pq
 
     fs, _ = filesystem(out_dir, storage_options)
-    marks = pa.concat_tables([
-        pq.read_table(f, columns=MARKER_SCHEMA.names, filesystem=fs).cast(MARKER_SCHEMA).append_column(
-            "path", pa.array([f] * pq.read_metadata(f, filesystem=fs).num_rows, pa.string()))
-        for f in files])
+    tables = [pq.read_table(f, columns=MARKER_SCHEMA.names, filesystem=fs).cast(MARKER_SCHEMA) for f in files]
+    marks = pa.concat_tables([t.append_column("path", pa.array([f] * t.num_rows, pa.string()))
+                              for f, t in zip(files, tables)])
     dropped: list[str] = []
     while marks.num_rows:
-        pairs = aggregate(_conflict_key(marks), "k", [("path", "count", "n"), ("path", "max", "last")])
+        pairs = aggregate(_conflict_key(marks), "k", _CONFLICT_AGGS)
         later = pc.unique(pairs.filter(pc.greater(pairs["n"], 1))["last"])
         if not len(later):
             break
@@ -164,9 +170,7 @@ def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
 
         pfs, path = filesystem(join(plan_dir, "embed"), storage_options)
         union.append(_docs_union(pads.dataset(path, format="parquet", filesystem=pfs).to_table()))
-    per_doc = aggregate(pa.concat_tables(union), "doc_id", [
-        ("shard", "count", "planned"), ("chunk", "count", "staged"), ("n_chunks", "max", "n_chunks"),
-        ("shard", "min", "shard"), ("row", "min", "row"), ("content_hash", "min", "content_hash")])
+    per_doc = aggregate(pa.concat_tables(union), "doc_id", _PER_DOC_AGGS)
     summary = _todo(per_doc, out_dir, storage_options)
     if summary["partial"][0].as_py():
         _skips(marks.select(["doc_id", "chunk"]), out_dir, storage_options)
@@ -179,7 +183,6 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
     task up to `small_rows` planned and staged rows, else by hash shuffles)."""
     import ray
     import ray.data
-    from ray.data.aggregate import Count, Max, Min
 
     fs, _ = filesystem(staging_dir, storage_options)
     files = marker_files(staging_dir, storage_options)
@@ -205,7 +208,7 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
     while True:
         pairs = (keys().map_batches(_conflict_key, batch_format="pyarrow", batch_size=None)
                  .groupby("k", num_partitions=_partitions(len(files) * 1024))
-                 .aggregate(Count(alias_name="n"), Max("path", alias_name="last"))
+                 .aggregate(*ray_aggregations(_CONFLICT_AGGS))
                  .filter(expr="n > 1").select_columns(["last"]).unique("last"))
         if not pairs:
             break
@@ -222,11 +225,7 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
     union = staged if plan is None else staged.union(
         plan.map_batches(_docs_union, batch_format="pyarrow", batch_size=None))
     per_doc = union.groupby("doc_id", num_partitions=_partitions(planned + len(files) * 1024)).aggregate(
-        Count("shard", ignore_nulls=True, alias_name="planned"),
-        Count("chunk", ignore_nulls=True, alias_name="staged"),
-        Max("n_chunks", alias_name="n_chunks"), Min("shard", alias_name="shard"), Min("row", alias_name="row"),
-        Min("content_hash", alias_name="content_hash"),
-    )
+        *ray_aggregations(_PER_DOC_AGGS))
     state = StagedState(plan_dir=out_dir)
     shards: set[int] = set()
     partial = 0
