@@ -204,8 +204,9 @@ def _check_output_file(flag: str, path: str | None) -> None:
 
 
 def _stdout_report(report: dict) -> str:
-    """The run report for stdout: everything but the throughput timeline (kept in the files)."""
-    return json.dumps({k: v for k, v in report.items() if k != "timeline"})
+    """The run report for stdout: everything but the throughput timeline and the trend of
+    earlier runs (kept in the files)."""
+    return json.dumps({k: v for k, v in report.items() if k not in ("timeline", "trend")})
 
 
 def _index(args: argparse.Namespace) -> int:

@@ -436,6 +436,32 @@ def _cost_section(r: dict) -> str:
             f"{_kv_table(nodes) if nodes else ''}</section>")
 
 
+def _trend_section(r: dict) -> str:
+    """This table's recent runs, oldest first, this run last: what each embedded and cost."""
+    rows = [t for t in r.get("trend") or [] if isinstance(t, dict)]
+    if len(rows) < 2:
+        return ""
+    priced = any(t.get("cost") is not None for t in rows)
+    head = ["started", "new", "changed", "deleted", "docs embedded", "tokens", "seconds", "actor-s",
+            "accelerator-s", "tokens / accelerator-s"] + (["cost", "per M tokens"] if priced else [])
+
+    def cell(t: dict, k: str) -> str:
+        v = t.get(k)
+        if v is None:
+            return "–"
+        return _e(v) if k == "started" else f"{v:.4f}" if k in ("cost", "cost_per_million_tokens") else _num(v)
+
+    keys = ["started", "new", "changed", "deleted", "docs_embedded", "tokens", "seconds", "embed_actor_seconds",
+            "accelerator_seconds", "tokens_per_accelerator_second"] + (["cost", "cost_per_million_tokens"]
+                                                                        if priced else [])
+    body = "".join(
+        ('<tr class="this">' if i == len(rows) - 1 else "<tr>") + "".join(f"<td>{cell(t, k)}</td>" for k in keys)
+        + "</tr>" for i, t in enumerate(rows))
+    return (f'<section><h2>Recent runs of this table</h2><p class="note">The last {len(rows)} runs, oldest first; '
+            "this run is the last line. A night that changes little should cost little.</p>"
+            f'<table class="grid"><tr>{"".join(f"<th>{_e(h)}</th>" for h in head)}</tr>{body}</table></section>')
+
+
 def _eval_table(ev: dict) -> str:
     modes = [m for m in ("exact", "indexed") if isinstance(ev.get(m), dict)]
     if not modes:
@@ -476,7 +502,8 @@ svg .val{{font-size:13px;font-weight:600}} svg .ctitle{{fill:{INK};font-size:13p
 .pair{{display:flex;gap:16px;flex-wrap:wrap}} .pair svg.chart{{flex:1 1 300px;min-width:0}}
 table.kv,table.grid{{border-collapse:collapse;font-size:13px}}
 table.kv th,table.kv td,table.grid th,table.grid td{{padding:3px 12px 3px 0;text-align:left}}
-table.grid td{{font-variant-numeric:tabular-nums}} table.kv th,table.grid th{{color:{MUTED};font-weight:500}}
+table.grid td{{font-variant-numeric:tabular-nums}} table.grid tr.this td{{font-weight:600}}
+table.kv th,table.grid th{{color:{MUTED};font-weight:500}}
 footer{{color:{MUTED};font-size:12px;margin:18px 0 8px}}
 """
 
@@ -559,6 +586,7 @@ def render_html_report(report: dict) -> str:
 <div class="cards">{cards_work}</div></section>
 {_quarantine_section(r)}
 {_cost_section(r)}
+{_trend_section(r)}
 <section><h2>Stage times</h2>{stages_svg(r.get("stage_seconds"))}</section>
 <section><h2>Lengths of the chunks embedded in this run (tokens)</h2>{hist_note}{histogram_svg(hist)}</section>
 <section><h2>Micro-batch fill per length bucket</h2>{bucket_note}{buckets_svg(buckets)}</section>

@@ -15,7 +15,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
 import pyarrow as pa
 
@@ -34,7 +35,7 @@ from gpte_ray.diff import (
 from gpte_ray.kept import copy_shard, resolve_kept
 from gpte_ray.lock import FenceError, LockLostError, TableLock
 from gpte_ray.preflight import preflight
-from gpte_ray.report import Progress, ProgressCounter, RunReport
+from gpte_ray.report import TREND_RUNS, Progress, ProgressCounter, RunReport, trend_row
 from gpte_ray.resume import StagedState, read_skip, staged_state
 from gpte_ray.sources import ShardError
 from gpte_ray.spec import ModelSpec, resolve_model
@@ -47,7 +48,9 @@ __all__ = ["connect_ray", "run_index"]
 
 log = logging.getLogger("gpte_ray")
 
-DEFAULT_BUDGET = {"cpu": 8192, "cuda": 32768}
+# tokens per micro-batch. On CPU smaller batches keep activations in cache: MiniLM ran 6-10%
+# faster at 4096 than at 8192 (benchmarks/microbatch.py, both corpora); 2048 cost a tiny model more.
+DEFAULT_BUDGET = {"cpu": 4096, "cuda": 32768}
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -361,7 +364,7 @@ def _copy(ctx: RunContext, state: StagedState) -> None:
 def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int | None = None) -> RunReport:
     """Make the table reflect the corpus; returns the run report."""
     t0 = time.perf_counter()
-    report = RunReport(table=cfg.output.table)
+    report = RunReport(table=cfg.output.table, started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if num_cpus is not None and num_cpus < 1:
         raise ConfigError(f"config error: --num-cpus: {num_cpus} (a local Ray needs at least 1 CPU)")
     opts = lance_options(cfg.output.storage_options, cfg.output.db)
@@ -405,6 +408,9 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
         from gpte_ray.html_report import render_html_report
 
         report.report_file = store.report_uri(report.run_id)
+        # earlier runs' lines (a rerun of this run id replaces its own)
+        earlier = [r for r in store.recent_reports(TREND_RUNS) if r.get("run_id") != report.run_id]
+        report.trend = [trend_row(r) for r in earlier][-(TREND_RUNS - 1):] + [trend_row(asdict(report))]
         line = report.to_json()
         store.write_report(report.run_id, line, render_html_report(json.loads(line)))
     return report

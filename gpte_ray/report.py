@@ -14,6 +14,7 @@ __all__ = ["Progress", "ProgressCounter", "RunReport", "quarantine_kind"]
 @dataclass
 class RunReport:
     run_id: str = ""
+    started: str = ""  # UTC, ISO 8601 to the second
     table: str = ""
     model: dict = field(default_factory=dict)  # id, revision, weights hash, dim, precision... (set_model)
     version_before: int | None = None
@@ -57,6 +58,7 @@ class RunReport:
     buckets: list[dict] = field(default_factory=list)  # micro-batch fill per padded-length bucket
     timeline: list[list[float]] = field(default_factory=list)  # [seconds, docs done, tokens done]
     cost: dict = field(default_factory=dict)  # what the embed actors used and cost (add_embed_actors)
+    trend: list[dict] = field(default_factory=list)  # this table's recent runs, oldest first (trend_row)
 
     def set_model(self, fingerprint: dict) -> None:
         """What the vectors are: the model and the settings a reader needs (from its fingerprint)."""
@@ -157,6 +159,19 @@ class RunReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False)
+
+
+TREND_RUNS = 30  # runs of a table the report's trend shows, this one included
+
+
+def trend_row(report: dict) -> dict:
+    """One run's line in a later report's trend: when, how much, and what it cost."""
+    c = report.get("cost") if isinstance(report.get("cost"), dict) else {}
+    row = {k: report.get(k) for k in ("started", "run_id", "seconds", "new", "changed", "deleted",
+                                      "docs_embedded", "tokens")}
+    row.update({k: c.get(k) for k in ("accelerator_seconds", "embed_actor_seconds",
+                                      "tokens_per_accelerator_second", "cost", "cost_per_million_tokens")})
+    return row
 
 
 def quarantine_kind(reason: str) -> str:

@@ -245,6 +245,29 @@ class TableStore:
     def report_uri(self, run_id: str) -> str:
         return join(self.db, f"{self.table}.reports", f"{run_id}.html")
 
+    def recent_reports(self, limit: int) -> list[dict]:
+        """The last `limit` JSON run reports beside the table (newest by file time), oldest
+        first; unreadable ones are skipped (a report is a record, never a reason to fail)."""
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(self.report_uri("x").rsplit("/", 1)[0], self.storage_options)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            return []
+        infos = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")]
+        infos.sort(key=lambda i: (i.mtime_ns or 0, i.base_name))
+        out = []
+        for info in infos[-limit:] if limit > 0 else []:
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    report = json.loads(f.read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(report, dict):
+                out.append(report)
+        return sorted(out, key=lambda r: str(r.get("started") or ""))
+
     def write_report(self, run_id: str, report_json: str, html: str) -> None:
         """The run report as JSON and as an HTML page beside the table."""
         uri = self.report_uri(run_id)

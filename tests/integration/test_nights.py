@@ -69,6 +69,9 @@ def test_compaction_and_index_remaps_never_block_the_next_night(ray_session, tmp
         paths = _write(str(tmp_path / f"night{night}"), [{"id": k, "text": v} for k, v in docs.items()])
         report = run_index(_cfg(paths, db, **over))
         assert report.counts_add_up and report.committed
+        # the report beside the table shows every night so far, this one last
+        assert [t["run_id"] for t in report.trend][-1] == report.run_id and len(report.trend) == night + 1
+        assert report.trend[-1]["docs_embedded"] == report.docs_embedded
         compactions += "compacted_fragments" in report.upkeep
         assert _docs_in_table(db) == {k: content_hash(v) for k, v in docs.items()}
         assert not os.listdir(f"{db}/_gpte_staging/docs/runs")  # staging empty

@@ -198,8 +198,37 @@ def test_columnar_encoding_equals_chunks(varied_docs, cfg):
     tok = TextTokenizer(spec)
     texts = [d["text"] for d in varied_docs[:60]]
     chunks = tok.encode(texts)
-    enc = tok.encode_arrays(texts)
-    rows = [enc.values[s:e].tolist() for s, e in zip(enc.offsets[:-1], enc.offsets[1:])]
-    assert rows == [c.input_ids for c in chunks]
-    for name in ("doc_index", "chunk", "char_start", "char_end", "prompt_len", "truncated"):
-        assert getattr(enc, name).tolist() == [getattr(c, name) for c in chunks], name
+    # both first passes: ids only, and ids with offsets (chunks cut from them, not a second call)
+    for share in (0.0, 1.0):
+        tok._long_share = share
+        enc = tok.encode_arrays(texts)
+        rows = [enc.values[s:e].tolist() for s, e in zip(enc.offsets[:-1], enc.offsets[1:])]
+        assert rows == [c.input_ids for c in chunks]
+        for name in ("doc_index", "chunk", "char_start", "char_end", "prompt_len", "truncated"):
+            assert getattr(enc, name).tolist() == [getattr(c, name) for c in chunks], name
+
+
+def test_sequence_offsets_equal_a_call_without_special_tokens(minilm_path):
+    """Chunks are cut from the own tokens' spans of the with-special-tokens call: the same spans
+    as tokenising the text alone, for a BERT template and a byte-level BPE with offset trimming,
+    special-token strings inside the text included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
+
+    from gpte_ray.tokenize import _sequence_offsets
+
+    texts = ["", "plain words", "  spaces  around  ", "a [SEP] inside [CLS] it", "<s> and </s> too",
+             "ünïcödé 😀 emoji, tabs\tand\nnewlines", "x" * 300]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0), trim_offsets=True,
+                                                      add_prefix_space=True)
+    bert = AutoTokenizer.from_pretrained(minilm_path).backend_tokenizer
+    bert.no_truncation()
+    bert.no_padding()
+    for tok in (bert, bpe):
+        with_special = tok.encode_batch(texts, add_special_tokens=True)
+        alone = tok.encode_batch(texts, add_special_tokens=False)
+        assert [_sequence_offsets(e) for e in with_special] == [e.offsets for e in alone]

@@ -180,3 +180,24 @@ def test_cost_section_shows_what_the_run_held_and_cost():
     unpriced = {k: v for k, v in cost.items() if k not in ("cost", "cost_per_million_tokens")}
     assert "report.price_per_hour" in render_html_report({**FULL, "cost": unpriced})
     assert "<h2>Cost</h2>" not in render_html_report(FULL)
+
+
+def test_trend_of_recent_runs_with_this_run_last():
+    from gpte_ray.report import trend_row
+
+    nights = [{"started": f"2026-11-{d:02d}T02:00:00+00:00", "run_id": f"r{d}", "seconds": 30.0 + d, "new": d,
+               "changed": 1, "deleted": 0, "docs_embedded": d + 1, "tokens": 100 * (d + 1),
+               "cost": {"embed_actor_seconds": 10.0 + d, "accelerator_seconds": 10.0 + d,
+                        "tokens_per_accelerator_second": 55.5, "cost": 0.001 * d,
+                        "cost_per_million_tokens": 1.25}} for d in (27, 28, 29)]
+    rows = [trend_row(n) for n in nights]
+    assert rows[0]["accelerator_seconds"] == 37.0 and rows[2]["cost"] == 0.029 and rows[1]["tokens"] == 2900
+    page = render_html_report({**FULL, "trend": rows})
+    section = page[page.index("<h2>Recent runs of this table</h2>"):page.index("<h2>Stage times</h2>")]
+    assert section.count("<tr") == 4 and section.index("2026-11-27") < section.index("2026-11-29")
+    assert '<tr class="this"><td>2026-11-29' in section and "0.0290" in section and "1.2500" in section
+    ET.fromstring(section[section.index("<table"):section.index("</table>") + 8])  # well-formed
+    # unpriced runs: no cost columns; one run alone: no trend section
+    unpriced = [{**r, "cost": None, "cost_per_million_tokens": None} for r in rows]
+    assert "per M tokens" not in render_html_report({**FULL, "trend": unpriced})
+    assert "Recent runs" not in render_html_report({**FULL, "trend": rows[:1]})

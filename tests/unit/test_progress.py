@@ -27,12 +27,15 @@ def test_embed_stage_reports_each_micro_batch():
     texts = [("word " * n).strip() for n in (3, 50, 12, 7, 9, 15, 20, 4)]  # the 50-word one is 2+ chunks
     docs = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts, "content_hash": ["h"] * 8})
     chunks = TokenizeStage(spec)(docs)
-    counter = _Counter()
-    EmbedStage(spec, "cpu", 64, 4, 0.0, 1, None, progress=counter)(chunks)  # budget 64 tokens: many batches
-    assert len(counter.calls) > 2  # not one report at the end of the window
-    docs_done, rows, tokens = (sum(c[i] for c in counter.calls) for i in range(3))
-    assert (docs_done, rows) == (8, chunks.num_rows)
-    assert tokens == sum(len(x) for x in chunks["input_ids"].to_pylist())
+    for interval, calls in ((0.0, lambda n: n > 2), (3600.0, lambda n: n == 1)):
+        counter = _Counter()
+        stage = EmbedStage(spec, "cpu", 64, 4, 0.0, 1, None, progress=counter)  # budget 64 tokens: many batches
+        stage.progress.interval = interval  # a window that takes longer than this reports as it goes
+        stage(chunks)
+        assert calls(len(counter.calls)), counter.calls  # as it goes; or once, at the window's end
+        docs_done, rows, tokens = (sum(c[i] for c in counter.calls) for i in range(3))
+        assert (docs_done, rows) == (8, chunks.num_rows)
+        assert tokens == sum(len(x) for x in chunks["input_ids"].to_pylist())
 
 
 def test_progress_line_at_once_then_steady(monkeypatch):
