@@ -441,25 +441,29 @@ def _trend_section(r: dict) -> str:
     rows = [t for t in r.get("trend") or [] if isinstance(t, dict)]
     if len(rows) < 2:
         return ""
-    priced = any(t.get("cost") is not None for t in rows)
-    head = ["started", "new", "changed", "deleted", "docs embedded", "tokens", "seconds", "actor-s",
-            "accelerator-s", "tokens / accelerator-s"] + (["cost", "per M tokens"] if priced else [])
+    cols = [("started (UTC)", "started"), ("new", "new"), ("changed", "changed"), ("deleted", "deleted"),
+            ("docs embedded", "docs_embedded"), ("tokens", "tokens"), ("seconds", "seconds"),
+            ("embed actor-s", "embed_actor_seconds")]
+    if any(t.get("accelerator_seconds") for t in rows):  # CPU runs hold no accelerator
+        cols += [("accelerator-s", "accelerator_seconds"), ("tokens / accelerator-s", "tokens_per_accelerator_second")]
+    if any(t.get("cost") is not None for t in rows):
+        cols += [("cost", "cost"), ("per M tokens", "cost_per_million_tokens")]
 
     def cell(t: dict, k: str) -> str:
         v = t.get(k)
         if v is None:
             return "–"
-        return _e(v) if k == "started" else f"{v:.4f}" if k in ("cost", "cost_per_million_tokens") else _num(v)
+        if k == "started":
+            return _e(str(v)[:16].replace("T", " "))
+        return f"{v:.4f}" if k in ("cost", "cost_per_million_tokens") else _num(v)
 
-    keys = ["started", "new", "changed", "deleted", "docs_embedded", "tokens", "seconds", "embed_actor_seconds",
-            "accelerator_seconds", "tokens_per_accelerator_second"] + (["cost", "cost_per_million_tokens"]
-                                                                        if priced else [])
     body = "".join(
-        ('<tr class="this">' if i == len(rows) - 1 else "<tr>") + "".join(f"<td>{cell(t, k)}</td>" for k in keys)
+        ('<tr class="this">' if i == len(rows) - 1 else "<tr>") + "".join(f"<td>{cell(t, k)}</td>" for _, k in cols)
         + "</tr>" for i, t in enumerate(rows))
+    head = "".join(f"<th>{_e(h)}</th>" for h, _ in cols)
     return (f'<section><h2>Recent runs of this table</h2><p class="note">The last {len(rows)} runs, oldest first; '
             "this run is the last line. A night that changes little should cost little.</p>"
-            f'<table class="grid"><tr>{"".join(f"<th>{_e(h)}</th>" for h in head)}</tr>{body}</table></section>')
+            f'<table class="grid"><tr>{head}</tr>{body}</table></section>')
 
 
 def _eval_table(ev: dict) -> str:

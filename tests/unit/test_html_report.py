@@ -195,9 +195,12 @@ def test_trend_of_recent_runs_with_this_run_last():
     page = render_html_report({**FULL, "trend": rows})
     section = page[page.index("<h2>Recent runs of this table</h2>"):page.index("<h2>Stage times</h2>")]
     assert section.count("<tr") == 4 and section.index("2026-11-27") < section.index("2026-11-29")
-    assert '<tr class="this"><td>2026-11-29' in section and "0.0290" in section and "1.2500" in section
+    assert '<tr class="this"><td>2026-11-29 02:00</td>' in section and "0.0290" in section and "1.2500" in section
+    assert "tokens / accelerator-s" in section
     ET.fromstring(section[section.index("<table"):section.index("</table>") + 8])  # well-formed
     # unpriced runs: no cost columns; one run alone: no trend section
-    unpriced = [{**r, "cost": None, "cost_per_million_tokens": None} for r in rows]
-    assert "per M tokens" not in render_html_report({**FULL, "trend": unpriced})
+    unpriced = [{**r, "cost": None, "cost_per_million_tokens": None, "accelerator_seconds": 0.0} for r in rows]
+    page = render_html_report({**FULL, "trend": unpriced})
+    section = page[page.index("<h2>Recent runs of this table</h2>"):page.index("<h2>Stage times</h2>")]
+    assert "per M tokens" not in section and "accelerator-s" not in section and "embed actor-s" in section
     assert "Recent runs" not in render_html_report({**FULL, "trend": rows[:1]})
