@@ -146,13 +146,19 @@ def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
                   storage_options: dict | None) -> tuple[list[str], pa.Table | None]:
     """The small-run path of staged_state, in one task over Arrow: (markers dropped as
     duplicates, the _todo summary or None when no marker is left)."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     fs, _ = filesystem(out_dir, storage_options)
+    # a retried attempt finds the duplicates an earlier attempt deleted gone: dropped already
+    gone = [i.type == pafs.FileType.NotFound for i in fs.get_file_info(files)]
+    dropped = [f for f, g in zip(files, gone) if g]
+    files = [f for f, g in zip(files, gone) if not g]
+    if not files:
+        return dropped, None
     tables = [pq.read_table(f, columns=MARKER_SCHEMA.names, filesystem=fs).cast(MARKER_SCHEMA) for f in files]
     marks = pa.concat_tables([t.append_column("path", pa.array([f] * t.num_rows, pa.string()))
                               for f, t in zip(files, tables)])
-    dropped: list[str] = []
     while marks.num_rows:
         pairs = aggregate(_conflict_key(marks), "k", _CONFLICT_AGGS)
         later = pc.unique(pairs.filter(pc.greater(pairs["n"], 1))["last"])

@@ -38,7 +38,8 @@ def test_index_says_only_its_own_lines(tmp_path, varied_docs):
     assert "timeline" not in report and report["counts_add_up"] and report["source_rows"] == 40
     assert report["model"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2" and report["model"]["dim"] == 384
     full = json.loads(open(tmp_path / "report.json").read())
-    assert full["timeline"] and {k: v for k, v in full.items() if k != "timeline"} == report
+    assert full["timeline"] and full["trend"][-1]["run_id"] == report["run_id"]
+    assert {k: v for k, v in full.items() if k not in ("timeline", "trend")} == report
     check_table(db, "docs", [d["id"] for d in docs], report["chunks_written"])
 
 

@@ -7,7 +7,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _write
-from gpte_ray.resume import marker_files, read_skip, staged_state, write_marker
+from gpte_ray.resume import _staged_small, marker_files, read_skip, staged_state, write_marker
 
 
 def _fragments(tmp_path, n):
@@ -43,8 +43,12 @@ def test_staged_state_drops_retried_windows_and_skips_staged_chunks(ray_session,
     assert len(marker_files(staging, None)) == 3
 
     todo_dir = str(tmp_path / "todo1")
+    files = marker_files(staging, None)
     s = staged_state(staging, None, plan_dir, 4, [0, 1], todo_dir, small_rows)
     assert [p.rsplit("/", 1)[1] for p in marker_files(staging, None)] == ["m1.parquet", "m2.parquet"]
+    # a retried attempt of the one task, after the first deleted the duplicate: m3 counts as dropped
+    dropped, summary = _staged_small(files, plan_dir, 4, str(tmp_path / "todo1-retry"), None)
+    assert dropped == [files[2]] and summary["todo"][0].as_py() == 2
     assert s.chunks == 5 and len(s.fragments) == 2
     assert sum(f.num_rows for f in s.fragments) == 5
     left = pads.dataset(f"{todo_dir}/embed", format="parquet").to_table()
