@@ -162,7 +162,8 @@ class TextTokenizer:
         # can be chunked from this call's offsets instead of being tokenised again on its own.
         # Offsets cost ~8% over every text; worth it once long texts hold >= LONG_SHARE of the
         # characters (the last call's share decides: the output is the same either way).
-        with_offsets = not (prefix or suffix) and self._long_share >= LONG_SHARE
+        chunking = self.spec.long_documents != "truncate" and role != "query"
+        with_offsets = chunking and not (prefix or suffix) and self._long_share >= LONG_SHARE
         call = backend.encode_batch if with_offsets else backend.encode_batch_fast
         encs = call(full, add_special_tokens=True)
         rows = [e.ids for e in encs]
