@@ -396,7 +396,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
             held = False
         if held:  # the plans folder is this run's alone: drop it (a rerun plans afresh)
             try:
-                drop_plans(_plans_root(store), store.storage_options)
+                drop_plans(store.plans_root, store.storage_options)
             except OSError:
                 pass
         raise
@@ -416,11 +416,6 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     return report
 
 
-def _plans_root(store: TableStore) -> str:
-    """The table's plan folders (diff.new_plan_dir), in its staging."""
-    return join(store.db, "_gpte_staging", store.table, "plans")
-
-
 def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,
                 lock: TableLock, report: RunReport) -> None:
     current = store.open()
@@ -429,9 +424,8 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
 
     # the diff runs on the cluster: the driver gets counts, the per-document lists stay in
     # files under a plan folder in staging (a crashed run's plan is never reused)
-    plans_root = _plans_root(store)
-    drop_plans(plans_root, store.storage_options)
-    plan_dir = new_plan_dir(plans_root)
+    drop_plans(store.plans_root, store.storage_options)
+    plan_dir = new_plan_dir(store.plans_root)
     types_dir = join(plan_dir, "kept_types")
     kept: dict[str, pa.Schema] = {}
 
@@ -520,7 +514,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         report.quarantine_file = diff.write_quarantine(
             join(store.db, f"{store.table}.quarantine", f"{run_id}.parquet"), run_id)
     store.drop_staging(run_id)
-    drop_plans(plans_root, store.storage_options)
+    drop_plans(store.plans_root, store.storage_options)
 
     t = time.perf_counter()
     if ds is not None and lock.lost_to is None:

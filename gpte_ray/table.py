@@ -126,6 +126,8 @@ class TableStore:
         self.uri = join(self.db, f"{table}.lance")
         self.storage_options = storage_options
         self.staging_root = join(self.db, "_gpte_staging", table, "runs")
+        self.plans_root = join(self.db, "_gpte_staging", table, "plans")  # diff.new_plan_dir's folders
+        self.reports_dir = join(self.db, f"{table}.reports")
 
     # ---- reading ------------------------------------------------------------------------
     def open(self, version: int | None = None):
@@ -243,14 +245,14 @@ class TableStore:
         return fragment_deletions(ds, batches)
 
     def report_uri(self, run_id: str) -> str:
-        return join(self.db, f"{self.table}.reports", f"{run_id}.html")
+        return join(self.reports_dir, f"{run_id}.html")
 
     def recent_reports(self, limit: int) -> list[dict]:
         """The last `limit` JSON run reports beside the table (newest by file time), oldest
         first; unreadable ones are skipped (a report is a record, never a reason to fail)."""
         import pyarrow.fs as pafs
 
-        fs, path = filesystem(self.report_uri("x").rsplit("/", 1)[0], self.storage_options)
+        fs, path = filesystem(self.reports_dir, self.storage_options)
         try:
             infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         except OSError:
