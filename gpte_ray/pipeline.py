@@ -260,8 +260,8 @@ def _embed(ctx: RunContext, state: StagedState) -> None:
         .map_batches(read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus,
                      fn_kwargs={"cfg": cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options,
                                 "kept_schema": kept_fields(ctx.schema)})
-        .map_batches(TokenizeStage, fn_constructor_args=(spec, staged), batch_size=b.window_rows,
-                     batch_format="pyarrow", num_cpus=r.tokenize_cpus,
+        .map_batches(TokenizeStage, fn_constructor_args=(spec, staged, max(1, int(r.tokenize_cpus))),
+                     batch_size=b.window_rows, batch_format="pyarrow", num_cpus=r.tokenize_cpus,
                      # grown by Ray Data while its input queues up: capacity follows the embedders
                      compute=ActorPoolStrategy(min_size=1, max_size=r.max_actors * r.tokenize_actors_per_embed_actor))
         .map_batches(EmbedStage, fn_constructor_args=(spec, device, budget, b.max_rows, b.min_fill, r.torch_threads,

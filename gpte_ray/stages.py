@@ -83,7 +83,12 @@ class TokenizeStage:
     Other columns of the documents (meta_hash, kept source columns) are repeated on each of
     their chunks, after CHUNK_SCHEMA's."""
 
-    def __init__(self, spec: ModelSpec, staged: frozenset[tuple[str, int]] = frozenset()):
+    def __init__(self, spec: ModelSpec, staged: frozenset[tuple[str, int]] = frozenset(), threads: int = 1):
+        # A worker does not inherit the driver's environment: left unset, the Rust tokenizer
+        # spreads every call over all of the node's cores, far past the CPUs this actor holds.
+        # Read at each call; the thread pool's size at its first parallel call.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
         from gpte_ray.tokenize import TextTokenizer
 
         self.tok = TextTokenizer(spec)

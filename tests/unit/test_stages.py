@@ -3,6 +3,7 @@ token ids, writes overlapping the next window's embedding."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -55,6 +56,17 @@ def test_tokenize_skips_chunks_already_staged():
     assert n_b > 2 and set(full["n_chunks"].to_pylist()) == {1, n_b}
     part = TokenizeStage(spec, frozenset({("b", 0), ("b", 1), ("a", 0)}))(docs)
     assert list(zip(part["doc_id"].to_pylist(), part["chunk"].to_pylist())) == [("b", c) for c in range(2, n_b)]
+
+
+def test_tokenize_actor_uses_the_threads_it_holds(monkeypatch):
+    """A worker does not inherit the driver's TOKENIZERS_PARALLELISM: the stage sets its own."""
+    spec = resolve_model(ModelConfig())
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # what an unset variable means to the tokenizer
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    TokenizeStage(spec)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and os.environ["RAYON_NUM_THREADS"] == "1"
+    TokenizeStage(spec, threads=3)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and os.environ["RAYON_NUM_THREADS"] == "3"
 
 
 def test_tokenize_columns_match_the_chunks():
