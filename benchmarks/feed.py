@@ -109,11 +109,13 @@ def tokenizer_rate(model: str, texts: list[str], rounds: int = 3) -> dict:
     return out
 
 
-def run_tree(tree: str, model: str, shards: str, cpus: int, docs: int) -> dict:
-    """One `run_index` in a fresh subprocess importing gpte_ray from `tree`."""
+def run_tree(tree: str, model: str, shards: str, cpus: int, docs: int, overrides: dict | None = None) -> dict:
+    """One `run_index` in a fresh subprocess importing gpte_ray from `tree` (`overrides`: job
+    config keys, as --set gives them)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     db = tempfile.mkdtemp(prefix="feed-db-")
-    args = json.dumps({"model": model, "shards": shards, "cpus": cpus, "db": db, "docs": docs})
+    args = json.dumps({"model": model, "shards": shards, "cpus": cpus, "db": db, "docs": docs,
+                       "overrides": overrides or {}})
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", args], env=env,
                           capture_output=True, text=True, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
@@ -140,7 +142,7 @@ def child(spec: dict) -> None:
     ray_start = time.perf_counter() - t
     cfg = load_config(None, {
         "input.paths": [spec["shards"]], "output.db": spec["db"], "output.table": "feed",
-        "model.path": spec["model"], "model.dtype": "float32", "resources.device": "cpu",
+        "model.path": spec["model"], "model.dtype": "float32", "resources.device": "cpu", **spec["overrides"],
     })
     t = time.perf_counter()
     report = run_index(cfg)
@@ -233,6 +235,8 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="a source tree whose gpte_ray is the baseline")
     ap.add_argument("--trees", default=None, help="only these trees: 'new', 'base' or 'new,base'")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="job config override for every tree, e.g. resources.torch_threads=1 (repeatable)")
     ap.add_argument("--stages", action="store_true",
                     help="also time the tokenize and embed stages in one process, per tree (no Ray)")
     ap.add_argument("--no-jobs", action="store_true", help="only the bare tokenizer (and --stages)")
@@ -256,7 +260,8 @@ def main() -> None:
         trees["base"] = os.path.abspath(args.baseline)
     if args.trees:
         trees = {k: v for k, v in trees.items() if k in args.trees.split(",")}
-    print(f"# model {args.model}, {args.cpus} CPUs for Ray, trees {trees}, "
+    overrides = dict(kv.split("=", 1) for kv in args.set)  # strings: the config parses them
+    print(f"# model {args.model}, {args.cpus} CPUs for Ray, trees {trees}, overrides {overrides}, "
           f"loadavg {[round(x, 1) for x in os.getloadavg()]}", flush=True)
     results: dict = {"model": args.model, "cpus": args.cpus, "corpora": {}}
     for corpus in args.corpora.split(","):
@@ -279,7 +284,7 @@ def main() -> None:
         runs: dict[str, list] = {k: [] for k in trees}
         for r in range(0 if args.no_jobs else args.rounds):
             for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-                s = summarise(run_tree(trees[name], model, shards, args.cpus, len(docs)), args.cpus)
+                s = summarise(run_tree(trees[name], model, shards, args.cpus, len(docs), overrides), args.cpus)
                 runs[name].append(s)
                 print(f"  round {r + 1} " + fmt(name, s) + f"  loadavg {os.getloadavg()[0]:.1f}", flush=True)
         best = {k: min(v, key=lambda s: s["seconds"]) for k, v in runs.items() if v}
