@@ -25,6 +25,7 @@ or text, unreadable shard) never claim an id.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,9 +38,9 @@ from gpte_ray.sources import ShardError
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
-    "SMALL_ROWS", "DeleteIds", "Diff", "aggregate", "calibration_rows", "check_mass_delete", "compute_diff",
-    "drop_plans", "fragment_deletions", "ids_from", "new_plan_dir", "ray_aggregations", "read_planned",
-    "rows_for_shard", "sql_list",
+    "SMALL_ROWS", "DeleteIds", "Diff", "PlanLostError", "aggregate", "calibration_rows", "check_mass_delete",
+    "compute_diff", "drop_old_plans", "drop_plan", "fragment_deletions", "ids_from", "new_plan_dir",
+    "ray_aggregations", "read_planned", "rows_for_shard", "sql_list",
 ]
 
 # a scan row's sort key as one string: zero-padded shard and row, then the content hash and
@@ -343,7 +344,18 @@ class DeleteIds:
         self.diff = diff
 
     def __iter__(self) -> Iterator[pa.Array]:
-        return self.diff.delete_batches()
+        # Read in full before the commit is built: ids missing from the plan (its folder deleted
+        # by another run that took the table over) would leave the old rows beside the new ones.
+        read = 0
+        for ids in self.diff.delete_batches():
+            read += len(ids)
+            yield ids
+        if read != self.diff.replaced:
+            raise PlanLostError(
+                f"the plan folder {self.diff.plan_dir} lists {read} documents to delete where this run's diff "
+                f"counted {self.diff.replaced}: it changed under the run (did another run take the table over?); "
+                "nothing was committed: run again"
+            )
 
     def __len__(self) -> int:
         return self.diff.replaced
@@ -565,25 +577,47 @@ def fragment_deletions(ds, id_batches, lookup_rows: int = 4096) -> tuple[list[in
 
 
 PLAN_PREFIX = "plan-"
+# a plan folder is named plan-<unix seconds>-<uuid hex>: its age is read from its name
+_PLAN = re.compile(rf"^{PLAN_PREFIX}(?:(\d{{10}})-)?[0-9a-f]{{32}}$")
+# Other runs' plans are left this long: a run that lost its lease (paused past it) may still
+# be working from its plan. Its commit checks the plan anyway (DeleteIds); this spares its work.
+PLAN_TTL_S = 24 * 3600.0
+
+
+class PlanLostError(RuntimeError):
+    """A run's plan folder changed under it; nothing was committed."""
 
 
 def new_plan_dir(staging_root: str) -> str:
+    import time
     import uuid
 
-    return join(staging_root, f"{PLAN_PREFIX}{uuid.uuid4().hex}")
+    return join(staging_root, f"{PLAN_PREFIX}{int(time.time()):010d}-{uuid.uuid4().hex}")
 
 
-def drop_plans(staging_root: str, storage_options: dict | None, keep: str | None = None) -> None:
-    """Delete plan folders (this table's staging only; under the table lock no run owns one)."""
-    import re
+def drop_plan(plan_dir: str, storage_options: dict | None) -> None:
+    """Delete one plan folder (the caller's own)."""
+    fs, path = filesystem(plan_dir, storage_options)
+    if not _PLAN.match(path.rstrip("/").rsplit("/", 1)[-1]):
+        raise ValueError(f"refusing to delete {plan_dir!r}: not a plan folder")
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+
+
+def drop_old_plans(staging_root: str, storage_options: dict | None, older_than_s: float = PLAN_TTL_S) -> None:
+    """Delete plan folders older than `older_than_s`: left by crashed runs (this table's
+    staging only). Folders named without a time come from older versions: always old."""
+    import time
 
     import pyarrow.fs as pafs
 
     fs, root = filesystem(staging_root, storage_options)
-    pattern = re.compile(rf"^{PLAN_PREFIX}[0-9a-f]{{32}}$")
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.type == pafs.FileType.Directory and pattern.match(info.base_name) and \
-                (keep is None or info.base_name != keep.rstrip("/").rsplit("/", 1)[-1]):
+        m = _PLAN.match(info.base_name)
+        if info.type == pafs.FileType.Directory and m and \
+                (m.group(1) is None or time.time() - int(m.group(1)) > older_than_s):
             fs.delete_dir(f"{root}/{info.base_name}")
 
 

@@ -28,7 +28,8 @@ from gpte_ray.diff import (
     Diff,
     calibration_rows,
     compute_diff,
-    drop_plans,
+    drop_old_plans,
+    drop_plan,
     new_plan_dir,
     read_planned,
 )
@@ -380,8 +381,13 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     report.device = device
     lock = TableLock(cfg.output.db, cfg.output.table, opts, lease_s=cfg.output.lease_seconds)
     lock.acquire(run_id="planning")
+    # the diff runs on the cluster: the driver gets counts, the per-document lists stay in
+    # files under this run's plan folder in staging (a crashed run's plan is never reused)
+    plan_dir = new_plan_dir(store.plans_root)
     try:
-        _run_locked(cfg, spec, shards, device, store, lock, report)
+        drop_old_plans(store.plans_root, store.storage_options)
+        _run_locked(cfg, spec, shards, device, store, lock, report, plan_dir)
+        drop_plan(plan_dir, store.storage_options)
     except Exception as e:
         # a run that lost its lease (paused past it) may fail on files the new holder has
         # cleaned up: say what happened, not which file was missing
@@ -394,9 +400,9 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
             held = False
         except OSError:
             held = False
-        if held:  # the plans folder is this run's alone: drop it (a rerun plans afresh)
+        if held:  # a rerun plans afresh
             try:
-                drop_plans(store.plans_root, store.storage_options)
+                drop_plan(plan_dir, store.storage_options)
             except OSError:
                 pass
         raise
@@ -417,15 +423,10 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
 
 
 def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,
-                lock: TableLock, report: RunReport) -> None:
+                lock: TableLock, report: RunReport, plan_dir: str) -> None:
     current = store.open()
     rebuild = current is not None and store.fingerprint(current) != spec.fingerprint()
     report.version_before = current.version if current is not None else None
-
-    # the diff runs on the cluster: the driver gets counts, the per-document lists stay in
-    # files under a plan folder in staging (a crashed run's plan is never reused)
-    drop_plans(store.plans_root, store.storage_options)
-    plan_dir = new_plan_dir(store.plans_root)
     types_dir = join(plan_dir, "kept_types")
     kept: dict[str, pa.Schema] = {}
 
@@ -514,7 +515,6 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         report.quarantine_file = diff.write_quarantine(
             join(store.db, f"{store.table}.quarantine", f"{run_id}.parquet"), run_id)
     store.drop_staging(run_id)
-    drop_plans(store.plans_root, store.storage_options)
 
     t = time.perf_counter()
     if ds is not None and lock.lost_to is None:

@@ -151,6 +151,35 @@ def test_staged_work_of_a_deleted_table_is_embedded_again(ray_session, tmp_path,
     assert run_index(cfg).committed is False  # and the next night is a no-op
 
 
+def test_a_plan_deleted_under_the_run_fails_its_commit(ray_session, tmp_path, monkeypatch):
+    """A run paused past its lease finds its plan folder deleted by the run that took the table
+    over. Read as 'nothing to delete', its commit would add the new chunks of changed documents
+    beside the old ones; it must refuse instead, and the rerun must commit the night exactly."""
+    from gpte_ray.diff import PlanLostError
+    from gpte_ray.table import TableStore
+
+    docs = [{"id": f"d{i}", "text": f"text of document {i}"} for i in range(30)]
+    db = str(tmp_path / "db")
+    run_index(_cfg(_write(str(tmp_path / "a"), docs), db))
+    night1 = _docs_in_table(db)
+    night2 = [dict(d, text=d["text"] + " edited") if d["id"] in ("d0", "d1") else d for d in docs if d["id"] != "d2"]
+    cfg = _cfg(_write(str(tmp_path / "a"), night2), db)
+    real = TableStore.commit
+
+    def plan_lost(self, plan, schema, lock=None):
+        shutil.rmtree(f"{db}/_gpte_staging/docs/plans")
+        return real(self, plan, schema, lock)
+
+    with monkeypatch.context() as m:
+        m.setattr(TableStore, "commit", plan_lost)
+        with pytest.raises(PlanLostError, match="changed under the run"):
+            run_index(cfg)
+    assert _docs_in_table(db) == night1
+    report = run_index(cfg)
+    assert report.committed and (report.changed, report.deleted) == (2, 1)
+    assert _docs_in_table(db) == {d["id"]: content_hash(d["text"]) for d in night2}
+
+
 def test_max_length_without_room_for_text_is_refused(ray_session, tmp_path):
     paths = _write(str(tmp_path / "a"), [{"id": "d0", "text": "doc 0 and more words"}])
     with pytest.raises(ConfigError, match=r"model.max_length: 4 leaves 2 tokens for text"):

@@ -28,3 +28,43 @@ def test_fragment_deletions_drop_and_trim(tmp_path):
     assert sorted(left) == sorted(set(ids) - set(gone))
     assert fragment_deletions(after, [pa.array(["nothing"])]) == ([], [])
     assert fragment_deletions(after, []) == ([], [])
+
+
+def test_delete_ids_must_be_all_the_diff_counted(tmp_path):
+    """A plan folder deleted under its run (by a run that took the table over) must not read
+    as 'nothing to delete': the commit would keep the old rows beside the new ones."""
+    import pytest
+
+    from gpte_ray.diff import DeleteIds, Diff, PlanLostError, _write, drop_plan, new_plan_dir
+
+    plan_dir = new_plan_dir(str(tmp_path / "plans"))
+    _write(pa.table({"doc_id": ["a", "b"]}), f"{plan_dir}/changed", "p", None)
+    _write(pa.table({"doc_id": ["c"]}), f"{plan_dir}/vanished", "p", None)
+    diff = Diff(plan_dir=plan_dir, changed=2, deleted=1)
+    assert sorted(i for b in DeleteIds(diff) for i in b.to_pylist()) == ["a", "b", "c"]
+    drop_plan(plan_dir, None)
+    with pytest.raises(PlanLostError, match="lists 0 documents to delete where this run's diff counted 3"):
+        list(DeleteIds(diff))
+
+
+def test_only_old_plans_are_dropped_and_only_plan_folders(tmp_path):
+    import os
+    import time
+
+    import pytest
+
+    from gpte_ray.diff import PLAN_TTL_S, drop_old_plans, drop_plan, new_plan_dir
+
+    root = tmp_path / "plans"
+    fresh = new_plan_dir(str(root))
+    old = str(root / f"plan-{int(time.time() - PLAN_TTL_S - 60):010d}-{'a' * 32}")
+    legacy = str(root / f"plan-{'b' * 32}")  # named by an earlier version: no time in it
+    other = str(root / "notes")
+    for d in (fresh, old, legacy, other):
+        os.makedirs(d)
+    drop_old_plans(str(root), None)
+    assert sorted(os.listdir(root)) == sorted([os.path.basename(fresh), "notes"])
+    with pytest.raises(ValueError, match="not a plan folder"):
+        drop_plan(other, None)
+    drop_plan(fresh, None)
+    assert os.listdir(root) == ["notes"]
