@@ -251,12 +251,19 @@ class Fence:
             uri = join(self.uri, f"{version:020d}.{attempt}.json")
             if create_exclusive(uri, json.dumps(body).encode(), self.options):
                 return
-            held = _read_json(uri, self.options) or {}
-            if held.get("run_id") == self.run_id:
+            held = _read_claim(uri, self.options)
+            if held is _MISSING:  # deleted between the create and the read: never by this job
+                raise TableMovedError(f"the claim on version {version} of this table vanished; nothing was "
+                                      "committed: run again")
+            if held is not None and held.get("run_id") == self.run_id:
                 return  # this run's own claim (a retried commit of the same work)
-            if time.time() - held.get("time", 0) < STALE_CLAIM_S:
+            # a claim that cannot be read (being written, or the store failed to answer) is not
+            # a stale one: its age then comes from the store's own time for the file
+            age = time.time() - held.get("time", 0) if held is not None else _age(uri, self.options)
+            if age is None or age < STALE_CLAIM_S:
+                who = held.get("run_id") if held is not None else "unknown: its claim cannot be read yet"
                 raise TableMovedError(
-                    f"another run ({held.get('run_id')}) is committing version {version} of this table; "
+                    f"another run ({who}) is committing version {version} of this table; "
                     "nothing was committed: run again"
                 )
         raise TableMovedError(f"version {version} of this table has too many stale claims")
@@ -266,13 +273,33 @@ STALE_CLAIM_S = 600.0
 _CLAIM = re.compile(r"^(\d{20})\.(\d+)\.json$")
 
 
-def _read_json(uri: str, storage_options: dict | None) -> dict | None:
+_MISSING = object()
+
+
+def _read_claim(uri: str, storage_options: dict | None, tries: int = 3):
+    """A claim's body; _MISSING if there is none; None if it exists but cannot be read (empty
+    while its creator writes it, or a failed read), after `tries` attempts."""
+    fs, path = filesystem(uri, storage_options)
+    for i in range(tries):
+        try:
+            with fs.open_input_stream(path) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return _MISSING
+        except (OSError, ValueError):
+            if i + 1 < tries:
+                time.sleep(0.2 * (i + 1))
+    return None
+
+
+def _age(uri: str, storage_options: dict | None) -> float | None:
+    """Seconds since the store last wrote `uri`, or None if it cannot say."""
     fs, path = filesystem(uri, storage_options)
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
+        mtime = fs.get_file_info(path).mtime
+    except OSError:
         return None
+    return None if mtime is None else time.time() - mtime.timestamp()
 
 
 def create_exclusive(uri: str, body: bytes, storage_options: dict | None) -> bool:
@@ -333,19 +360,20 @@ def claimed_versions(db: str, table: str, storage_options: dict | None) -> dict[
             latest[v] = max(latest.get(v, -1), attempt)
     out = {}
     for v, attempt in latest.items():
-        claim = _read_json(join(uri, f"{v:020d}.{attempt}.json"), storage_options)
-        if claim:
+        claim = _read_claim(join(uri, f"{v:020d}.{attempt}.json"), storage_options)
+        if isinstance(claim, dict):
             out[v] = claim.get("run_id", "")
     return out
 
 
 def claim_of(db: str, table: str, version: int, storage_options: dict | None) -> str | None:
-    """The run id that claimed `version` (its last claim), or None."""
+    """The run id that claimed `version` (its last claim), or None (none, or the last one
+    cannot be read: never an earlier claim's run in its place)."""
     uri = claims_uri(db, table)
     found = None
     for attempt in range(1000):
-        claim = _read_json(join(uri, f"{version:020d}.{attempt}.json"), storage_options)
-        if claim is None:
+        claim = _read_claim(join(uri, f"{version:020d}.{attempt}.json"), storage_options)
+        if claim is _MISSING:
             return found
-        found = claim.get("run_id")
+        found = claim.get("run_id") if claim is not None else None
     return found

@@ -80,6 +80,28 @@ def test_racing_commits_on_one_version_one_wins(store):
     assert store.open().version == v + 1 and len(_keys(store)) == 3
 
 
+def test_a_claim_that_cannot_be_read_yet_is_not_stale(store):
+    """A claim is created first and written after (locally), and an S3 read can fail: an
+    unreadable claim is judged by the file's age, never taken over as if it were ancient."""
+    import os
+
+    from gpte_ray.lock import claim_of, claims_uri
+
+    v = store.open().version
+    claim = os.path.join(claims_uri(store.db, store.table), f"{v + 1:020d}.0.json")
+    os.makedirs(os.path.dirname(claim), exist_ok=True)
+    open(claim, "w").close()  # its creator is still writing it (or was killed there just now)
+    plan = CommitPlan("4" * 16, v, False, fragments=_stage(store, ["w"]))
+    with pytest.raises(TableMovedError, match="its claim cannot be read yet"):
+        store.commit(plan, _schema())
+    assert claim_of(store.db, store.table, v + 1, None) is None and store.open().version == v
+    old = time.time() - 700  # left by a run that died in its commit long ago: superseded
+    os.utime(claim, (old, old))
+    store.commit(plan, _schema())
+    assert claim_of(store.db, store.table, v + 1, None) == "4" * 16
+    assert _keys(store) == [("w", 0), ("x", 0), ("y", 0)]
+
+
 def test_exclusive_create_is_exclusive_under_threads(tmp_path):
     wins = []
     barrier = threading.Barrier(8)
