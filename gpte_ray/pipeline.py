@@ -422,6 +422,15 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     return report
 
 
+def _holds(lock: TableLock) -> bool:
+    """Whether the lease is still this run's (read now, not only as the heartbeat last saw it)."""
+    try:
+        lock.check()
+    except (LockLostError, OSError):
+        return False
+    return True
+
+
 def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,
                 lock: TableLock, report: RunReport, plan_dir: str) -> None:
     current = store.open()
@@ -517,8 +526,9 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     store.drop_staging(run_id)
 
     t = time.perf_counter()
-    if ds is not None and lock.lost_to is None:
-        # (a run that lost its lease after committing leaves upkeep to the new holder)
+    if ds is not None and _holds(lock):
+        # (a run that lost its lease after committing leaves upkeep to the new holder: its
+        # compaction would make the new holder's commit fail with "the table changed")
         # a Ray task with its own CPU, on a worker: the head (often 0 CPUs) stays small
         report.upkeep = run_upkeep(store.uri, store.storage_options, ds.version, cfg.output, run_id,
                                    spec.fingerprint(), report.committed)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from gpte_ray.config import ConfigError, load_config
-from gpte_ray.lock import LockLostError, TableLock, TableMovedError, claimed_versions, create_exclusive
+from gpte_ray.lock import LockLostError, TableBusyError, TableLock, TableMovedError, claimed_versions, create_exclusive
 from gpte_ray.table import CommitPlan, TableStore
 
 
@@ -141,6 +141,21 @@ def test_a_paused_holder_loses_the_lease_and_cannot_commit(store):
     a.release()  # must not delete B's lease
     assert b._read()["token"] == b.token
     b.release()
+
+
+def test_a_holder_is_judged_by_its_own_lease(store):
+    """A holder on another machine beats every quarter of its own lease: a run configured with
+    a shorter lease must not take over a holder that is merely between two beats."""
+    import json
+    import os
+
+    a = TableLock(store.db, store.table, None, lease_s=0.5, settle_s=0.01)
+    os.makedirs(os.path.dirname(a.path), exist_ok=True)
+    with open(a.path, "w") as f:
+        json.dump({"token": "t" * 32, "run_id": "h" * 16, "host": "another-machine", "pid": 1,
+                   "heartbeat": time.time() - 2, "lease_s": 60}, f)
+    with pytest.raises(TableBusyError, match="being written by run h{16}"):
+        a.acquire()
 
 
 def test_refused_run_is_told_the_real_run_id(store):
