@@ -187,8 +187,10 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
                            "reason": bad["reason"]}, schema=QUARANTINE_SCHEMA)
     _write(quarantine, join(plan_dir, "quarantine"), f"bad-{name}", storage_options)
 
-    embed_digest = _digest_parts(pc.binary_join_element_wise(emb["doc_id"], emb["content_hash"], "\0")
-                                 .combine_chunks()) if emb.num_rows else (0, 0)
+    # kept values too: a rerun with new values (text unchanged) must not resume the windows
+    # staged with the old ones under the same run id
+    embed_digest = _digest_parts(pc.binary_join_element_wise(doc_id, chash, pc.fill_null(mhash, ""), "\0")
+                                 .filter(embed).combine_chunks()) if emb.num_rows else (0, 0)
     meta_digest = _digest_parts(pc.binary_join_element_wise(doc_id, mhash, "\0").filter(meta)
                                 .combine_chunks()) if copies.num_rows else (0, 0)
     changed_digest = _digest_parts(changed_ids["doc_id"].combine_chunks())

@@ -231,3 +231,28 @@ def test_new_kept_columns_wait_for_unreadable_shards(ray_session, tmp_path):
         run_index(load_config(None, {**base, "input.keep_columns": ["page", "section"]}))
     assert lance.dataset(f"{db}/docs.lance").version == version
     assert not glob.glob(f"{db}/_gpte_staging/docs/plans/*")  # a failed run leaves no plan behind
+
+
+@pytest.mark.ray
+def test_a_rerun_with_new_kept_values_does_not_resume_the_old_ones(ray_session, tmp_path, monkeypatch):
+    """A run staged a new document with one kept value and died; before the rerun the value
+    changed (the text did not). Resuming would commit the old value: the work is not the same."""
+    docs = [{"id": f"d{i}", "text": f"page {i} of the manual", "page": "old"} for i in range(3)]
+    db = str(tmp_path / "db")
+    cfg = load_config(None, {"input.paths": [str(tmp_path / "c")], "output.db": db, "output.table": "docs",
+                             "input.keep_columns": ["page"]})
+    write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed before the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr("gpte_ray.table.TableStore.commit", fail)
+        with pytest.raises(RuntimeError, match="killed before the commit"):
+            run_index(cfg)
+    docs[1]["page"] = "new"
+    write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
+    report = run_index(cfg)
+    assert report.committed and report.chunks_resumed == 0 and report.docs_embedded == 3
+    rows = check_table(db, "docs", ["d0", "d1", "d2"], 3)
+    assert dict(zip(rows["doc_id"].to_pylist(), rows["page"].to_pylist())) == {"d0": "old", "d1": "new", "d2": "old"}
