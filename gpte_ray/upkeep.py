@@ -78,6 +78,16 @@ def _update_indexes(ds, policy: UpkeepPolicy, done: dict) -> None:
             done.setdefault("heavy", []).append(f"merged {segments} segments of {idx.name}")
 
 
+def _unindexed(ds) -> bool:
+    """Whether an index misses some fragment: rows committed by a run whose upkeep did not
+    finish (read from the manifest, no index is opened)."""
+    fragments = {f.fragment_id for f in ds.get_fragments()}
+    for idx in ds.describe_indices():
+        if fragments - set().union(*(seg.fragment_ids for seg in idx.segments)):
+            return True
+    return False
+
+
 def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool,
                  policy: UpkeepPolicy | None = None) -> dict:
     """Bring the table into shape after a run; returns what was done and each step's seconds."""
@@ -109,7 +119,7 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool,
         _timed(done, "vector_index", ds.create_index, "vector", index_type=out.index_type,
                metric=vector_metric(fp), **kwargs)
         done["vector_index"] = f"created {out.index_type}"
-    elif committed and "doc_id_index" not in done:
+    elif (committed or _unindexed(ds)) and "doc_id_index" not in done:
         _update_indexes(ds, policy, done)
 
     # old run tags would pin their versions forever: keep tags only inside the retention

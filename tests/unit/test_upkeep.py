@@ -92,3 +92,20 @@ def test_upkeep_follows_the_change(tmp_path):
     done = finish_table(ds, out, "r4", fp, committed=True, policy=policy)
     assert any(h.startswith("retrained vector_idx") for h in done["heavy"]), done
     assert lance.dataset(uri).count_rows() == 3000 + 150 + 4000
+
+
+def test_rows_whose_upkeep_did_not_finish_are_indexed_by_the_next_run(tmp_path):
+    """A run committed, then died before upkeep: the next run changes nothing (committed=False)
+    but still adds those rows to the indexes."""
+    uri = str(tmp_path / "docs.lance")
+    t = pa.table({"doc_id": [f"d{i}" for i in range(100)], "chunk": pa.array([0] * 100, pa.int32())})
+    lance.write_dataset(t, uri)
+    out = OutputConfig(fts_index=False, retention_hours=0)
+    fp = {"precision": "int8", "dim": 4}  # no vector index: doc_id's alone
+    assert finish_table(lance.dataset(uri), out, "a" * 16, fp, True)["doc_id_index"] == "created"
+    assert "indexes" not in finish_table(lance.dataset(uri), out, "b" * 16, fp, False)  # nothing to do
+    more = pa.table({"doc_id": [f"e{i}" for i in range(10)], "chunk": pa.array([0] * 10, pa.int32())})
+    lance.write_dataset(more, uri, mode="append")  # committed; its upkeep never ran
+    done = finish_table(lance.dataset(uri), out, "c" * 16, fp, False)
+    assert done["indexes"] == "delta"
+    assert lance.dataset(uri).stats.index_stats("doc_id_idx")["num_unindexed_rows"] == 0
