@@ -35,7 +35,7 @@ _SAMPLE_LINES = 1000
 def preflight(cfg: JobConfig) -> list[str]:
     """The run's shards, after checking the template and the first shard's columns."""
     check_template(cfg.input.template)
-    shards = list_shards(cfg.input)
+    shards = list_shards(cfg.input, exclude=cfg.output.db)
     if not cfg.input.skip_bad_shards:  # a bad first shard is then quarantined, not fatal
         check_first_shard(shards[0], cfg.input)
     return shards

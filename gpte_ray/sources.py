@@ -11,6 +11,7 @@ import fnmatch
 import gzip
 import io
 import json
+import os
 import zlib
 from collections.abc import Iterator
 
@@ -53,12 +54,18 @@ def _with_scheme(uri: str, path: str) -> str:
     return f"s3://{path}" if uri.startswith("s3://") else path
 
 
-def list_shards(cfg: InputConfig) -> list[str]:
-    """Every shard the input names, sorted, without duplicates."""
+def list_shards(cfg: InputConfig, exclude: str | None = None) -> list[str]:
+    """Every shard the input names, sorted, without duplicates; none inside the folder
+    `exclude` (the output db: an input folder that holds it must not read the job's own
+    quarantine files back as shards)."""
     import pyarrow.fs as pafs
 
     if not cfg.paths:
         raise ShardError("config error: input.paths: no input given (use --input)")
+    skip = None
+    if exclude:
+        skip = (exclude if exclude.startswith("s3://") else os.path.abspath(exclude.removeprefix("file://")))
+        skip = skip.rstrip("/") + "/"
     found: set[str] = set()
     for uri in cfg.paths:
         fs, path = filesystem(uri, cfg.storage_options)
@@ -78,9 +85,10 @@ def list_shards(cfg: InputConfig) -> list[str]:
                 ]
             else:
                 hits = [path]
+        hits = [h for h in map(lambda h: _with_scheme(uri, h), hits) if skip is None or not h.startswith(skip)]
         if not hits:
             raise ShardError(f"input error: {uri}: matches no shard files")
-        found.update(_with_scheme(uri, h) for h in hits)
+        found.update(hits)
     return sorted(found)
 
 

@@ -194,3 +194,20 @@ def test_secrets_never_leak(tmp_path):
     for value in [*secrets.values(), "ConfigSecretValue777"]:
         leaks = [where for where, text in haystack.items() if value in text]
         assert not leaks, f"secret {value[:6]}... leaked into {leaks}"
+
+
+def test_an_input_folder_that_holds_the_db_never_reads_the_job_s_own_files(tmp_path, monkeypatch):
+    """`--input .` with the default `--db ./gpte_db`: the quarantine files the first night
+    writes under the db folder must not be read back as shards on the next night."""
+    from gpte_ray.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    write_parquet(str(tmp_path / "a.parquet"), [{"id": "1", "text": "one"}])
+    os.makedirs("gpte_db/t.quarantine")
+    pq.write_table(pa.table({"source": ["a.parquet"], "row": [0], "doc_id": ["x"], "reason": ["r"],
+                             "run_id": ["0" * 16]}), "gpte_db/t.quarantine/0f4c2fe25f72aa9c.parquet")
+    cfg = load_config(None, {"input.paths": ["."], "output.db": "./gpte_db", "output.table": "t"})
+    assert preflight(cfg) == [str(tmp_path / "a.parquet")]
+    cfg = load_config(None, {"input.paths": ["gpte_db"], "output.db": "./gpte_db", "output.table": "t"})
+    with pytest.raises(ShardError, match="matches no shard files"):
+        preflight(cfg)
