@@ -436,6 +436,13 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     current = store.open()
     rebuild = current is not None and store.fingerprint(current) != spec.fingerprint()
     report.version_before = current.version if current is not None else None
+    if current is not None and not rebuild and ("text" in current.schema.names) != cfg.output.store_text:
+        # unchanged documents would keep (or lack) their text: the table would be a mix
+        was = "with" if "text" in current.schema.names else "without"
+        raise ConfigError(
+            f"config error: output.store_text: {str(cfg.output.store_text).lower()}, but table "
+            f"{store.table!r} was built {was} the chunk texts; keep the table's setting, or index into a new table"
+        )
     types_dir = join(plan_dir, "kept_types")
     kept: dict[str, pa.Schema] = {}
 

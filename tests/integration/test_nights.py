@@ -180,6 +180,21 @@ def test_a_plan_deleted_under_the_run_fails_its_commit(ray_session, tmp_path, mo
     assert _docs_in_table(db) == {d["id"]: content_hash(d["text"]) for d in night2}
 
 
+def test_changing_store_text_on_a_table_is_refused(ray_session, tmp_path):
+    """Unchanged documents would keep (or lack) their text: the table would be a mix."""
+    docs = [{"id": f"d{i}", "text": f"text of document {i}"} for i in range(6)]
+    db = str(tmp_path / "db")
+    paths = _write(str(tmp_path / "a"), docs)
+    run_index(_cfg(paths, db, **{"output.store_text": False}))
+    version = lance.dataset(f"{db}/docs.lance").version
+    _write(str(tmp_path / "a"), [dict(docs[0], text="edited")] + docs[1:])
+    with pytest.raises(ConfigError, match="output.store_text: true, but table 'docs' was built without the chunk "
+                                          "texts; keep the table's setting, or index into a new table"):
+        run_index(_cfg(paths, db))
+    assert lance.dataset(f"{db}/docs.lance").version == version
+    assert run_index(_cfg(paths, db, **{"output.store_text": False})).changed == 1
+
+
 def test_max_length_without_room_for_text_is_refused(ray_session, tmp_path):
     paths = _write(str(tmp_path / "a"), [{"id": "d0", "text": "doc 0 and more words"}])
     with pytest.raises(ConfigError, match=r"model.max_length: 4 leaves 2 tokens for text"):
