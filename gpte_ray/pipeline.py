@@ -77,9 +77,15 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def _device(cfg: JobConfig) -> str:
+def _device(cfg: JobConfig, local: bool = False) -> str:
+    """The embed device. `local`: Ray was started by this process (no autoscaler can add GPUs)."""
     import ray
 
+    if cfg.resources.device == "cuda" and local and not cfg.resources.fake_gpus and \
+            not ray.cluster_resources().get("GPU", 0):
+        # a cluster may still scale GPU workers up from zero; this private Ray never will
+        raise ConfigError("config error: resources.device: cuda, but this machine has no GPU that Ray can see "
+                          "(use --device auto or cpu, or --ray-address of a cluster with GPU workers)")
     if cfg.resources.device != "auto":
         return cfg.resources.device
     if cfg.resources.fake_gpus:
@@ -374,7 +380,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     report.set_model(spec.fingerprint())
     shards = preflight(cfg)  # the user's columns and template, checked before Ray starts
     connect_ray(ray_address, num_cpus)
-    device = _device(cfg)
+    device = _device(cfg, local=ray_address in (None, "", "local"))
     _check_fits(cfg, device)
     if cfg.model.max_length is not None:
         _check_room(spec, cfg.resources.tokenize_cpus)

@@ -207,6 +207,14 @@ def test_zero_cpus_is_refused(tmp_path):
         run_index(_cfg(paths, str(tmp_path / "db")), num_cpus=0)
 
 
+def test_cuda_without_a_gpu_on_a_local_ray_fails_fast(ray_session, tmp_path):
+    """(It used to wait forever for an embed actor Ray could never place.)"""
+    paths = _write(str(tmp_path / "a"), [{"id": "d0", "text": "doc"}])
+    with pytest.raises(ConfigError, match="resources.device: cuda, but this machine has no GPU that Ray can see"):
+        run_index(_cfg(paths, str(tmp_path / "db"), **{"resources.device": "cuda"}))
+    assert not os.path.exists(tmp_path / "db" / "docs.lance")
+
+
 @pytest.mark.parametrize("name", ["..", ".", "a/b"])
 def test_cli_refuses_escaping_table_names_and_touches_nothing(tmp_path, name):
     db = tmp_path / "db"
