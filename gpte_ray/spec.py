@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,6 +252,10 @@ def _split_prompt(prompt: str | None, named: dict[str, str], task: str | None, k
     if not prompt:
         return "", ""
     value = named.get(prompt, prompt)
+    unknown = sorted(set(re.findall(r"\{(\w+)\}", value)) - {"text", "task"}) if prompt not in named else []
+    if unknown:  # a typo would be embedded as literal text in front of every document
+        raise ConfigError(f"config error: model.{key}: unknown field {{{unknown[0]}}} in {prompt!r} "
+                          "(a prompt template may use {text} and {task})")
     if "{task}" in value:
         if task is None:
             raise ConfigError(f"config error: model.{key}: the prompt uses {{task}} but model.task is unset")

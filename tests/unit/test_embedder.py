@@ -129,6 +129,9 @@ def test_truncation_is_counted_when_asked():
     (ModelConfig(dim=1000), "model.dim"),
     (ModelConfig(max_length=100000), "model.max_length"),
     (ModelConfig(query_prompt="Instruct: {task}\nQuery: {text}"), "model.query_prompt"),
+    # a typo in a field would be embedded as literal text in front of every document
+    (ModelConfig(document_prompt="passage: {txt}"), r"model.document_prompt: unknown field \{txt\}"),
+    (ModelConfig(query_prompt="{tsk} {text}", task="find"), r"model.query_prompt: unknown field \{tsk\}"),
 ])
 def test_impossible_model_settings_name_the_key(cfg, key):
     with pytest.raises(ConfigError, match=key):
