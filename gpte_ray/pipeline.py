@@ -394,14 +394,14 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
         drop_old_plans(store.plans_root, store.storage_options)
         _run_locked(cfg, spec, shards, device, store, lock, report, plan_dir)
         drop_plan(plan_dir, store.storage_options)
-    except Exception as e:
+    except BaseException as e:  # Ctrl-C too: its plan folder goes with it
         # a run that lost its lease (paused past it) may fail on files the new holder has
         # cleaned up: say what happened, not which file was missing
         held = True
         try:
             lock.check()
         except LockLostError as lost:
-            if not isinstance(e, FenceError):
+            if isinstance(e, Exception) and not isinstance(e, FenceError):
                 raise lost from None
             held = False
         except OSError:

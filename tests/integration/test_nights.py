@@ -142,6 +142,7 @@ def test_staged_work_of_a_deleted_table_is_embedded_again(ray_session, tmp_path,
         m.setattr(TableStore, "commit", die)
         with pytest.raises(KeyboardInterrupt):
             run_index(cfg)
+    assert os.listdir(f"{db}/_gpte_staging/docs/plans") == []  # Ctrl-C drops its plan, keeps its staging
     runs = os.listdir(f"{db}/_gpte_staging/docs/runs")
     assert len(runs) == 1 and os.listdir(f"{db}/_gpte_staging/docs/runs/{runs[0]}")
     shutil.rmtree(f"{db}/docs.lance")
