@@ -69,6 +69,8 @@ def file_noise_log() -> None:
         return
     try:
         logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+        if os.path.dirname(_noise_log) == logs:
+            return  # moved already: a path printed since must stay true
         target = os.path.join(logs, f"gpte-ray-{os.path.basename(_noise_log)}")
         os.replace(_noise_log, target)
     except Exception:  # noqa: BLE001 - a remote or odd session dir: the log stays in the temp folder

@@ -53,3 +53,18 @@ def test_missing_column_in_a_later_shard_is_one_line_exit_2(tmp_path, varied_doc
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"gpte-ray: error: input error: {bad}: missing column 'text'")
     assert out.stdout == "" and not db.exists()
+
+
+def test_the_log_path_printed_on_failure_stays_true(ray_session, tmp_path, monkeypatch):
+    """The CLI moves its noise log beside Ray's logs on failure and again on exit: the path in
+    the error line must be where the file is afterwards."""
+    from gpte_ray import console
+
+    log = tmp_path / "gpte-ray-index-1.log"
+    log.write_text("library output\n")
+    monkeypatch.setattr(console, "_noise_log", str(log))
+    console.file_noise_log()
+    printed = console.noise_log()
+    console.file_noise_log()
+    assert console.noise_log() == printed and os.path.exists(printed) and printed != str(log)
+    os.unlink(printed)
