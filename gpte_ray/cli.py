@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -260,7 +261,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from gpte_ray.config import load_config
+    from gpte_ray.config import ConfigError, load_config
     from gpte_ray.search import Searcher
     from gpte_ray.storage import lance_options, secret_values
 
@@ -271,9 +272,18 @@ def _search(args: argparse.Namespace) -> int:
         queries = [q.strip() for q in sys.stdin if q.strip()]
     else:
         queries = [args.query]
+    if args.k < 1:
+        raise ConfigError(f"config error: -k: must be >= 1, got {args.k}")
     searcher = Searcher(db, table, lance_options(cfg.output.storage_options, db), args.model)
-    results = searcher.search_many(queries, args.k, args.where, args.exact, hybrid=args.hybrid,
-                                   group=not args.chunks) if queries else []
+    try:
+        results = searcher.search_many(queries, args.k, args.where, args.exact, hybrid=args.hybrid,
+                                       group=not args.chunks) if queries else []
+    except ValueError as e:
+        if not args.where or "Invalid user input" not in str(e):
+            raise
+        # Lance's words without its source location: "...Valid fields are ..., /path/scanner.rs:839:33"
+        why = re.sub(r",?\s*/\S+\.rs:\d+:\d+.*$", "", str(e).splitlines()[0]).removeprefix("Invalid user input: ")
+        raise ConfigError(f"config error: --where {args.where!r}: {why}") from None
     for query, rows in zip(queries, results):
         for row in rows:
             # default=str: kept columns may hold dates, decimals or bytes

@@ -90,6 +90,12 @@ def test_kept_columns_filter_search_and_update_without_embedding(ray_session, tm
         assert (row["text"], row["content_hash"]) == (before[key]["text"], before[key]["content_hash"])
     assert {h["doc_id"] for h in _search(capsys, db, "page = 'git-revert.1'")} == {"d1"}
     assert {h["doc_id"] for h in _search(capsys, db, "page = 'git-1.1'")} == {"d4", "d7"}
+    # mistakes in the search flags: one line naming the flag, exit 2
+    capsys.readouterr()
+    assert main(["search", "--db", db, "--table", "docs", "-v", "--where", "pag = 'x'", "manual"]) == 2
+    assert "config error: --where \"pag = 'x'\": Schema error: No field named pag" in capsys.readouterr().err
+    assert main(["search", "--db", db, "--table", "docs", "-v", "-k", "0", "manual"]) == 2
+    assert "config error: -k: must be >= 1, got 0" in capsys.readouterr().err
 
     # a different set of kept columns: every document copied into the new schema, none embedded
     third = index("page", str(tmp_path / "v2"))
