@@ -54,6 +54,17 @@ def _search(capsys, db, where: str) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
+def _killed_before_the_commit(monkeypatch, cfg) -> None:
+    """A run that stages its work and dies just before committing it."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed before the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr("gpte_ray.table.TableStore.commit", fail)
+        with pytest.raises(RuntimeError, match="killed before the commit"):
+            run_index(cfg)
+
+
 @pytest.mark.ray
 def test_kept_columns_filter_search_and_update_without_embedding(ray_session, tmp_path, capsys):
     docs = [{"id": f"d{i}", "text": LONG if i == 1 else f"manual page {i}: how to use tool {i}",
@@ -192,14 +203,7 @@ def test_copies_are_staged_and_resumed_like_embedded_windows(ray_session, tmp_pa
     version = lance.dataset(f"{db}/docs.lance").version
     docs[2]["page"] = "new"
     write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
-
-    def fail(*args, **kwargs):
-        raise RuntimeError("killed before the commit")
-
-    with monkeypatch.context() as m:
-        m.setattr("gpte_ray.table.TableStore.commit", fail)
-        with pytest.raises(RuntimeError, match="killed before the commit"):
-            run_index(cfg)
+    _killed_before_the_commit(monkeypatch, cfg)
     assert lance.dataset(f"{db}/docs.lance").version == version
     assert glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.parquet")  # the copy is staged
 
@@ -248,14 +252,7 @@ def test_a_rerun_with_new_kept_values_does_not_resume_the_old_ones(ray_session, 
     cfg = load_config(None, {"input.paths": [str(tmp_path / "c")], "output.db": db, "output.table": "docs",
                              "input.keep_columns": ["page"]})
     write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
-
-    def fail(*args, **kwargs):
-        raise RuntimeError("killed before the commit")
-
-    with monkeypatch.context() as m:
-        m.setattr("gpte_ray.table.TableStore.commit", fail)
-        with pytest.raises(RuntimeError, match="killed before the commit"):
-            run_index(cfg)
+    _killed_before_the_commit(monkeypatch, cfg)
     docs[1]["page"] = "new"
     write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
     report = run_index(cfg)
