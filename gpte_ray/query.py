@@ -39,11 +39,18 @@ class QueryEncoder:
     """A table's model, prompt, dimension and precision, applied to queries."""
 
     def __init__(self, fp: dict, model_path: str | None = None):
+        from gpte_ray.config import ConfigError
         from gpte_ray.embedder import Embedder
         from gpte_ray.spec import spec_from_fingerprint
         from gpte_ray.tokenize import TextTokenizer
 
-        self.spec = spec_from_fingerprint(fp, model_path)  # checks the weights are the table's
+        try:
+            self.spec = spec_from_fingerprint(fp, model_path)  # checks the weights are the table's
+        except ConfigError as e:
+            if model_path is not None or "model.path: cannot load" not in str(e):
+                raise
+            # the fingerprint keeps a local folder's name only: say how to point at it
+            raise ConfigError(f"{e}; a table built from a local model folder needs --model FOLDER") from None
         self.tokenizer = TextTokenizer(self.spec)
         self.embedder = Embedder(self.spec, "cpu")
 

@@ -142,3 +142,13 @@ def test_hub_id_offline_pins_the_cached_commit(tmp_path, monkeypatch, minilm_pat
     monkeypatch.setattr(model_store, "_verified", {})
     with pytest.raises(ConfigError, match=r"cannot load 'org/minilm'@" + sha):
         spec.local_folder()
+
+
+def test_searching_a_table_of_a_local_folder_says_to_pass_it():
+    """A table's fingerprint keeps a local model folder's name only: without --model the query
+    encoder cannot find it, and the error says what to pass."""
+    from gpte_ray.query import QueryEncoder
+
+    fp = dict(resolve_model(ModelConfig()).fingerprint(), model_id="tiny-folder-elsewhere")
+    with pytest.raises(ConfigError, match=r"cannot load 'tiny-folder-elsewhere'.*needs --model FOLDER$"):
+        QueryEncoder(fp)
