@@ -101,11 +101,11 @@ def unwrap(e: BaseException) -> BaseException:
 
 def one_line(e: BaseException) -> str:
     """An error as one line: its first non-blank line without ANSI colour codes; gpte-ray's
-    own `config error` / `input error` messages as they are, others prefixed by their type."""
+    own errors as they are (written for the user), others prefixed by their type."""
     text = _ANSI.sub("", str(e)).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     msg = lines[0] if lines else type(e).__name__
-    if not msg.startswith(("config error", "input error")):
+    if not lines or not type(e).__module__.startswith("gpte_ray."):
         msg = f"{type(e).__name__}: {msg}"
     return msg
 

@@ -123,3 +123,14 @@ def test_user_mistakes_are_one_line_exit_2_and_leave_nothing(tmp_path):
         assert words in out.stderr and "\x1b[" not in out.stderr
         assert out.stdout == ""
         assert not db.exists()
+
+
+def test_own_errors_read_as_written_others_carry_their_type():
+    from gpte_ray.console import one_line
+    from gpte_ray.lock import TableBusyError
+    from gpte_ray.plan import MassDeleteError
+
+    busy = "table 't' is being written by run abc (host h, pid 1); wait for it to finish"
+    assert one_line(TableBusyError(busy + "\nmore")) == busy
+    assert one_line(MassDeleteError("refusing to delete 5 of 10 documents")) == "refusing to delete 5 of 10 documents"
+    assert one_line(ValueError("\x1b[31mbad\x1b[0m value\n  at line 2")) == "ValueError: bad value"
