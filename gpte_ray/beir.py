@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
+
+from gpte_ray.config import ConfigError
 
 __all__ = ["load_qrels", "load_queries"]
+
+
+@contextmanager
+def _opened(path: str, newline: str | None):
+    try:
+        f = open(path, encoding="utf-8", newline=newline)
+    except OSError as e:
+        raise ConfigError(f"input error: {path}: {e.strerror or e}") from None
+    with f:
+        yield f
 
 
 def load_queries(path: str) -> dict[str, str]:
     """queries.jsonl -> {query_id: text}, in file order."""
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
+    with _opened(path, newline=None) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -20,24 +33,25 @@ def load_queries(path: str) -> dict[str, str]:
                 out[str(row["_id"])] = str(row["text"])
             except (ValueError, KeyError, TypeError) as e:
                 msg = f"input error: {path}:{n}: not a query line with _id and text ({e})"
-                raise ValueError(msg) from None
+                raise ConfigError(msg) from None
     return out
 
 
 def load_qrels(path: str) -> dict[str, dict[str, int]]:
     """qrels.tsv (header `query-id  corpus-id  score`) -> {query_id: {doc_id: grade}}."""
     out: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with _opened(path, newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
-            raise ValueError(f"input error: {path}: header must be query-id<TAB>corpus-id<TAB>score")
+            raise ConfigError(f"input error: {path}: header must be query-id<TAB>corpus-id<TAB>score")
         for n, row in enumerate(reader, 2):
             if not row or not any(c.strip() for c in row):
                 continue
             try:
                 qid, did, grade = row[0], row[1], int(float(row[2]))
             except (IndexError, ValueError):
-                raise ValueError(f"input error: {path}:{n}: expected query-id, corpus-id, score") from None
+                msg = f"input error: {path}:{n}: expected query-id, corpus-id and a numeric score"
+                raise ConfigError(msg) from None
             out.setdefault(qid, {})[did] = grade
     return out

@@ -75,6 +75,9 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
     queries = load_queries(queries_path)
     qrels = load_qrels(qrels_path)
     qids = [q for q in queries if has_relevant(qrels.get(q, {}))]
+    if not qids:  # every metric would be null
+        raise ConfigError(f"input error: no query of {queries_path} has a relevant document in {qrels_path} "
+                          "(query ids must match, and a relevant document has a score above 0)")
     no_relevant = sum(1 for q in queries if q in qrels and q not in set(qids))
     missing = sum(1 for q in qrels if q not in queries)
 

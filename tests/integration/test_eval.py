@@ -67,6 +67,14 @@ def test_eval_exact_and_indexed(ray_session, retrieval_set, tmp_path, capsys):
     for name in METRICS:
         assert out["indexed"][name] == pytest.approx(ex[name], abs=1e-6)
 
+    # qrels of other query ids: nothing to score is a one-line input error, exit 2 (not nulls)
+    other = tmp_path / "other.tsv"
+    other.write_text("query-id\tcorpus-id\tscore\nnot-a-query\tx\t1\n")
+    capsys.readouterr()
+    assert main(["eval", "--db", db, "--table", "docs", "--queries", retrieval_set["queries"],
+                 "--qrels", str(other), "-v"]) == 2
+    assert "input error: no query of" in capsys.readouterr().err
+
 
 def test_searcher_answers_many_queries_with_one_model(ray_session, retrieval_set, tmp_path, monkeypatch):
     from gpte_ray import Searcher

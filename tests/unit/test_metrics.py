@@ -40,9 +40,16 @@ def test_files_load(beir):
 
 
 def test_bad_qrels_header_is_one_line(tmp_path):
+    from gpte_ray.config import ConfigError  # the CLI's exit 2
+
     (tmp_path / "q.tsv").write_text("qid\tdid\trel\nq1\td1\t1\n")
-    with pytest.raises(ValueError, match="^input error: .*header must be query-id"):
+    with pytest.raises(ConfigError, match="^input error: .*header must be query-id"):
         load_qrels(str(tmp_path / "q.tsv"))
+    with pytest.raises(ConfigError, match="^input error: .*gone.tsv: No such file or directory$"):
+        load_qrels(str(tmp_path / "gone.tsv"))
+    (tmp_path / "q.jsonl").write_text('{"_id": "q1"}\n')
+    with pytest.raises(ConfigError, match="^input error: .*q.jsonl:1: not a query line with _id and text"):
+        load_queries(str(tmp_path / "q.jsonl"))
 
 
 def test_graded_query_by_hand(beir):
