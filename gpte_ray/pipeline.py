@@ -393,7 +393,10 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     try:
         drop_old_plans(store.plans_root, store.storage_options)
         _run_locked(cfg, spec, shards, device, store, lock, report, plan_dir)
-        drop_plan(plan_dir, store.storage_options)
+        try:
+            drop_plan(plan_dir, store.storage_options)
+        except OSError as e:  # the night is done; a plan left behind goes after PLAN_TTL_S
+            log.warning("run %s: could not delete its plan folder: %s", report.run_id, e)
     except BaseException as e:  # Ctrl-C too: its plan folder goes with it
         # a run that lost its lease (paused past it) may fail on files the new holder has
         # cleaned up: say what happened, not which file was missing
