@@ -26,7 +26,7 @@ import pyarrow as pa
 from gpte_ray.config import ConfigError
 from gpte_ray.lock import Fence, FenceError, claim_of, moved
 from gpte_ray.spec import ModelSpec
-from gpte_ray.storage import ensure_dir, filesystem, join
+from gpte_ray.storage import ensure_dir, filesystem, is_remote, join
 
 __all__ = [
     "FINGERPRINT_KEY",
@@ -121,8 +121,12 @@ class TableStore:
     """One table under one LanceDB URI."""
 
     def __init__(self, db: str, table: str, storage_options: dict | None = None):
+        import os
+
         self.db = db.rstrip("/")
         self.table = check_table_name(table)
+        if not is_remote(db) and os.path.isfile(db.removeprefix("file://")):
+            raise ConfigError(f"config error: output.db (--db): {db} is a file; give a folder (made if missing)")
         self.uri = join(self.db, f"{table}.lance")
         self.storage_options = storage_options
         self.staging_root = join(self.db, "_gpte_staging", table, "runs")

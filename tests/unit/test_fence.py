@@ -197,6 +197,13 @@ def test_table_names_that_could_escape_are_refused(tmp_path, name):
         TableStore(str(tmp_path), name)
 
 
+def test_a_db_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "mk.py").write_text("")
+    with pytest.raises(ConfigError, match=r"^config error: output.db \(--db\): .*mk.py is a file"):
+        TableStore(str(tmp_path / "mk.py"), "docs")
+    TableStore(str(tmp_path / "new-folder"), "docs")  # a folder yet to be made is fine
+
+
 def test_staging_deletes_only_run_folders(store):
     with pytest.raises(ValueError):
         store.drop_staging("..")
