@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 
-from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, lance_options
+from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, lance_options, local_path
 
 __all__ = [
     "Fence",
@@ -307,7 +307,7 @@ def _age(uri: str, storage_options: dict | None) -> float | None:
 def create_exclusive(uri: str, body: bytes, storage_options: dict | None) -> bool:
     """Create `uri` with `body` unless it exists; True if this call created it. Atomic."""
     if not is_remote(uri):
-        path = os.path.abspath(uri.removeprefix("file://"))
+        path = local_path(uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -54,6 +54,11 @@ log = logging.getLogger("gpte_ray")
 DEFAULT_BUDGET = {"cpu": 4096, "cuda": 32768}
 
 
+def _is_local(address: str | None) -> bool:
+    """Whether `address` asks for a private local Ray (started by this process)."""
+    return address in (None, "", "local")
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (a job's own cluster under `ray job submit`), or start a
     private local one for address 'local'/None. Never attaches to a stray cluster by accident."""
@@ -62,7 +67,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-    if address in (None, "", "local"):
+    if _is_local(address):
         # Ray >= 2.52 turns token auth on for a new local cluster unless RAY_AUTH_MODE says
         # otherwise, and writes ~/.ray/auth_token; a later `ray start --head` then finds that
         # file and demands the token from every submitter. Nothing outside this process can
@@ -380,7 +385,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     report.set_model(spec.fingerprint())
     shards = preflight(cfg)  # the user's columns and template, checked before Ray starts
     connect_ray(ray_address, num_cpus)
-    device = _device(cfg, local=ray_address in (None, "", "local"))
+    device = _device(cfg, local=_is_local(ray_address))
     _check_fits(cfg, device)
     if cfg.model.max_length is not None:
         _check_room(spec, cfg.resources.tokenize_cpus)

@@ -11,7 +11,6 @@ import fnmatch
 import gzip
 import io
 import json
-import os
 import zlib
 from collections.abc import Iterator
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 
 from gpte_ray.config import InputConfig
 from gpte_ray.prepare import content_hash, meta_hashes, prepare_rows, template_fields
-from gpte_ray.storage import filesystem
+from gpte_ray.storage import filesystem, is_remote, local_path
 
 META_HASH = "meta_hash"  # PREPARED_SCHEMA's column: rides with the kept values until read_prepared
 
@@ -64,8 +63,7 @@ def list_shards(cfg: InputConfig, exclude: str | None = None) -> list[str]:
         raise ShardError("config error: input.paths: no input given (use --input)")
     skip = None
     if exclude:
-        skip = (exclude if exclude.startswith("s3://") else os.path.abspath(exclude.removeprefix("file://")))
-        skip = skip.rstrip("/") + "/"
+        skip = (exclude if is_remote(exclude) else local_path(exclude)).rstrip("/") + "/"
     found: set[str] = set()
     for uri in cfg.paths:
         fs, path = filesystem(uri, cfg.storage_options)
@@ -85,7 +83,8 @@ def list_shards(cfg: InputConfig, exclude: str | None = None) -> list[str]:
                 ]
             else:
                 hits = [path]
-        hits = [h for h in map(lambda h: _with_scheme(uri, h), hits) if skip is None or not h.startswith(skip)]
+        hits = [_with_scheme(uri, h) for h in hits]
+        hits = [h for h in hits if skip is None or not h.startswith(skip)]
         if not hits:
             raise ShardError(f"input error: {uri}: matches no shard files")
         found.update(hits)

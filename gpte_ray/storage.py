@@ -23,6 +23,11 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def local_path(uri: str) -> str:
+    """The absolute path of a local (not remote) uri, with or without file://."""
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
@@ -60,8 +65,7 @@ def filesystem(uri: str, options: Mapping[str, SecretStr | str] | None = None):
     import pyarrow.fs as pafs
 
     if not uri.startswith("s3://"):
-        path = uri.removeprefix("file://")
-        return pafs.LocalFileSystem(), os.path.abspath(path)
+        return pafs.LocalFileSystem(), local_path(uri)
     opts = lance_options(options or {}, uri) or {}
     endpoint = opts.get("aws_endpoint")
     kwargs: dict = {"region": opts.get("aws_region", "us-east-1")}

@@ -15,6 +15,7 @@ lock.py), so two runs never both commit and a retried run never doubles rows.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import uuid
@@ -26,7 +27,7 @@ import pyarrow as pa
 from gpte_ray.config import ConfigError
 from gpte_ray.lock import Fence, FenceError, claim_of, moved
 from gpte_ray.spec import ModelSpec
-from gpte_ray.storage import ensure_dir, filesystem, is_remote, join
+from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path
 
 __all__ = [
     "FINGERPRINT_KEY",
@@ -121,11 +122,9 @@ class TableStore:
     """One table under one LanceDB URI."""
 
     def __init__(self, db: str, table: str, storage_options: dict | None = None):
-        import os
-
         self.db = db.rstrip("/")
         self.table = check_table_name(table)
-        if not is_remote(db) and os.path.isfile(db.removeprefix("file://")):
+        if not is_remote(db) and os.path.isfile(local_path(db)):
             raise ConfigError(f"config error: output.db (--db): {db} is a file; give a folder (made if missing)")
         self.uri = join(self.db, f"{table}.lance")
         self.storage_options = storage_options
