@@ -38,9 +38,9 @@ from gpte_ray.sources import ShardError
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
-    "SMALL_ROWS", "DeleteIds", "Diff", "PlanLostError", "aggregate", "calibration_rows", "check_mass_delete",
-    "compute_diff", "drop_old_plans", "drop_plan", "fragment_deletions", "ids_from", "new_plan_dir",
-    "ray_aggregations", "read_planned", "rows_for_shard", "sql_list",
+    "PIN_COLUMN", "SMALL_ROWS", "DeleteIds", "Diff", "PlanLostError", "aggregate", "calibration_rows",
+    "check_mass_delete", "compute_diff", "drop_old_plans", "drop_plan", "fragment_deletions", "ids_from",
+    "kept_twice", "new_plan_dir", "planned_rows", "ray_aggregations", "read_planned", "sql_list",
 ]
 
 # a scan row's sort key as one string: zero-padded shard and row, then the content hash and
@@ -55,7 +55,7 @@ GROUP_SCHEMA = pa.schema([
     ("bad_id", pa.string()),  # the doc_id of a quarantined scan row (may be null)
 ])
 EMBED_SCHEMA = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
-                          ("content_hash", pa.string())])
+                          ("content_hash", pa.string()), ("meta_hash", pa.string())])
 QUARANTINE_SCHEMA = pa.schema([("shard", pa.int32()), ("source", pa.string()), ("row", pa.int64()),
                                ("doc_id", pa.string()), ("reason", pa.string())])
 _HASH_KEYS = ("gpte-ray-diff-a:", "gpte-ray-diff-b:")  # two 64-bit lanes: 128 bits in all
@@ -166,7 +166,8 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
     vanished = pc.invert(in_corpus)
     dup = pc.greater(n, 1)
 
-    winners = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash}, schema=EMBED_SCHEMA)
+    winners = pa.table({"shard": shard, "row": row, "doc_id": doc_id, "content_hash": chash, "meta_hash": mhash},
+                       schema=EMBED_SCHEMA)
     emb = winners.filter(embed).sort_by([("shard", "ascending"), ("row", "ascending")])
     copies = winners.filter(meta).sort_by([("shard", "ascending"), ("row", "ascending")])
     changed_ids = pa.table({"doc_id": doc_id}).filter(pc.or_(changed, meta))
@@ -520,26 +521,33 @@ def compute_diff(scan, table, plan_dir: str, shards: list[str], storage_options:
 
 
 # ---- the embed pass -------------------------------------------------------------------------
-def rows_for_shard(plan_dir: str, shard: int, storage_options: dict | None) -> set[int]:
-    """Row positions of one shard that the plan embeds (read in the read task, not the driver)."""
+def planned_rows(plan_dir: str, shard: int, storage_options: dict | None) -> pa.Table:
+    """The plan's rows of one shard (row, doc_id, content_hash, meta_hash), read in the read
+    task, not on the driver."""
     import pyarrow.dataset as pads
 
     fs, path = filesystem(join(plan_dir, "embed"), storage_options)
     ds = pads.dataset(path, format="parquet", filesystem=fs)
-    rows = ds.to_table(columns=["row"], filter=pads.field("shard") == shard)["row"]
-    return set(rows.to_numpy().tolist())
+    return ds.to_table(columns=["row", "doc_id", "content_hash", "meta_hash"], filter=pads.field("shard") == shard)
 
 
 def read_planned(batch: pa.Table, cfg, plan_dir: str, storage_options: dict | None,
                  kept_schema: pa.Schema | None = None):
-    """Embed pass read task: the prepared rows of one shard that the plan selected (kept
-    columns cast to the table's `kept_schema`, so every block has the same schema)."""
-    from gpte_ray.sources import read_prepared
+    """Embed pass read task: the prepared rows of one shard that the plan selected, read under
+    the shard's scan pin and matched to the plan by id and hashes (pins.read_pinned), with the
+    pin on every row so that the staged window records where it came from (kept columns cast
+    to the table's `kept_schema`, so every block has the same schema)."""
+    from gpte_ray.pins import Pin, read_pinned
 
-    shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
-    rows = rows_for_shard(plan_dir, shard, storage_options)
-    for t in read_prepared(uri, shard, cfg, rows=rows, kept_schema=kept_schema):
-        yield t.drop_columns(["reason", "row", "shard"])
+    shard, pin = batch["shard"][0].as_py(), batch["pin"][0].as_py()
+    plan = planned_rows(plan_dir, shard, storage_options)
+    for t in read_pinned(Pin.from_json(pin), shard, cfg, plan, kept_schema=kept_schema):
+        t = t.drop_columns(["reason", "row", "shard"])
+        yield t.append_column(PIN_COLUMN, pa.array([pin] * t.num_rows, pa.string()))
+
+
+# the pin (JSON) of the shard a document was read from, carried to its chunks' staging marker
+PIN_COLUMN = "source_pin"
 
 
 # ---- the commit's deletions and the plan folder ------------------------------------------------
@@ -576,6 +584,24 @@ def fragment_deletions(ds, id_batches, lookup_rows: int = 4096) -> tuple[list[in
         else:
             updated.append(meta)
     return removed, updated
+
+
+def kept_twice(ds, staged_ids, deleted_ids, lookup_rows: int = 4096) -> tuple[str, int] | None:
+    """(a document, its rows) that the table at `ds` keeps while the commit adds it again, or
+    None: every staged doc id (Arrow batches) must be new to the table or among the deleted
+    ones. The last line of defence against a duplicate (doc_id, chunk) key, counted by Lance
+    from the staged markers, the plan's deletions and the table (through its doc_id index)."""
+    deleted = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in deleted_ids]
+    gone = pa.concat_arrays(deleted) if deleted else pa.array([], pa.string())
+    for batch in staged_ids:
+        ids = batch.filter(pc.invert(pc.is_in(batch, value_set=gone)))
+        for i in range(0, len(ids), lookup_rows):
+            part = ids.slice(i, lookup_rows)
+            found = ds.to_table(columns=["doc_id"], filter=f"doc_id IN ({sql_list(part)})")
+            if found.num_rows:
+                doc = found["doc_id"][0].as_py()
+                return doc, int(pc.sum(pc.equal(found["doc_id"], doc)).as_py())
+    return None
 
 
 PLAN_PREFIX = "plan-"
@@ -623,9 +649,9 @@ def drop_old_plans(staging_root: str, storage_options: dict | None, older_than_s
             fs.delete_dir(f"{root}/{info.base_name}")
 
 
-def calibration_rows(plan_dir: str, storage_options: dict | None, k: int) -> dict[int, set[int]]:
-    """Shard -> row positions of the first k documents to embed, by doc_id: a fixed sample
-    (read where the calibration runs, not on the driver)."""
+def calibration_rows(plan_dir: str, storage_options: dict | None, k: int) -> dict[int, pa.Table]:
+    """Shard -> plan rows (as `planned_rows`) of the first k documents to embed, by doc_id: a
+    fixed sample (read where the calibration runs, not on the driver)."""
     import pyarrow.dataset as pads
 
     fs, path = filesystem(join(plan_dir, "embed"), storage_options)
@@ -634,11 +660,11 @@ def calibration_rows(plan_dir: str, storage_options: dict | None, k: int) -> dic
     except FileNotFoundError:
         return {}
     best = None
-    for b in plan.to_batches(columns=["doc_id", "shard", "row"], batch_size=1 << 20):
+    columns = ["shard", "row", "doc_id", "content_hash", "meta_hash"]
+    for b in plan.to_batches(columns=columns, batch_size=1 << 20):
         t = pa.Table.from_batches([b]) if best is None else pa.concat_tables([best, pa.Table.from_batches([b])])
         best = t.sort_by("doc_id").slice(0, k)
-    out: dict[int, set[int]] = {}
-    if best is not None:
-        for s, r in zip(best["shard"].to_pylist(), best["row"].to_pylist()):
-            out.setdefault(s, set()).add(r)
-    return out
+    if best is None:
+        return {}
+    return {s: best.filter(pc.equal(best["shard"], s)).drop_columns(["shard"])
+            for s in pc.unique(best["shard"]).to_pylist()}

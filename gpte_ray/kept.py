@@ -99,20 +99,21 @@ def resolve_kept(types_dir: str, shards: list[str], storage_options: dict | None
 
 def copy_shard(uri: str, shard: int, cfg, plan_dir: str, db: str, table: str, storage_options: dict | None,
                read_version: int, schema: pa.Schema, run_id: str, overwrite: bool,
-               skip: frozenset[tuple[str, int]] = frozenset()) -> int:
+               skip: frozenset[tuple[str, int]] = frozenset(), pin: str = "") -> int:
     """Stage the planned documents of one shard as copies of their table rows with the kept
-    values read from the shard now; returns the rows staged. Runs in a Ray task."""
-    from gpte_ray.diff import rows_for_shard, sql_list
-    from gpte_ray.sources import read_prepared
+    values read from the shard now (under its scan `pin`, matched to the plan by id and hashes);
+    returns the rows staged. Runs in a Ray task."""
+    from gpte_ray.diff import planned_rows, sql_list
+    from gpte_ray.pins import Pin, read_pinned
     from gpte_ray.table import BASE_COLUMNS, META_HASH, TableStore, kept_fields
 
     store = TableStore(db, table, storage_options)
     ds = store.open(read_version)
     kept = kept_fields(schema)
     old_columns = [c for c in BASE_COLUMNS if c in schema.names and c in ds.schema.names]
-    rows = rows_for_shard(plan_dir, shard, storage_options)
+    plan = planned_rows(plan_dir, shard, storage_options)
     staged = 0
-    for t in read_prepared(uri, shard, cfg, rows=rows, kept_schema=kept):
+    for t in read_pinned(Pin.from_json(pin), shard, cfg, plan, kept_schema=kept):
         ids = t["doc_id"].combine_chunks()
         old = ds.to_table(columns=old_columns, filter=f"doc_id IN ({sql_list(ids)})")
         at = pc.index_in(old["doc_id"], value_set=ids)  # each old row's document in `t`
@@ -133,6 +134,6 @@ def copy_shard(uri: str, shard: int, cfg, plan_dir: str, db: str, table: str, st
             continue
         data = out.select(schema.names).cast(schema)
         fragments = store.write_fragments(data, schema, data.num_rows, overwrite)
-        store.write_marker(run_id, uuid.uuid4().hex, keys, [f.to_json() for f in fragments])
+        store.write_marker(run_id, uuid.uuid4().hex, keys, [f.to_json() for f in fragments], [pin])
         staged += data.num_rows
     return staged

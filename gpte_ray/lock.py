@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 
-from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, lance_options, local_path
+from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path, s3_client
 
 __all__ = [
     "Fence",
@@ -323,20 +323,9 @@ def create_exclusive(uri: str, body: bytes, storage_options: dict | None) -> boo
 
 def _s3_create_exclusive(uri: str, body: bytes, storage_options: dict | None) -> bool:
     """S3 conditional create (PUT with If-None-Match: *): 412 means someone else holds it."""
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    opts = lance_options(storage_options or {}, uri) or {}
-    client = boto3.client(
-        "s3",
-        endpoint_url=opts.get("aws_endpoint"),
-        region_name=opts.get("aws_region", "us-east-1"),
-        aws_access_key_id=opts.get("aws_access_key_id"),
-        aws_secret_access_key=opts.get("aws_secret_access_key"),
-        aws_session_token=opts.get("aws_session_token"),
-        config=Config(retries={"max_attempts": 8, "mode": "standard"}),
-    )
+    client = s3_client(uri, storage_options)
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     try:
         client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")

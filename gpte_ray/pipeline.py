@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -35,14 +35,15 @@ from gpte_ray.diff import (
 )
 from gpte_ray.kept import copy_shard, resolve_kept
 from gpte_ray.lock import FenceError, LockLostError, TableLock
+from gpte_ray.pins import ShardChangedError, pins_dir, read_pins
 from gpte_ray.preflight import preflight
 from gpte_ray.report import TREND_RUNS, Progress, ProgressCounter, RunReport, trend_row
-from gpte_ray.resume import StagedState, read_skip, staged_state
+from gpte_ray.resume import StagedState, read_skip, staged_ids, staged_state
 from gpte_ray.sources import ShardError
 from gpte_ray.spec import ModelSpec, resolve_model
 from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, scan_shard
 from gpte_ray.storage import join, lance_options
-from gpte_ray.table import CommitPlan, TableStore, kept_fields, table_schema
+from gpte_ray.table import CommitPlan, DuplicateKeyError, TableStore, kept_fields, table_schema
 from gpte_ray.upkeep import run_upkeep
 
 __all__ = ["connect_ray", "run_index"]
@@ -151,6 +152,8 @@ def _user_error(e: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        if isinstance(e, ShardChangedError) and not isinstance(e, RayTaskError):
+            return ShardChangedError(str(e).splitlines()[0], e.uri)
         if isinstance(e, (ShardError, ConfigError)) and not isinstance(e, RayTaskError):
             # our messages are one line; Ray may append its retry advice below it
             return type(e)(str(e).splitlines()[0])
@@ -158,14 +161,17 @@ def _user_error(e: BaseException) -> BaseException | None:
     return None
 
 
-def _scan(shards: list[str], cfg: JobConfig, types_dir: str, storage_options: dict | None):
+def _scan(shards: list[str], cfg: JobConfig, plan_dir: str, storage_options: dict | None,
+          forced_bad: dict[str, str]):
     """The manifest pass as a lazy Ray dataset (stages.SCAN_SCHEMA rows); the diff consumes it.
-    The kept columns' types of each shard go to `types_dir`."""
+    The kept columns' types and the pin of each shard go to files in the plan folder."""
     import ray.data
 
     items = [{"shard": i, "uri": u} for i, u in enumerate(shards)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        scan_shard, fn_kwargs={"cfg": cfg.input, "types_dir": types_dir, "storage_options": storage_options},
+        scan_shard, fn_kwargs={"cfg": cfg.input, "types_dir": join(plan_dir, "kept_types"),
+                               "storage_options": storage_options, "pins_dir": pins_dir(plan_dir),
+                               "forced_bad": forced_bad},
         batch_size=1, batch_format="pyarrow", num_cpus=cfg.resources.read_cpus,
     )
 
@@ -193,11 +199,11 @@ def _table_ids(store: TableStore, current):
                                scanner_options={"filter": "chunk = 0"}, storage_options=store.storage_options)
 
 
-def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], diff: Diff, device: str) -> dict:
+def _calibrate(spec: ModelSpec, cfg: JobConfig, pins: dict[int, str], diff: Diff, device: str) -> dict:
     """int8 ranges from a fixed sample of this corpus, computed once per table."""
     import ray
 
-    from gpte_ray.sources import read_prepared
+    from gpte_ray.pins import Pin, read_pinned
 
     plan_dir, opts, sample = diff.plan_dir, diff.storage_options, cfg.model.calibration_sample
 
@@ -215,7 +221,7 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, shards: list[str], diff: Diff, d
         docs = []
         # the first documents to embed by doc_id: read from the plan here, not on the driver
         for shard, rows in sorted(calibration_rows(plan_dir, opts, sample).items()):
-            for t in read_prepared(shards[shard], shard, cfg.input, rows=rows):
+            for t in read_pinned(Pin.from_json(pins[shard]), shard, cfg.input, rows):
                 docs.append(t.select(["doc_id", "text", "content_hash"]))
         # the job's own stages, with float32 output: the ranges of the vectors int8 will hold
         chunks = TokenizeStage(spec)(pa.concat_tables(docs))
@@ -248,6 +254,7 @@ class RunContext:
     calibration: dict | None = None
     overwrite: bool = False  # the run's fragments replace the table (first build, new model or kept columns)
     read_version: int | None = None  # the table version the run planned on
+    pins: dict[int, str] = field(default_factory=dict)  # shard -> its scan pin (pins.Pin JSON)
 
 
 def _embed(ctx: RunContext, state: StagedState) -> None:
@@ -258,7 +265,7 @@ def _embed(ctx: RunContext, state: StagedState) -> None:
     cfg, spec, store, device, report = ctx.cfg, ctx.spec, ctx.store, ctx.device, ctx.report
     r, b = cfg.resources, cfg.batch
     # one read task per shard with work; each reads its own rows from the plan
-    items = [{"shard": s, "uri": ctx.shards[s]} for s in state.shards]
+    items = [{"shard": s, "pin": ctx.pins[s]} for s in state.shards]
     # chunks already staged, of documents split across windows only: a few per window
     staged = read_skip(state.skip_dir, store.storage_options)
     budget = b.token_budget or DEFAULT_BUDGET[device]
@@ -336,11 +343,18 @@ def _staged_state(ctx: RunContext, diff: Diff, attempt: int, copies: bool = Fals
     A marker whose chunks overlap an earlier one (a retried window) is dropped, so no
     (doc_id, chunk) is ever committed twice; its documents are embedded again.
     """
+    pins = set(ctx.pins.values())
     if copies:
-        return staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.meta_dir,
-                            diff.metadata_updated, diff.meta_shards, join(diff.plan_dir, f"copy-todo-{attempt}"))
-    return staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.plan_dir, diff.embed,
-                        diff.shards, join(diff.plan_dir, f"todo-{attempt}"))
+        state = staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.meta_dir,
+                             diff.metadata_updated, diff.meta_shards, join(diff.plan_dir, f"copy-todo-{attempt}"),
+                             pins=pins)
+    else:
+        state = staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.plan_dir, diff.embed,
+                             diff.shards, join(diff.plan_dir, f"todo-{attempt}"), pins=pins)
+    if state.unpinned:
+        log.warning("run %s: %d staged window(s) came from shards that changed since; their documents are "
+                    "embedded again", ctx.run_id, state.unpinned)
+    return state
 
 
 def _stage_rest(ctx: RunContext, diff: Diff, state: StagedState, stage, copies: bool = False) -> StagedState:
@@ -369,7 +383,7 @@ def _copy(ctx: RunContext, state: StagedState) -> None:
     task = ray.remote(num_cpus=ctx.cfg.resources.read_cpus, max_retries=3)(copy_shard)
     ctx.report.chunks_copied += sum(ray.get([
         task.remote(ctx.shards[s], s, ctx.cfg.input, state.plan_dir, store.db, store.table, store.storage_options,
-                    ctx.read_version, ctx.schema, ctx.run_id, ctx.overwrite, skip)
+                    ctx.read_version, ctx.schema, ctx.run_id, ctx.overwrite, skip, ctx.pins[s])
         for s in state.shards]))
 
 
@@ -395,9 +409,22 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     # the diff runs on the cluster: the driver gets counts, the per-document lists stay in
     # files under this run's plan folder in staging (a crashed run's plan is never reused)
     plan_dir = new_plan_dir(store.plans_root)
+    forced_bad: dict[str, str] = {}  # shards that changed under this run, left as they are (--skip-bad-shards)
     try:
         drop_old_plans(store.plans_root, store.storage_options)
-        _run_locked(cfg, spec, shards, device, store, lock, report, plan_dir)
+        while True:
+            try:
+                _run_locked(cfg, spec, shards, device, store, lock, report, plan_dir, forced_bad)
+                break
+            except ShardChangedError as e:
+                if not cfg.input.skip_bad_shards or e.uri not in shards or e.uri in forced_bad:
+                    raise
+                # plan again without it: its documents stay as they are tonight, counted as a bad shard
+                log.warning("%s", str(e).split("; nothing was committed")[0])
+                forced_bad[e.uri] = "changed while the run read it; its documents were left as they were"
+                drop_plan(plan_dir, store.storage_options)
+                plan_dir = new_plan_dir(store.plans_root)
+                report = _fresh_report(report)
         try:
             drop_plan(plan_dir, store.storage_options)
         except OSError as e:  # the night is done; a plan left behind goes after PLAN_TTL_S
@@ -436,6 +463,13 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     return report
 
 
+def _fresh_report(old: RunReport) -> RunReport:
+    """A new report for a run that plans again, with what was known before planning."""
+    report = RunReport(table=old.table, started=old.started)
+    report.model, report.device = old.model, old.device
+    return report
+
+
 def _holds(lock: TableLock) -> bool:
     """Whether the lease is still this run's (read now, not only as the heartbeat last saw it)."""
     try:
@@ -446,7 +480,7 @@ def _holds(lock: TableLock) -> bool:
 
 
 def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str, store: TableStore,
-                lock: TableLock, report: RunReport, plan_dir: str) -> None:
+                lock: TableLock, report: RunReport, plan_dir: str, forced_bad: dict[str, str]) -> None:
     current = store.open()
     rebuild = current is not None and store.fingerprint(current) != spec.fingerprint()
     report.version_before = current.version if current is not None else None
@@ -470,7 +504,8 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     # (a rebuild reads the old ids too: the mass-delete guard compares old and new documents)
     rows_hint = (current.count_rows() if current is not None else 0) + 100_000 * len(shards)
     try:
-        diff = compute_diff(_scan(shards, cfg, types_dir, store.storage_options), _table_ids(store, current), plan_dir,
+        diff = compute_diff(_scan(shards, cfg, plan_dir, store.storage_options, forced_bad), _table_ids(store, current),
+                            plan_dir,
                             shards, store.storage_options, rebuild, rows_hint, cfg.output.max_delete_fraction,
                             cfg.output.allow_mass_delete, kept_changed=kept_changed)
     except Exception as e:
@@ -483,11 +518,13 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         report.add_quarantine(b.select(["shard", "row", "doc_id", "reason"]).to_pylist(), shards)
     whole = [{"shard": s, "row": -1} for s in sorted(diff.whole_shards())]
     report.source_rows = source_rows(shards, cfg.input, whole, cfg.resources.read_cpus)
+    # what each shard was when the scan read it: the embed and copy passes read exactly that
+    pins = {s: p.to_json() for s, p in read_pins(pins_dir(plan_dir), store.storage_options).items()}
 
     calibration = None
     if spec.precision == "int8":
         calibration = (store.calibration(current) if current is not None and not rebuild else None) or \
-            _calibrate(spec, cfg, shards, diff, device)
+            _calibrate(spec, cfg, pins, diff, device)
     schema = table_schema(spec, cfg.output.store_text, calibration, kept["schema"])
     key = f"{report.version_before}|{spec.fingerprint_digest()}|{diff.digest()}|{cfg.output.store_text}"
     if len(kept["schema"]):
@@ -499,7 +536,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         store.drop_staging(stale)  # staged under another table version or corpus: never committable
 
     ctx = RunContext(cfg, spec, shards, store, device, report, schema, run_id, calibration,
-                     diff.overwrite or current is None, report.version_before)
+                     diff.overwrite or current is None, report.version_before, pins)
     t = time.perf_counter()
     state = _staged_state(ctx, diff, 0)
     if store.missing_files(state.fragments):
@@ -525,7 +562,9 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     ds = current
     if diff.embed or diff.replaced or diff.overwrite or current is None:
         commit = CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=ctx.overwrite,
-                            delete_doc_ids=DeleteIds(diff), fragments=state.fragments)
+                            delete_doc_ids=DeleteIds(diff), fragments=state.fragments,
+                            staged_ids=lambda: staged_ids(store.staging_dir(run_id), state.markers,
+                                                          store.storage_options))
         latest = store.open()
         if latest is not None and store.committed_run(latest, commit):
             # a run with the very same work (same version, corpus and model: same run id) that
@@ -535,7 +574,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
         else:
             try:
                 ds = store.commit(commit, schema, lock)
-            except FenceError:
+            except (FenceError, DuplicateKeyError):
                 store.drop_staging(run_id)  # never committable now: the table moved on without it
                 raise
             report.committed = True

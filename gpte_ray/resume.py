@@ -23,21 +23,26 @@ import pyarrow.compute as pc
 from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _name, _partitions, _write, aggregate, ray_aggregations
 from gpte_ray.storage import ensure_dir, filesystem, join
 
-__all__ = ["MARKER_SCHEMA", "StagedState", "marker_files", "read_skip", "staged_state", "write_marker"]
+__all__ = ["MARKER_SCHEMA", "StagedState", "marker_files", "read_skip", "staged_ids", "staged_state", "write_marker"]
 
 MARKER_SCHEMA = pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("n_chunks", pa.int32())])
 FRAGMENTS_KEY = b"gpte_ray.fragments"
+PINS_KEY = b"gpte_ray.pins"  # the pins (pins.Pin JSON) of the shards the window's rows were read from
 
 
 def write_marker(staging_dir: str, storage_options: dict | None, name: str, keys: pa.Table,
-                 fragments: list[str]) -> None:
-    """Durably record a window's fragments and the chunks they hold (atomic per file)."""
+                 fragments: list[str], pins: list[str] | None = None) -> None:
+    """Durably record a window's fragments, the chunks they hold and the pins of the shards
+    they were read from (atomic per file)."""
     import pyarrow.parquet as pq
 
     fs, path = filesystem(staging_dir, storage_options)
     ensure_dir(fs, path)
     table = keys.select(MARKER_SCHEMA.names).cast(MARKER_SCHEMA)
-    table = table.replace_schema_metadata({FRAGMENTS_KEY: json.dumps(fragments).encode()})
+    meta = {FRAGMENTS_KEY: json.dumps(fragments).encode()}
+    if pins is not None:
+        meta[PINS_KEY] = json.dumps(sorted(set(pins))).encode()
+    table = table.replace_schema_metadata(meta)
     tmp = f"{path}/.{name}.tmp"
     pq.write_table(table, tmp, filesystem=fs)
     fs.move(tmp, f"{path}/{name}.parquet")
@@ -53,14 +58,16 @@ def marker_files(staging_dir: str, storage_options: dict | None) -> list[str]:
                   and not i.base_name.startswith("."))
 
 
-def _marker_meta(path: str, fs) -> tuple[list, int]:
-    """(FragmentMetadata list, rows) of one marker, from its footer alone."""
+def _marker_meta(path: str, fs) -> tuple[list, int, list[str] | None]:
+    """(FragmentMetadata list, rows, source pins or None) of one marker, from its footer alone."""
     import pyarrow.parquet as pq
     from lance.fragment import FragmentMetadata
 
     meta = pq.read_metadata(path, filesystem=fs)
     frags = json.loads(meta.metadata[FRAGMENTS_KEY])
-    return [FragmentMetadata.from_json(f if isinstance(f, str) else json.dumps(f)) for f in frags], meta.num_rows
+    pins = json.loads(meta.metadata[PINS_KEY]) if PINS_KEY in meta.metadata else None
+    return ([FragmentMetadata.from_json(f if isinstance(f, str) else json.dumps(f)) for f in frags], meta.num_rows,
+            pins)
 
 
 @dataclass
@@ -71,6 +78,22 @@ class StagedState:
     plan_dir: str = ""  # the embed plan of the documents still to embed
     shards: list[int] = field(default_factory=list)  # shards holding them
     skip_dir: str | None = None  # (doc_id, chunk) already staged of documents still to embed
+    markers: list[str] = field(default_factory=list)  # the kept markers' paths
+    unpinned: int = 0  # markers dropped because a shard they were read from is no longer as pinned
+
+
+def staged_ids(staging_dir: str, markers: list[str], storage_options: dict | None, batch_rows: int = 65536):
+    """The doc ids of the kept markers' chunks (paths in `staging_dir`'s filesystem, as
+    `marker_files` gives them), in Arrow batches (unique within each batch)."""
+    import pyarrow.dataset as pads
+
+    if not markers:
+        return
+    fs, _ = filesystem(staging_dir, storage_options)
+    for b in pads.dataset(markers, format="parquet", filesystem=fs).to_batches(columns=["doc_id"],
+                                                                              batch_size=batch_rows):
+        if b.num_rows:
+            yield pc.unique(b.column(0))
 
 
 def read_skip(skip_dir: str | None, storage_options: dict | None) -> frozenset[tuple[str, int]]:
@@ -95,11 +118,11 @@ def _docs_union(batch: pa.Table) -> pa.Table:
     n = batch.num_rows
     if "shard" in batch.column_names:
         return pa.table({"doc_id": batch["doc_id"], "shard": batch["shard"], "row": batch["row"],
-                         "content_hash": batch["content_hash"], "chunk": pa.nulls(n, pa.int32()),
-                         "n_chunks": pa.nulls(n, pa.int32())})
+                         "content_hash": batch["content_hash"], "meta_hash": batch["meta_hash"],
+                         "chunk": pa.nulls(n, pa.int32()), "n_chunks": pa.nulls(n, pa.int32())})
     return pa.table({"doc_id": batch["doc_id"], "shard": pa.nulls(n, pa.int32()), "row": pa.nulls(n, pa.int64()),
-                     "content_hash": pa.nulls(n, pa.string()), "chunk": batch["chunk"],
-                     "n_chunks": batch["n_chunks"]})
+                     "content_hash": pa.nulls(n, pa.string()), "meta_hash": pa.nulls(n, pa.string()),
+                     "chunk": batch["chunk"], "n_chunks": batch["n_chunks"]})
 
 
 def _todo(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Table:
@@ -109,7 +132,8 @@ def _todo(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Tab
     todo = pc.and_(planned, pc.invert(done))
     partial = pc.and_(todo, pc.greater(staged, 0))
     rows = pa.table({"shard": batch["shard"], "row": batch["row"], "doc_id": batch["doc_id"],
-                     "content_hash": batch["content_hash"]}, schema=EMBED_SCHEMA).filter(todo)
+                     "content_hash": batch["content_hash"], "meta_hash": batch["meta_hash"]},
+                    schema=EMBED_SCHEMA).filter(todo)
     name = _name(batch["doc_id"].combine_chunks() if isinstance(batch["doc_id"], pa.ChunkedArray)
                  else batch["doc_id"])
     _write(rows.sort_by([("shard", "ascending"), ("row", "ascending")]), join(out_dir, "embed"), name,
@@ -139,7 +163,8 @@ def _skips(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Ta
 _CONFLICT_AGGS = [("path", "count", "n"), ("path", "max", "last")]
 # per document: planned rows (0/1), staged chunks, its chunk count and plan row
 _PER_DOC_AGGS = [("shard", "count", "planned"), ("chunk", "count", "staged"), ("n_chunks", "max", "n_chunks"),
-                 ("shard", "min", "shard"), ("row", "min", "row"), ("content_hash", "min", "content_hash")]
+                 ("shard", "min", "shard"), ("row", "min", "row"), ("content_hash", "min", "content_hash"),
+                 ("meta_hash", "min", "meta_hash")]
 
 
 def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
@@ -184,18 +209,38 @@ def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
 
 
 def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, planned: int,
-                 planned_shards: list[int], out_dir: str, small_rows: int = SMALL_ROWS) -> StagedState:
+                 planned_shards: list[int], out_dir: str, small_rows: int = SMALL_ROWS,
+                 pins: set[str] | None = None) -> StagedState:
     """The run's staged fragments and, in `out_dir`, the plan of what is left to embed (in one
-    task up to `small_rows` planned and staged rows, else by hash shuffles)."""
-    import ray
-    import ray.data
+    task up to `small_rows` planned and staged rows, else by hash shuffles).
 
+    `pins`: the run's shard pins; a marker read from a shard whose pin is not among them (the
+    shard changed since it was staged), or that records none, is dropped: never committed."""
     fs, _ = filesystem(staging_dir, storage_options)
     files = marker_files(staging_dir, storage_options)
     if not files:
         return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
     footers = dict(zip(files, _footers(files, fs)))
-    if planned + sum(rows for _, rows in footers.values()) <= small_rows:
+    unpinned = [f for f, (_, _, p) in footers.items() if pins is not None and (p is None or not set(p) <= pins)]
+    for f in unpinned:
+        try:
+            fs.delete_file(f)
+        except FileNotFoundError:
+            pass
+    files = [f for f in files if f not in set(unpinned)]
+    if not files:
+        return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards), unpinned=len(unpinned))
+    state = _staged_rest(files, footers, fs, storage_options, plan_dir, planned, planned_shards, out_dir,
+                         small_rows)
+    state.unpinned = len(unpinned)
+    return state
+
+
+def _staged_rest(files: list[str], footers: dict, fs, storage_options: dict | None, plan_dir: str, planned: int,
+                 planned_shards: list[int], out_dir: str, small_rows: int) -> StagedState:
+    import ray
+    import ray.data
+    if planned + sum(rows for _, rows, _ in footers.values()) <= small_rows:
         task = ray.remote(num_cpus=0.5, max_retries=3)(_staged_small)
         dropped, summary = ray.get(task.remote(files, plan_dir, planned, out_dir, storage_options))
         kept = [f for f in files if f not in set(dropped)]
@@ -205,7 +250,7 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
                             shards=sorted(summary["shards"][0].as_py()))
         if summary["partial"][0].as_py():
             state.skip_dir = join(out_dir, "skip")
-        return _with_fragments(state, [footers[f] for f in kept])
+        return _with_fragments(state, footers, kept)
 
     def keys():
         return ray.data.read_parquet(files, filesystem=fs, include_paths=True, columns=MARKER_SCHEMA.names)
@@ -250,10 +295,10 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
         state.skip_dir = join(out_dir, "skip")
 
     # 3. the kept markers' fragments
-    return _with_fragments(state, [footers[f] for f in files])
+    return _with_fragments(state, footers, files)
 
 
-def _footers(files: list[str], fs) -> list[tuple[list, int]]:
+def _footers(files: list[str], fs) -> list[tuple[list, int, list[str] | None]]:
     """(fragments, rows) of each marker: one footer per window, read in parallel threads."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -261,8 +306,10 @@ def _footers(files: list[str], fs) -> list[tuple[list, int]]:
         return list(pool.map(lambda p: _marker_meta(p, fs), files))
 
 
-def _with_fragments(state: StagedState, footers: list[tuple[list, int]]) -> StagedState:
-    for frags, rows in footers:
+def _with_fragments(state: StagedState, footers: dict, files: list[str]) -> StagedState:
+    for f in files:
+        frags, rows, _ = footers[f]
         state.fragments += frags
         state.chunks += rows
+    state.markers = list(files)
     return state

@@ -122,13 +122,20 @@ def missing_kept(uri: str, column: str, names: list[str] | None) -> str:
     return f"input error: {uri}: missing column {column!r} (input.keep_columns; {has})"
 
 
-def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
+def _open(uri: str, cfg: InputConfig, file, stream: bool):
+    if file is not None:
+        return file
+    fs, path = filesystem(uri, cfg.storage_options)
+    return fs.open_input_stream(path, compression=None) if stream else fs.open_input_file(path)
+
+
+def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int,
+                     file=None) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(uri, cfg.storage_options)
     needed = _needed_columns(cfg)
     try:
-        pf = pq.ParquetFile(fs.open_input_file(path))
+        pf = pq.ParquetFile(_open(uri, cfg, file, stream=False))
         check_columns(uri, pf.schema_arrow, cfg)
         columns = [*needed, *(c for c in cfg.keep_columns if c not in needed)]
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
@@ -175,8 +182,8 @@ def _kept_table(uri: str, values: dict[str, list]) -> pa.Table | None:
     return pa.table(columns).append_column(META_HASH, pa.array(hashes, pa.string()))
 
 
-def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
-    fs, path = filesystem(uri, cfg.storage_options)
+def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int,
+                   file=None) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
     needed = _needed_columns(cfg)
     cols: dict[str, list] = {c: [] for c in needed}
     kept: dict[str, list] = {c: [] for c in cfg.keep_columns}
@@ -185,8 +192,8 @@ def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int) -> Iterator[tupl
     lines_read = 0
     try:
         # decompress ourselves: pyarrow's codec cannot tell a truncated gzip from its end
-        raw = fs.open_input_stream(path, compression=None)
-        stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else io.BufferedReader(raw)
+        raw = _open(uri, cfg, file, stream=True)
+        stream = gzip.GzipFile(fileobj=raw) if uri.endswith(".gz") else io.BufferedReader(raw)
         for line in stream:
             lines_read += 1
             obj = None
@@ -248,13 +255,14 @@ def _append_bad(cols: dict[str, list], needed: list[str], reason: str) -> None:
 
 def read_prepared(
     uri: str, shard: int, cfg: InputConfig, rows: set[int] | None = None, batch_rows: int = 4096,
-    kept_schema: pa.Schema | None = None,
+    kept_schema: pa.Schema | None = None, file=None,
 ) -> Iterator[pa.Table]:
     """Prepared batches (PREPARED_SCHEMA, then the kept columns) of one shard; `rows` keeps only
-    those positions. Kept columns come as read, or cast to `kept_schema` when given."""
+    those positions. Kept columns come as read, or cast to `kept_schema` when given. `file`: the
+    shard already opened (pins.open_pinned), else it is opened here."""
     reader = _parquet_batches if shard_format(uri, cfg.format) == "parquet" else _jsonl_batches
     position = 0
-    for cols, kept in reader(uri, cfg, batch_rows):
+    for cols, kept in reader(uri, cfg, batch_rows, file):
         ids = cols[cfg.id_column]
         n = len(ids)
         prepared = prepare_rows(

@@ -1,6 +1,6 @@
 """Ray Data stages: callables over pyarrow batches. Heavy imports live in `__init__`.
 
-scan_shard / read_shard (CPU tasks) -> TokenizeStage (CPU actors) -> EmbedStage (GPU or
+scan_shard / diff.read_planned (CPU tasks) -> TokenizeStage (CPU actors) -> EmbedStage (GPU or
 CPU actor pool, each window staged by its WindowWriter as a Lance fragment and a marker).
 """
 
@@ -16,13 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gpte_ray.batching import plan_micro_batches
 from gpte_ray.config import InputConfig
-from gpte_ray.sources import ShardError, read_prepared
+from gpte_ray.diff import PIN_COLUMN
+from gpte_ray.sources import ShardError
 from gpte_ray.spec import ModelSpec
 
-__all__ = ["ActorFigures", "EmbedStage", "TokenizeStage", "WindowWriter", "read_shard", "scan_shard"]
+__all__ = ["ActorFigures", "EmbedStage", "TokenizeStage", "WindowWriter", "scan_shard"]
 
 SCAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
@@ -31,23 +33,32 @@ SCAN_SCHEMA = pa.schema(
 
 
 def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
-               storage_options: dict | None = None):
-    """Manifest pass: ids, hashes and quarantine reasons of one shard (no texts); the types of
-    its kept columns, if any, go to a file in `types_dir` (kept.write_shard_types)."""
+               storage_options: dict | None = None, pins_dir: str | None = None,
+               forced_bad: dict[str, str] | None = None):
+    """Manifest pass: ids, hashes and quarantine reasons of one shard (no texts), read whole
+    under one pin (pins.py), which goes to a file in `pins_dir`; the types of its kept columns,
+    if any, go to a file in `types_dir` (kept.write_shard_types). `forced_bad`: shards (uri ->
+    reason) this run must leave as they are, unread (they changed under an earlier attempt)."""
     from gpte_ray.kept import unify_kept, write_shard_types
+    from gpte_ray.pins import scan_pinned, write_pin
 
     shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
     types = None
     # a shard's rows go out only once all of it was read: a shard that fails half way (a
     # corrupt gzip tail, a kept column's type changing) is skipped whole, never half planned
-    rows = []
     try:
-        for t in read_prepared(uri, shard, cfg):
+        if forced_bad and uri in forced_bad:
+            raise ShardError(forced_bad[uri])
+        pin, tables = scan_pinned(uri, shard, cfg, SCAN_SCHEMA.names)
+        rows = []
+        for t in tables:
             if cfg.keep_columns:
                 types = unify_kept(uri, types, t.select(cfg.keep_columns).schema)
             rows.append(t.select(SCAN_SCHEMA.names))
         if types is not None and types_dir is not None:
             write_shard_types(types_dir, shard, types, storage_options)
+        if pins_dir is not None:
+            write_pin(pins_dir, shard, pin, storage_options)
         yield from rows
     except ShardError as e:
         if not cfg.skip_bad_shards:
@@ -57,14 +68,6 @@ def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
              "reason": [f"bad shard: {e}"], "meta_hash": [None]},
             schema=SCAN_SCHEMA,
         )
-
-
-def read_shard(batch: pa.Table, cfg: InputConfig):
-    """Embed pass: the prepared rows of one shard that the plan selected."""
-    shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
-    rows = set(batch["rows"][0].as_py())
-    for t in read_prepared(uri, shard, cfg, rows=rows):
-        yield t.drop_columns(["reason", "row", "shard"])
 
 
 CHUNK_SCHEMA = pa.schema(
@@ -392,7 +395,9 @@ class WindowWriter:
         fragments = self.store.write_fragments(data, self.schema, data.num_rows, self.overwrite)
         keys = batch.select(["doc_id", "chunk", "n_chunks"])
         fragment_json = [f.to_json() for f in fragments]
-        self.store.write_marker(self.run_id, uuid.uuid4().hex, keys, fragment_json)  # after the data files: durable
+        pins = pc.unique(batch[PIN_COLUMN]).to_pylist() if PIN_COLUMN in batch.column_names else None
+        # after the data files: durable
+        self.store.write_marker(self.run_id, uuid.uuid4().hex, keys, fragment_json, pins)
         return summary
 
     @staticmethod

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from pydantic import SecretStr
 
-__all__ = ["ensure_dir", "filesystem", "is_remote", "join", "lance_options", "redact", "secret_values"]
+__all__ = ["ensure_dir", "filesystem", "is_remote", "join", "lance_options", "redact", "s3_client", "secret_values"]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 _SECRET_KEYS = re.compile(r"(secret|token|password|access_key|key_id)", re.I)
@@ -82,6 +82,24 @@ def filesystem(uri: str, options: Mapping[str, SecretStr | str] | None = None):
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8), **kwargs
     )
     return fs, uri.removeprefix("s3://")
+
+
+def s3_client(uri: str, storage_options: Mapping[str, SecretStr | str] | None = None):
+    """A boto3 S3 client with the same endpoint, region and credentials as `filesystem`: for the
+    requests pyarrow does not make (conditional PUTs and GETs, object heads)."""
+    import boto3
+    from botocore.config import Config
+
+    opts = lance_options(storage_options or {}, uri) or {}
+    return boto3.client(
+        "s3",
+        endpoint_url=opts.get("aws_endpoint"),
+        region_name=opts.get("aws_region", "us-east-1"),
+        aws_access_key_id=opts.get("aws_access_key_id"),
+        aws_secret_access_key=opts.get("aws_secret_access_key"),
+        aws_session_token=opts.get("aws_session_token"),
+        config=Config(retries={"max_attempts": 8, "mode": "standard"}),
+    )
 
 
 def ensure_dir(fs, path: str) -> None:

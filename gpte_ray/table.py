@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ __all__ = [
     "RUN_ID_KEY",
     "META_HASH",
     "CommitPlan",
+    "DuplicateKeyError",
     "TableStore",
     "kept_fields",
     "table_schema",
@@ -116,6 +118,11 @@ class CommitPlan:
     overwrite: bool  # a new table or a fingerprint change: the new fragments ARE the table
     delete_doc_ids: list[str] = field(default_factory=list)
     fragments: list = field(default_factory=list)  # lance FragmentMetadata written this run
+    staged_ids: Callable[[], Iterable[pa.Array]] | None = None  # the staged doc ids, for the duplicate check
+
+
+class DuplicateKeyError(RuntimeError):
+    """The commit would store a (doc_id, chunk) twice; nothing was committed."""
 
 
 class TableStore:
@@ -209,6 +216,7 @@ class TableStore:
             op = lance.LanceOperation.Overwrite(schema, plan.fragments)
         else:
             removed, updated = self._deletions(ds, plan.delete_doc_ids)
+            self._check_unique(ds, plan)
             op = lance.LanceOperation.Update(
                 removed_fragment_ids=removed, updated_fragments=updated, new_fragments=plan.fragments
             )
@@ -246,6 +254,23 @@ class TableStore:
             return [], []
         batches = [pa.array(doc_ids, pa.string())] if isinstance(doc_ids, list) else doc_ids
         return fragment_deletions(ds, batches)
+
+    def _check_unique(self, ds, plan: CommitPlan) -> None:
+        """Refuse a commit that would leave a document's old rows beside its staged ones."""
+        from gpte_ray.diff import kept_twice
+
+        if plan.staged_ids is None:
+            return
+        deleted = plan.delete_doc_ids or []
+        if isinstance(deleted, list):
+            deleted = [pa.array(deleted, pa.string())]
+        dup = kept_twice(ds, plan.staged_ids(), deleted)
+        if dup is not None:
+            raise DuplicateKeyError(
+                f"refusing to commit run {plan.run_id}: document {dup[0]!r} would be stored twice (its {dup[1]} "
+                f"row(s) at version {ds.version} are kept and the run staged it again); nothing was committed, "
+                "its staging was dropped: run again"
+            )
 
     def report_uri(self, run_id: str) -> str:
         return join(self.reports_dir, f"{run_id}.html")
@@ -286,12 +311,14 @@ class TableStore:
     def staging_dir(self, run_id: str) -> str:
         return join(self.staging_root, run_id)
 
-    def write_marker(self, run_id: str, name: str, keys: pa.Table, fragments: list[str]) -> None:
-        """Durably record fragments written and the (doc_id, chunk, n_chunks) they hold, as
-        Parquet, atomically per file (read back on the cluster by `resume.staged_state`)."""
+    def write_marker(self, run_id: str, name: str, keys: pa.Table, fragments: list[str],
+                     pins: list[str] | None = None) -> None:
+        """Durably record fragments written, the (doc_id, chunk, n_chunks) they hold and the
+        pins of the shards they came from, as Parquet, atomically per file (read back on the
+        cluster by `resume.staged_state`)."""
         from gpte_ray.resume import write_marker
 
-        write_marker(self.staging_dir(run_id), self.storage_options, name, keys, fragments)
+        write_marker(self.staging_dir(run_id), self.storage_options, name, keys, fragments, pins)
 
     def stale_staging(self, keep: str) -> list[str]:
         import pyarrow.fs as pafs

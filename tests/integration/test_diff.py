@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpte_ray.diff import SMALL_ROWS, check_mass_delete, compute_diff, ids_from, rows_for_shard
+from gpte_ray.diff import SMALL_ROWS, check_mass_delete, compute_diff, ids_from, planned_rows
 from gpte_ray.plan import MassDeleteError, make_plan
 from gpte_ray.prepare import content_hash
 from gpte_ray.sources import ShardError
@@ -109,7 +109,8 @@ def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, re
     assert d.embed == len(ref.embed_docs)
     assert d.shards == sorted({s for s, _, _ in ref.embed_docs.values()})
     for s in d.shards:
-        assert rows_for_shard(plan_dir, s, None) == {r for sh, r, _ in ref.embed_docs.values() if sh == s}
+        rows = set(planned_rows(plan_dir, s, None)["row"].to_pylist())
+        assert rows == {r for sh, r, _ in ref.embed_docs.values() if sh == s}
 
     deletes = [x for a in d.delete_batches(batch_rows=2) for x in a.to_pylist()]
     assert sorted(deletes) == sorted(ref.delete_doc_ids)

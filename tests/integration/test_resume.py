@@ -27,7 +27,8 @@ def test_staged_state_drops_retried_windows_and_skips_staged_chunks(ray_session,
     n_chunks = {"a": 2, "b": 1, "c": 3, "d": 1}
     plan_dir = str(tmp_path / "plan")
     plan = pa.table({"shard": pa.array([0, 0, 1, 1], pa.int32()), "row": pa.array([0, 1, 0, 1], pa.int64()),
-                     "doc_id": ["a", "b", "c", "d"], "content_hash": ["h"] * 4}, schema=EMBED_SCHEMA)
+                     "doc_id": ["a", "b", "c", "d"], "content_hash": ["h"] * 4, "meta_hash": [""] * 4},
+                    schema=EMBED_SCHEMA)
     _write(plan, f"{plan_dir}/embed", "p", None)
     staging = str(tmp_path / "staging")
 

@@ -130,3 +130,57 @@ def test_s3_transient_faults_are_retried_and_permanent_ones_fail_cleanly(ray_ses
             run_index(_cfg(src2, db, via))
         assert "403" in str(err.value) or "Forbidden" in str(err.value) or "denied" in str(err.value).lower()
     assert _count(db, endpoint)[:2] == (version, rows)  # previous version intact
+
+
+def test_s3_shard_overwritten_while_a_run_reads_it(ray_session, moto_endpoint, tmp_path, monkeypatch):
+    """Issue 25 on S3: an object overwritten (same rows reordered) once the run has planned. The
+    embed pass reads with If-Match on the pinned ETag, so it never reads the new bytes as the
+    planned ones: the night is refused naming the object, the rerun plans afresh, and the table
+    equals a fresh index of the corpus."""
+    import boto3
+    import numpy as np
+
+    import gpte_ray.pipeline as pipeline
+    from gpte_ray.pins import ShardChangedError
+    from gpte_ray.prepare import content_hash
+
+    endpoint, _ = moto_endpoint
+    docs = [{"id": f"r{i:03d}", "text": f"object store document {i} about shard {i % 5}"} for i in range(120)]
+    src = _upload(endpoint, docs, "rewrite", per_shard=60)
+    db = "s3://corpus-bkt/rewritedb"
+    run_index(_cfg(src, db, endpoint))
+    edited = [dict(d, text=d["text"] + " edited") if i % 10 == 0 else d for i, d in enumerate(docs)]
+    _upload(endpoint, edited, "rewrite", per_shard=60)
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                      region_name="us-east-1")
+    real = pipeline.read_pins
+
+    def read_then_overwrite(*a, **k):
+        pins = real(*a, **k)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(edited[:60][::-1]), buf)
+        s3.put_object(Bucket="corpus-bkt", Key="rewrite/part-00000.parquet", Body=buf.getvalue())
+        return pins
+
+    monkeypatch.setattr(pipeline, "read_pins", read_then_overwrite)
+    with pytest.raises(ShardChangedError, match="rewrite/part-00000.parquet"):
+        run_index(_cfg(src, db, endpoint))
+    monkeypatch.undo()
+    rerun = run_index(_cfg(src, db, endpoint))
+    assert rerun.committed and rerun.changed == 12
+    run_index(_cfg(src, db, endpoint))
+
+    _, _, ds = _count(db, endpoint)
+    t = ds.to_table(columns=["doc_id", "chunk", "content_hash", "vector"])
+    keys = list(zip(t["doc_id"].to_pylist(), t["chunk"].to_pylist()))
+    assert len(keys) == len(set(keys)), "a (doc_id, chunk) key is stored twice"
+    assert dict(zip(t["doc_id"].to_pylist(), t["content_hash"].to_pylist())) == \
+        {d["id"]: content_hash(d["text"]) for d in edited}
+    fresh = str(tmp_path / "fresh")
+    run_index(load_config(None, {"input.paths": [src], "input.storage_options": {"endpoint": endpoint, **KEYS},
+                                 "output.db": fresh, "output.table": "docs"}))
+    want = lance.dataset(f"{fresh}/docs.lance").to_table(columns=["doc_id", "chunk", "vector"])
+    got = {k: v for k, v in zip(keys, t["vector"].to_pylist())}
+    for d, c, v in zip(want["doc_id"].to_pylist(), want["chunk"].to_pylist(), want["vector"].to_pylist()):
+        np.testing.assert_allclose(got[(d, c)], v, atol=1e-5)
