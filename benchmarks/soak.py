@@ -11,6 +11,9 @@ cleanup happen again and again. Faults, on seeded random nights:
   concurrent  two drivers start at once
   pause       a driver is SIGSTOPped while embedding, past its lease; a second run does the
               night; the first wakes up and must not commit
+  rewrite     once a driver has planned, every shard is rewritten with the same rows in another
+              order (an exporter re-publishing its corpus); the run refuses in one line or
+              commits what it planned on, then the night is run again (the cron retry)
   late-lease  (S3) the first run's lease PUT lands 2 s late, while a second run starts
   s3-faults   (S3) 2% of requests answered 503 SlowDown
 
@@ -48,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from gpte_ray.prepare import content_hash  # noqa: E402
 from tests.slow._local_ray import LocalHead, free_port, ray_env  # noqa: E402
 
-KINDS = ("kill", "concurrent", "pause")
+KINDS = ("kill", "concurrent", "pause", "rewrite")
 S3_KINDS = ("late-lease", "s3-faults")
 LEASE_S = 4
 KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region": "us-east-1"}
@@ -215,7 +218,7 @@ class Soak:
         reason = ("busy" if "is being written by" in err or "took the lock" in err else
                   "lost-lock" if "lost its lock" in err else
                   "moved" if "changed while this run worked" in err or "is committing version" in err
-                  else None)
+                  else "shard-changed" if "the shard changed while this run read it" in err else None)
         assert reason, f"{tag}: unexpected refusal: {err}"
         self.summary["refused_runs"][reason] = self.summary["refused_runs"].get(reason, 0) + 1
 
@@ -264,6 +267,18 @@ class Soak:
             reports = [json.loads(r.read_text()) for r in ok]
             assert sum(r["committed"] for r in reports) <= 1
             report = next((r for r in reports if r["committed"]), reports[0])
+        elif kind == "rewrite":
+            a, ra = self.driver(folder, cfg, f"{n}-rewritten")
+            self.wait_planned(a, backend)
+            if a.poll() is None:
+                self.rewrite_shards(folder)
+                self.summary["faults"]["rewrite"] += 1
+            rc, err = self.finish(a)
+            if rc != 0:
+                self.refused(rc, err, f"night {n} rewritten run")
+                report = self.run_once(folder, cfg, f"{n}-rerun")
+            else:
+                report = json.loads(ra.read_text())
         elif kind in ("pause", "late-lease"):
             if kind == "late-lease":
                 self.proxy.delay = self._late_first_lease_put()
@@ -323,6 +338,21 @@ class Soak:
                           "upkeep": {k: v for k, v in report.get("upkeep", {}).items()
                                      if k not in ("version", "fragments")},
                           "seconds": round(time.time() - t0, 1)}), flush=True)
+
+    def wait_planned(self, proc: subprocess.Popen, backend: Backend, timeout: float = 300) -> None:
+        """Until the run has planned (its lease names its run id), or has ended."""
+        deadline = time.time() + timeout
+        while proc.poll() is None and self.lease_run(backend) in (None, "planning") and time.time() < deadline:
+            time.sleep(0.05)
+
+    @staticmethod
+    def rewrite_shards(folder: Path) -> None:
+        """Every shard again, same rows in reverse order, each replaced atomically."""
+        for p in sorted(folder.glob("*.parquet")):
+            t = pq.read_table(p)
+            tmp = p.with_suffix(".tmp")
+            pq.write_table(t.take(list(range(t.num_rows - 1, -1, -1))), tmp)
+            os.replace(tmp, p)
 
     def _late_first_lease_put(self):
         state = {"done": False}
