@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gpte_ray.config import load_config
-from gpte_ray.pipeline import run_index
-from gpte_ray.prepare import content_hash
+from gpte_ray.input.prepare import content_hash
+from gpte_ray.run.pipeline import run_index
 
 
 def main() -> None:

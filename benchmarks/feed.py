@@ -4,7 +4,7 @@ The stand-in is a one-layer BERT with hidden size 32 and the real all-MiniLM-L6-
 packaged as a sentence-transformers folder (mean pooling, normalise, 256 tokens), so its
 forward costs almost nothing and every second the job spends is feeding cost: reading,
 tokenising, moving token ids, padding, writing. Per corpus (docstrings of the installed
-packages, `gpte_ray.corpus.docstring_docs`; and the seeded long-tailed `synthetic_docs`):
+packages, `gpte_ray.demo.corpus.docstring_docs`; and the seeded long-tailed `synthetic_docs`):
 
   tokenizer   the bare fast tokenizer over the same texts on one core (TOKENIZERS_PARALLELISM
               off), as `TextTokenizer` calls it: the ceiling a single core could feed.
@@ -47,7 +47,7 @@ def make_standin(folder: str) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from gpte_ray.spec import default_model_path
+    from gpte_ray.model.spec import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def make_standin(folder: str) -> str:
 
 
 def load_docs(corpus: str, n: int) -> list[dict]:
-    from gpte_ray.corpus import docstring_docs, synthetic_docs
+    from gpte_ray.demo.corpus import docstring_docs, synthetic_docs
 
     gen = docstring_docs(2 * n + 100) if corpus == "real" else synthetic_docs(n)
     docs, seen = [], set()
@@ -131,7 +131,7 @@ def child(spec: dict) -> None:
 
     import gpte_ray
     from gpte_ray.config import load_config
-    from gpte_ray.pipeline import run_index
+    from gpte_ray.run.pipeline import run_index
 
     t = time.perf_counter()
     ray.init(address="local", num_cpus=spec["cpus"], include_dashboard=False, log_to_driver=False,
@@ -162,8 +162,8 @@ def stages_child(spec: dict) -> None:
 
     import gpte_ray
     from gpte_ray.config import ModelConfig
-    from gpte_ray.spec import resolve_model
-    from gpte_ray.stages import EmbedStage, TokenizeStage
+    from gpte_ray.model.spec import resolve_model
+    from gpte_ray.run.stages import EmbedStage, TokenizeStage
 
     torch.set_num_threads(1)
     model = resolve_model(ModelConfig(path=spec["model"], dtype="float32"))
@@ -249,8 +249,8 @@ def main() -> None:
         return stages_child(json.loads(args.stages_child))
 
     sys.path.insert(0, TREE)
-    from gpte_ray.corpus import write_shards
-    from gpte_ray.spec import default_model_path
+    from gpte_ray.demo.corpus import write_shards
+    from gpte_ray.model.spec import default_model_path
 
     work = tempfile.mkdtemp(prefix="feed-")
     model = {"standin": None, "minilm": default_model_path()}.get(args.model, args.model)

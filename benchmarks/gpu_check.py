@@ -34,12 +34,12 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from gpte_ray.batching import plan_micro_batches  # noqa: E402
 from gpte_ray.config import ModelConfig  # noqa: E402
-from gpte_ray.corpus import docstring_docs  # noqa: E402
-from gpte_ray.embedder import Embedder, flash_attention_available, postprocess  # noqa: E402
-from gpte_ray.spec import default_model_path, resolve_model  # noqa: E402
-from gpte_ray.tokenize import TextTokenizer  # noqa: E402
+from gpte_ray.demo.corpus import docstring_docs  # noqa: E402
+from gpte_ray.model.batching import plan_micro_batches  # noqa: E402
+from gpte_ray.model.embedder import Embedder, flash_attention_available, postprocess  # noqa: E402
+from gpte_ray.model.spec import default_model_path, resolve_model  # noqa: E402
+from gpte_ray.model.tokenize import TextTokenizer  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -128,7 +128,7 @@ def packed(args, texts) -> None:
 def throughput(args) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from gpte_ray.stages import EmbedStage, TokenizeStage
+    from gpte_ray.run.stages import EmbedStage, TokenizeStage
 
     dtype = "float16" if args.device == "cuda" else "float32"
     tdtype = getattr(torch, dtype)

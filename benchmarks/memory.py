@@ -59,7 +59,7 @@ def tiny_bert(folder: str) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from gpte_ray.spec import default_model_path
+    from gpte_ray.model.spec import default_model_path
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -83,7 +83,7 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
     import warnings
 
     warnings.filterwarnings("ignore")
-    import gpte_ray.pipeline as pipeline
+    import gpte_ray.run.pipeline as pipeline
     from gpte_ray.config import load_config
 
     proc = psutil.Process()
@@ -169,7 +169,7 @@ def child(shard_dir: str, db: str, model: str | None, threads: int, num_cpus: in
 
 def prepare(work: str, sizes: list[int], rows_per_shard: int, model: str) -> None:
     """In a subprocess: the tiny model (if asked) and the shards, so the parent stays small."""
-    from gpte_ray.corpus import write_shards
+    from gpte_ray.demo.corpus import write_shards
 
     if model == "tiny":
         tiny_bert(os.path.join(work, "tiny-bert"))

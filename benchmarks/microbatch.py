@@ -50,11 +50,11 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from gpte_ray.batching import padding_efficiency, plan_micro_batches
     from gpte_ray.config import ModelConfig
-    from gpte_ray.embedder import Embedder
-    from gpte_ray.spec import default_model_path, resolve_model
-    from gpte_ray.tokenize import TextTokenizer
+    from gpte_ray.model.batching import padding_efficiency, plan_micro_batches
+    from gpte_ray.model.embedder import Embedder
+    from gpte_ray.model.spec import default_model_path, resolve_model
+    from gpte_ray.model.tokenize import TextTokenizer
 
     torch.set_num_threads(args.threads)
     texts = [d["text"] for d in load_docs(args.corpus, args.docs)]

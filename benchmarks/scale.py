@@ -92,7 +92,7 @@ def stand_in_model(folder: str) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from gpte_ray.spec import default_model_path
+    from gpte_ray.model.spec import default_model_path
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -115,10 +115,10 @@ def build_table(corpus: str, db: str, model: str, overrides: dict) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from gpte_ray.sources import list_shards, read_prepared
-    from gpte_ray.spec import resolve_model
-    from gpte_ray.table import table_schema, vectors_to_arrow
-    from gpte_ray.upkeep import finish_table
+    from gpte_ray.input.sources import list_shards, read_prepared
+    from gpte_ray.model.spec import resolve_model
+    from gpte_ray.store.table import table_schema, vectors_to_arrow
+    from gpte_ray.store.upkeep import finish_table
 
     cfg = _config(corpus, db, model, overrides)
     spec = resolve_model(cfg.model)
@@ -166,7 +166,7 @@ def run_child(corpus: str, db: str, model: str, num_cpus: int, overrides: dict) 
 
     warnings.filterwarnings("ignore")
     logging.getLogger("ray").setLevel(logging.WARNING)
-    from gpte_ray.pipeline import run_index
+    from gpte_ray.run.pipeline import run_index
 
     cfg = _config(corpus, db, model, overrides)
     before = _peak_rss()

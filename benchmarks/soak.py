@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpte_ray.prepare import content_hash  # noqa: E402
+from gpte_ray.input.prepare import content_hash  # noqa: E402
 from tests.slow._local_ray import LocalHead, free_port, ray_env  # noqa: E402
 
 KINDS = ("kill", "concurrent", "pause", "rewrite")
@@ -61,7 +61,7 @@ def tiny_st_model(folder: str) -> str:
     """A one-layer random BERT with MiniLM's tokenizer, as a sentence-transformers folder."""
     from transformers import BertConfig, BertModel
 
-    from gpte_ray.spec import default_model_path
+    from gpte_ray.model.spec import default_model_path
     from tests.support.models import save_tiny
 
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

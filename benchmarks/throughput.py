@@ -39,7 +39,7 @@ rows padded to length p computes r*p), ratios job/st and job/naive, and model FL
                   at the start and again after every method run (the best is kept, so a peak
                   measured while other work loaded the machine does not inflate MFU).
 
-The real corpus is `gpte_ray.corpus.docstring_docs`: docstrings of the installed packages, so
+The real corpus is `gpte_ray.demo.corpus.docstring_docs`: docstrings of the installed packages, so
 it changes with the environment (ids are de-duplicated: a property's getter and setter share
 one; the job would quarantine the second). The synthetic one is `synthetic_docs` (seeded).
 
@@ -115,7 +115,7 @@ def model_flops(lengths: np.ndarray, shape: dict) -> float:
 
 
 def load_docs(corpus: str, n: int) -> list[dict]:
-    from gpte_ray.corpus import docstring_docs, synthetic_docs
+    from gpte_ray.demo.corpus import docstring_docs, synthetic_docs
 
     gen = docstring_docs(2 * n + 100) if corpus == "real" else synthetic_docs(n)
     docs, seen = [], set()
@@ -308,7 +308,7 @@ def run_naive(path: str, shard_dir: str, threads: int, batch_size: int) -> dict:
 def run_job(shard_dir: str, db: str, threads: int, model: str | None, long_documents: str,
             overrides: dict) -> tuple[dict, object]:
     from gpte_ray.config import load_config
-    from gpte_ray.pipeline import run_index
+    from gpte_ray.run.pipeline import run_index
 
     cfg = load_config(None, {
         "input.paths": [shard_dir], "output.db": db, "output.table": "bench",
@@ -419,8 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from gpte_ray.corpus import write_shards
-    from gpte_ray.spec import default_model_path
+    from gpte_ray.demo.corpus import write_shards
+    from gpte_ray.model.spec import default_model_path
 
     methods = args.methods.split(",")
     args.variants = {}

@@ -213,9 +213,9 @@ def _stdout_report(report: dict) -> str:
 def _index(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
     from gpte_ray.console import console
-    from gpte_ray.pipeline import run_index
-    from gpte_ray.preflight import local_db_exists, tidy_after_failure
+    from gpte_ray.run.pipeline import run_index
     from gpte_ray.storage import secret_values
+    from gpte_ray.store.staging import tidy_after_failure
 
     overrides = {key: getattr(args, flag) for flag, key in _INDEX_FLAGS.items()}
     cfg = load_config(args.config, overrides)
@@ -223,7 +223,7 @@ def _index(args: argparse.Namespace) -> int:
     _check_output_file("--report", args.report)
     _check_output_file("--html", args.html)
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    existed = local_db_exists(cfg.output.db)
+    existed = None if "://" in cfg.output.db else os.path.isdir(cfg.output.db)  # for tidy_after_failure
     try:
         report = run_index(cfg, ray_address=address, num_cpus=args.num_cpus)
     except BaseException:
@@ -234,7 +234,7 @@ def _index(args: argparse.Namespace) -> int:
         with open(args.report, "w") as f:
             f.write(line + "\n")
     if args.html:
-        from gpte_ray.html_report import write_html_report
+        from gpte_ray.report.html import write_html_report
 
         write_html_report(json.loads(line), args.html)
     if report.report_file:
@@ -245,7 +245,7 @@ def _index(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from gpte_ray.console import console
-    from gpte_ray.corpus import docstring_docs, write_shards
+    from gpte_ray.demo.corpus import docstring_docs, write_shards
 
     corpus = os.path.join(args.out, "corpus")
     db = os.path.join(args.out, "db")
@@ -262,7 +262,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from gpte_ray.config import ConfigError, load_config
-    from gpte_ray.search import Searcher
+    from gpte_ray.query.search import Searcher
     from gpte_ray.storage import lance_options, secret_values
 
     cfg = load_config(args.config)
@@ -293,7 +293,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
-    from gpte_ray.evaluate import evaluate
+    from gpte_ray.query.evaluate import evaluate
     from gpte_ray.storage import lance_options, secret_values
 
     cfg = load_config(args.config)
@@ -308,7 +308,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _is_user_error(e: BaseException) -> bool:
     """The user's input or configuration is at fault (exit 2), as opposed to the job or the system."""
     from gpte_ray.config import ConfigError
-    from gpte_ray.sources import ShardError
+    from gpte_ray.input.sources import ShardError
 
     if isinstance(e, (ConfigError, ShardError)):
         return True

@@ -8,13 +8,13 @@ import os
 
 import pytest
 
-from gpte_ray.corpus import docstring_docs, write_shards
+from gpte_ray.demo.corpus import docstring_docs, write_shards
 from tests.support.models import save_tiny
 
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from gpte_ray.spec import default_model_path
+    from gpte_ray.model.spec import default_model_path
 
     return default_model_path()
 

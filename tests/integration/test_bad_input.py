@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpte_ray.config import load_config
-from gpte_ray.pipeline import run_index
-from gpte_ray.sources import ShardError
+from gpte_ray.input.sources import ShardError
+from gpte_ray.run.pipeline import run_index
 from tests.support.files import write_parquet
 
 pytestmark = pytest.mark.ray
@@ -199,7 +199,7 @@ def test_secrets_never_leak(tmp_path):
 def test_an_input_folder_that_holds_the_db_never_reads_the_job_s_own_files(tmp_path, monkeypatch):
     """`--input .` with the default `--db ./gpte_db`: the quarantine files the first night
     writes under the db folder must not be read back as shards on the next night."""
-    from gpte_ray.preflight import preflight
+    from gpte_ray.input.preflight import preflight
 
     monkeypatch.chdir(tmp_path)
     write_parquet(str(tmp_path / "a.parquet"), [{"id": "1", "text": "one"}])

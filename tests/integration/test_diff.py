@@ -1,4 +1,4 @@
-"""The cluster diff (`gpte_ray.diff`) against the reference `make_plan`, on random corpora with
+"""The cluster diff (`gpte_ray.plan.diff`) against the reference `make_plan`, on random corpora with
 duplicates, quarantined rows, unreadable shards, deletions, rebuilds and kept-column changes."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpte_ray.diff import SMALL_ROWS, check_mass_delete, compute_diff, ids_from, planned_rows
-from gpte_ray.plan import MassDeleteError, make_plan
-from gpte_ray.prepare import content_hash
-from gpte_ray.sources import ShardError
-from gpte_ray.stages import SCAN_SCHEMA
+from gpte_ray.input.prepare import content_hash
+from gpte_ray.input.sources import ShardError
+from gpte_ray.plan.diff import SMALL_ROWS, check_mass_delete, compute_diff, ids_from, planned_rows
+from gpte_ray.plan.reference import MassDeleteError, make_plan
+from gpte_ray.run.stages import SCAN_SCHEMA
 
 SHARDS = ["s0.parquet", "s1.parquet", "s2.parquet"]
 

@@ -9,9 +9,9 @@ import pytest
 
 from gpte_ray.cli import main
 from gpte_ray.config import load_config
-from gpte_ray.evalset import build_docstring_retrieval_set
-from gpte_ray.evaluate import evaluate
-from gpte_ray.pipeline import run_index
+from gpte_ray.demo.evalset import build_docstring_retrieval_set
+from gpte_ray.query.evaluate import evaluate
+from gpte_ray.run.pipeline import run_index
 
 pytestmark = pytest.mark.ray
 
@@ -78,8 +78,8 @@ def test_eval_exact_and_indexed(ray_session, retrieval_set, tmp_path, capsys):
 
 def test_searcher_answers_many_queries_with_one_model(ray_session, retrieval_set, tmp_path, monkeypatch):
     from gpte_ray import Searcher
-    from gpte_ray import query as query_module
-    from gpte_ray.search import search
+    from gpte_ray.query import encoder as query_module
+    from gpte_ray.query.search import search
 
     db = str(tmp_path / "db")
     run_index(load_config(None, {"input.paths": [retrieval_set["corpus"]], "output.db": db,

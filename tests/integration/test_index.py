@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gpte_ray.config import load_config
-from gpte_ray.pipeline import run_index
+from gpte_ray.run.pipeline import run_index
 from tests.support.tables import check_table
 
 pytestmark = pytest.mark.ray
@@ -56,7 +56,7 @@ def test_index_parity_rerun_and_search(ray_session, corpus_dir, tmp_path, st_mod
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert {"doc_id", "chunk", "score", "text"} <= set(hits[0])
 
-    from gpte_ray.search import search
+    from gpte_ray.query.search import search
 
     long_doc = max(varied_docs, key=lambda d: len(d["text"]))
     grouped = search(db, "docs", long_doc["text"][:400], k=5)

@@ -18,11 +18,11 @@ import pytest
 
 from gpte_ray.cli import _parser, main
 from gpte_ray.config import ConfigError, InputConfig, load_config
-from gpte_ray.kept import resolve_kept, write_shard_types
-from gpte_ray.pipeline import run_index
-from gpte_ray.preflight import check_first_shard
-from gpte_ray.sources import ShardError, read_prepared
-from gpte_ray.table import BASE_COLUMNS, META_HASH
+from gpte_ray.input.preflight import check_first_shard
+from gpte_ray.input.sources import ShardError, read_prepared
+from gpte_ray.plan.kept import resolve_kept, write_shard_types
+from gpte_ray.run.pipeline import run_index
+from gpte_ray.store.table import BASE_COLUMNS, META_HASH
 from tests.support.files import write_parquet
 from tests.support.tables import check_table
 
@@ -60,7 +60,7 @@ def _killed_before_the_commit(monkeypatch, cfg) -> None:
         raise RuntimeError("killed before the commit")
 
     with monkeypatch.context() as m:
-        m.setattr("gpte_ray.table.TableStore.commit", fail)
+        m.setattr("gpte_ray.store.table.TableStore.commit", fail)
         with pytest.raises(RuntimeError, match="killed before the commit"):
             run_index(cfg)
 
@@ -217,7 +217,7 @@ def test_copies_are_staged_and_resumed_like_embedded_windows(ray_session, tmp_pa
 
 
 def test_a_shard_failing_half_way_is_skipped_whole(tmp_path):
-    from gpte_ray.stages import scan_shard
+    from gpte_ray.run.stages import scan_shard
 
     # the kept column's type changes after the first batch of 4,096 objects
     half = _write_jsonl(str(tmp_path / "half.jsonl"), [{"id": str(i), "text": "t", "n": i} for i in range(4100)]

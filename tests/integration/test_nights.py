@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpte_ray.config import ConfigError, load_config
-from gpte_ray.pipeline import run_index
-from gpte_ray.plan import MassDeleteError
-from gpte_ray.prepare import content_hash
+from gpte_ray.input.prepare import content_hash
+from gpte_ray.plan.reference import MassDeleteError
+from gpte_ray.run.pipeline import run_index
 
 pytestmark = pytest.mark.ray
 
@@ -129,7 +129,7 @@ def test_staged_work_of_a_deleted_table_is_embedded_again(ray_session, tmp_path,
     """A first run staged every window and died before committing; then its half-written
     table folder was deleted by hand. The rerun (same work, same run id) must not commit
     fragments whose files are gone."""
-    from gpte_ray.table import TableStore
+    from gpte_ray.store.table import TableStore
 
     docs = [{"id": f"d{i}", "text": f"text of document {i}"} for i in range(30)]
     db = str(tmp_path / "db")
@@ -156,8 +156,8 @@ def test_a_plan_deleted_under_the_run_fails_its_commit(ray_session, tmp_path, mo
     """A run paused past its lease finds its plan folder deleted by the run that took the table
     over. Read as 'nothing to delete', its commit would add the new chunks of changed documents
     beside the old ones; it must refuse instead, and the rerun must commit the night exactly."""
-    from gpte_ray.diff import PlanLostError
-    from gpte_ray.table import TableStore
+    from gpte_ray.plan.diff import PlanLostError
+    from gpte_ray.store.table import TableStore
 
     docs = [{"id": f"d{i}", "text": f"text of document {i}"} for i in range(30)]
     db = str(tmp_path / "db")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from gpte_ray.config import load_config
-from gpte_ray.pipeline import run_index
-from gpte_ray.quantize import quantize_int8
-from gpte_ray.search import search
+from gpte_ray.model.quantize import quantize_int8
+from gpte_ray.query.search import search
+from gpte_ray.run.pipeline import run_index
 
 pytestmark = pytest.mark.ray
 

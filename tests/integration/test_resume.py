@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _write
-from gpte_ray.resume import _staged_small, marker_files, read_skip, staged_state, write_marker
+from gpte_ray.plan.diff import EMBED_SCHEMA, SMALL_ROWS, _write
+from gpte_ray.run.resume import _staged_small, marker_files, read_skip, staged_state, write_marker
 
 
 def _fragments(tmp_path, n):

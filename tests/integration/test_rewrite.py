@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import gpte_ray.pipeline as pipeline
+import gpte_ray.run.pipeline as pipeline
 from gpte_ray.config import load_config
-from gpte_ray.pins import ShardChangedError
-from gpte_ray.pipeline import run_index
-from gpte_ray.prepare import content_hash
-from gpte_ray.table import TableStore
+from gpte_ray.input.pins import ShardChangedError
+from gpte_ray.input.prepare import content_hash
+from gpte_ray.run.pipeline import run_index
+from gpte_ray.store.table import TableStore
 
 pytestmark = pytest.mark.ray
 

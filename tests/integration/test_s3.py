@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpte_ray.config import load_config
-from gpte_ray.pipeline import run_index
-from gpte_ray.table import CommitPlan, TableStore
+from gpte_ray.run.pipeline import run_index
+from gpte_ray.store.table import CommitPlan, TableStore
 from tests.support.s3 import FaultProxy, free_port
 
 pytestmark = pytest.mark.ray
@@ -140,9 +140,9 @@ def test_s3_shard_overwritten_while_a_run_reads_it(ray_session, moto_endpoint, t
     import boto3
     import numpy as np
 
-    import gpte_ray.pipeline as pipeline
-    from gpte_ray.pins import ShardChangedError
-    from gpte_ray.prepare import content_hash
+    import gpte_ray.run.pipeline as pipeline
+    from gpte_ray.input.pins import ShardChangedError
+    from gpte_ray.input.prepare import content_hash
 
     endpoint, _ = moto_endpoint
     docs = [{"id": f"r{i:03d}", "text": f"object store document {i} about shard {i % 5}"} for i in range(120)]

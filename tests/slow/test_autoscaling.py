@@ -21,7 +21,7 @@ import pytest
 import yaml
 from _local_ray import REPO, LocalHead, last_json
 
-from gpte_ray.corpus import docstring_docs, write_shards
+from gpte_ray.demo.corpus import docstring_docs, write_shards
 
 pytestmark = pytest.mark.slow
 

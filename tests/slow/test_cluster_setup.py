@@ -17,7 +17,7 @@ import pytest
 import yaml
 from _local_ray import REPO, copy_checkout, last_json, ray_env
 
-from gpte_ray.corpus import docstring_docs, write_shards
+from gpte_ray.demo.corpus import docstring_docs, write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 

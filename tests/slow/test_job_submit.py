@@ -9,7 +9,7 @@ import uuid
 import pytest
 from _local_ray import REPO, LocalHead, last_json, require_job_submission
 
-from gpte_ray.corpus import docstring_docs, write_shards
+from gpte_ray.demo.corpus import docstring_docs, write_shards
 
 pytestmark = pytest.mark.slow
 

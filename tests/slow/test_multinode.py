@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from _local_ray import REPO, free_port, processes_of, ray_env, terminate
 
-from gpte_ray.corpus import docstring_docs, write_shards
+from gpte_ray.demo.corpus import docstring_docs, write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ import json, sys
 import ray
 from ray.cluster_utils import Cluster
 from gpte_ray.config import load_config
-from gpte_ray.pipeline import run_index
+from gpte_ray.run.pipeline import run_index
 
 args = json.loads(sys.argv[1])
 cluster = Cluster(initialize_head=True, head_node_args={

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from _local_ray import REPO, free_port, processes_of, ray_env, terminate
 
-from gpte_ray.corpus import docstring_docs, write_shards
+from gpte_ray.demo.corpus import docstring_docs, write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray.cluster_utils import Cluster
-import gpte_ray.pipeline as pipeline
+import gpte_ray.run.pipeline as pipeline
 from gpte_ray.config import load_config, ModelConfig
 
 args = json.loads(sys.argv[1])
@@ -146,9 +146,9 @@ def _reference(model: str, texts: list[str]):
     import numpy as np
 
     from gpte_ray.config import ModelConfig
-    from gpte_ray.embedder import Embedder, postprocess
-    from gpte_ray.spec import resolve_model
-    from gpte_ray.tokenize import TextTokenizer
+    from gpte_ray.model.embedder import Embedder, postprocess
+    from gpte_ray.model.spec import resolve_model
+    from gpte_ray.model.tokenize import TextTokenizer
 
     spec = resolve_model(ModelConfig(path=model, long_documents="truncate"))
     chunks = TextTokenizer(spec).encode(texts)

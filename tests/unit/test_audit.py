@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gzip
 
-from gpte_ray.audit import count_rows
 from gpte_ray.config import InputConfig
-from gpte_ray.report import RunReport
+from gpte_ray.input.audit import count_rows
+from gpte_ray.report.run_report import RunReport
 from tests.support.files import write_parquet
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from gpte_ray.cli import _INDEX_FLAGS, _parser, config_field
 from gpte_ray.config import ConfigError, InputConfig, JobConfig
-from gpte_ray.preflight import check_first_shard, check_template, preflight
-from gpte_ray.sources import ShardError
+from gpte_ray.input.preflight import check_first_shard, check_template, preflight
+from gpte_ray.input.sources import ShardError
 from tests.support.files import write_parquet
 
 
@@ -127,8 +127,8 @@ def test_user_mistakes_are_one_line_exit_2_and_leave_nothing(tmp_path):
 
 def test_own_errors_read_as_written_others_carry_their_type():
     from gpte_ray.console import one_line
-    from gpte_ray.lock import TableBusyError
-    from gpte_ray.plan import MassDeleteError
+    from gpte_ray.plan.reference import MassDeleteError
+    from gpte_ray.store.lock import TableBusyError
 
     busy = "table 't' is being written by run abc (host h, pid 1); wait for it to finish"
     assert one_line(TableBusyError(busy + "\nmore")) == busy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lance
 import pyarrow as pa
 
-from gpte_ray.diff import fragment_deletions, sql_list
+from gpte_ray.store.deletions import fragment_deletions, sql_list
 
 
 def test_sql_list_quotes():
@@ -35,7 +35,7 @@ def test_delete_ids_must_be_all_the_diff_counted(tmp_path):
     as 'nothing to delete': the commit would keep the old rows beside the new ones."""
     import pytest
 
-    from gpte_ray.diff import DeleteIds, Diff, PlanLostError, _write, drop_plan, new_plan_dir
+    from gpte_ray.plan.diff import DeleteIds, Diff, PlanLostError, _write, drop_plan, new_plan_dir
 
     plan_dir = new_plan_dir(str(tmp_path / "plans"))
     _write(pa.table({"doc_id": ["a", "b"]}), f"{plan_dir}/changed", "p", None)
@@ -53,7 +53,7 @@ def test_only_old_plans_are_dropped_and_only_plan_folders(tmp_path):
 
     import pytest
 
-    from gpte_ray.diff import PLAN_TTL_S, drop_old_plans, drop_plan, new_plan_dir
+    from gpte_ray.plan.diff import PLAN_TTL_S, drop_old_plans, drop_plan, new_plan_dir
 
     root = tmp_path / "plans"
     fresh = new_plan_dir(str(root))

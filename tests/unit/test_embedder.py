@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpte_ray.batching import flatten, plan_micro_batches
 from gpte_ray.config import ConfigError, ModelConfig
-from gpte_ray.embedder import Embedder, postprocess
-from gpte_ray.spec import resolve_model
-from gpte_ray.tokenize import TextTokenizer
+from gpte_ray.model.batching import flatten, plan_micro_batches
+from gpte_ray.model.embedder import Embedder, postprocess
+from gpte_ray.model.spec import resolve_model
+from gpte_ray.model.tokenize import TextTokenizer
 
 
 def embed_texts(spec, texts, role="document", budget=8192, max_rows=256, side=None):
@@ -218,7 +218,7 @@ def test_sequence_offsets_equal_a_call_without_special_tokens(minilm_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer
 
-    from gpte_ray.tokenize import _sequence_offsets
+    from gpte_ray.model.tokenize import _sequence_offsets
 
     texts = ["", "plain words", "  spaces  around  ", "a [SEP] inside [CLS] it", "<s> and </s> too",
              "ünïcödé 😀 emoji, tabs\tand\nnewlines", "x" * 300]

@@ -10,8 +10,15 @@ import pyarrow as pa
 import pytest
 
 from gpte_ray.config import ConfigError, load_config
-from gpte_ray.lock import LockLostError, TableBusyError, TableLock, TableMovedError, claimed_versions, create_exclusive
-from gpte_ray.table import CommitPlan, TableStore
+from gpte_ray.store.lock import (
+    LockLostError,
+    TableBusyError,
+    TableLock,
+    TableMovedError,
+    claimed_versions,
+    create_exclusive,
+)
+from gpte_ray.store.table import CommitPlan, TableStore
 
 
 def _schema() -> pa.Schema:
@@ -85,7 +92,7 @@ def test_a_claim_that_cannot_be_read_yet_is_not_stale(store):
     unreadable claim is judged by the file's age, never taken over as if it were ancient."""
     import os
 
-    from gpte_ray.lock import claim_of, claims_uri
+    from gpte_ray.store.lock import claim_of, claims_uri
 
     v = store.open().version
     claim = os.path.join(claims_uri(store.db, store.table), f"{v + 1:020d}.0.json")
@@ -225,7 +232,7 @@ def test_staged_fragments_whose_files_vanished_are_not_committed(tmp_path):
 def test_the_fence_refuses_what_the_pre_check_cannot_see(store):
     """Two runs pass the version check at the same moment; inside Lance's commit only the
     first claim on the version wins, and a version other than planned is always refused."""
-    from gpte_ray.lock import Fence
+    from gpte_ray.store.lock import Fence
 
     v = store.open().version
     first = Fence(store.db, store.table, None, None, v, "f" * 16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from gpte_ray.html_report import render_html_report, throughput_steps, write_html_report
+from gpte_ray.report.html import render_html_report, throughput_steps, write_html_report
 
 FULL = {
     "run_id": "abc123", "table": "docs", "version_before": 1, "version": 2, "committed": True,
@@ -144,7 +144,7 @@ def test_bursty_progress_is_spread_over_the_time_it_took():
 
 
 def test_quarantine_reasons_by_kind_with_examples():
-    from gpte_ray.report import RunReport, quarantine_kind
+    from gpte_ray.report.run_report import RunReport, quarantine_kind
 
     assert quarantine_kind("text is not valid UTF-8 (byte 5)") == "text is not valid UTF-8"
     assert quarantine_kind("bad shard: input error: s3://b/x.parquet: unreadable Parquet") == "bad shard"
@@ -183,7 +183,7 @@ def test_cost_section_shows_what_the_run_held_and_cost():
 
 
 def test_trend_of_recent_runs_with_this_run_last():
-    from gpte_ray.report import trend_row
+    from gpte_ray.report.run_report import trend_row
 
     nights = [{"started": f"2026-11-{d:02d}T02:00:00+00:00", "run_id": f"r{d}", "seconds": 30.0 + d, "new": d,
                "changed": 1, "deleted": 0, "docs_embedded": d + 1, "tokens": 100 * (d + 1),

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpte_ray.batching import flatten, gather_packed, gather_padded, padding_efficiency, plan_micro_batches
-from gpte_ray.chunking import chunk_windows
-from gpte_ray.pooling import last_token_index, pool, unpack
-from gpte_ray.quantize import calibrate_int8, quantize_binary, quantize_int8, truncate_dim
+from gpte_ray.model.batching import flatten, gather_packed, gather_padded, padding_efficiency, plan_micro_batches
+from gpte_ray.model.chunking import chunk_windows
+from gpte_ray.model.pooling import last_token_index, pool, unpack
+from gpte_ray.model.quantize import calibrate_int8, quantize_binary, quantize_int8, truncate_dim
 
 H = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [9.0, 9.0]], [[2.0, 2.0], [4.0, 6.0], [6.0, 4.0]]])
 
@@ -168,7 +168,7 @@ def test_unpacked_states_pool_like_padded_ones(mode):
 
 
 def test_encoded_merge_restores_text_order():
-    from gpte_ray.tokenize import Chunk, Encoded
+    from gpte_ray.model.tokenize import Chunk, Encoded
 
     def enc(chunks):
         return Encoded.from_chunks(chunks)

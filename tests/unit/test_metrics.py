@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpte_ray.beir import load_qrels, load_queries
-from gpte_ray.evalset import split_first_sentence
-from gpte_ray.metrics import mean_metrics, metric_names, mrr_at_k, ndcg_at_k, recall_at_k
-from gpte_ray.query import collapse_to_docs
+from gpte_ray.demo.evalset import split_first_sentence
+from gpte_ray.query.beir import load_qrels, load_queries
+from gpte_ray.query.encoder import collapse_to_docs
+from gpte_ray.query.metrics import mean_metrics, metric_names, mrr_at_k, ndcg_at_k, recall_at_k
 
 QRELS = """query-id\tcorpus-id\tscore
 q1\td1\t2
@@ -165,8 +165,8 @@ def _table(tmp_path, ids, vectors, typ):
 def test_rank_docs_fetches_more_chunks_when_one_doc_crowds_the_top(tmp_path):
     import pyarrow as pa
 
-    from gpte_ray.evaluate import rank_docs
-    from gpte_ray.query import vector_search
+    from gpte_ray.query.encoder import vector_search
+    from gpte_ray.query.evaluate import rank_docs
 
     rng = np.random.default_rng(0)
     q = np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
@@ -192,8 +192,8 @@ def test_rank_docs_fetches_more_chunks_when_one_doc_crowds_the_top(tmp_path):
 def test_int8_search_matches_brute_force(tmp_path):
     import pyarrow as pa
 
-    from gpte_ray.quantize import calibrate_int8, quantize_int8
-    from gpte_ray.query import int8_search
+    from gpte_ray.model.quantize import calibrate_int8, quantize_int8
+    from gpte_ray.query.encoder import int8_search
 
     rng = np.random.default_rng(1)
     floats = rng.standard_normal((300, 16)).astype(np.float32)
@@ -212,7 +212,7 @@ def test_int8_search_matches_brute_force(tmp_path):
 
 
 def test_search_grouping_and_rank_fusion_by_hand():
-    from gpte_ray.search import fuse_rankings, group_by_document
+    from gpte_ray.query.search import fuse_rankings, group_by_document
 
     hits = [{"doc_id": "a", "chunk": 2, "score": 0.9}, {"doc_id": "b", "chunk": 0, "score": 0.8},
             {"doc_id": "a", "chunk": 0, "score": 0.7}]
@@ -229,7 +229,7 @@ def test_search_grouping_and_rank_fusion_by_hand():
 
 
 def test_search_groups_documents_by_the_rule_eval_ranks_them():
-    from gpte_ray.search import group_by_document
+    from gpte_ray.query.search import group_by_document
 
     # a tie between b and a, listed b first (as an index may return it): both rank a first
     hits = [{"doc_id": "b", "chunk": 0, "score": 0.5}, {"doc_id": "a", "chunk": 3, "score": 0.5},

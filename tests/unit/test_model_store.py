@@ -1,4 +1,4 @@
-"""Where nodes get the model (gpte_ray.model_store), without Ray: a moto S3 server on 127.0.0.1
+"""Where nodes get the model (gpte_ray.model.source), without Ray: a moto S3 server on 127.0.0.1
 behind a counting proxy, several processes standing for the actors of one node, and a
 Hugging Face cache laid out by hand standing for a warm hub cache."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpte_ray.config import ConfigError, ModelConfig
-from gpte_ray.spec import resolve_model
+from gpte_ray.model.spec import resolve_model
 from tests.support.s3 import FaultProxy, free_port
 
 WEIGHTS = "model.safetensors"
@@ -136,7 +136,7 @@ def test_hub_id_offline_pins_the_cached_commit(tmp_path, monkeypatch, minilm_pat
     assert spec.local_folder() == repo / "snapshots" / sha
 
     # a node whose cache lacks the model: one line naming it, not a traceback from the hub
-    from gpte_ray import model_store
+    from gpte_ray.model import source as model_store
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(model_store, "_verified", {})
@@ -147,7 +147,7 @@ def test_hub_id_offline_pins_the_cached_commit(tmp_path, monkeypatch, minilm_pat
 def test_searching_a_table_of_a_local_folder_says_to_pass_it():
     """A table's fingerprint keeps a local model folder's name only: without --model the query
     encoder cannot find it, and the error says what to pass."""
-    from gpte_ray.query import QueryEncoder
+    from gpte_ray.query.encoder import QueryEncoder
 
     fp = dict(resolve_model(ModelConfig()).fingerprint(), model_id="tiny-folder-elsewhere")
     with pytest.raises(ConfigError, match=r"cannot load 'tiny-folder-elsewhere'.*needs --model FOLDER$"):

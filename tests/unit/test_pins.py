@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpte_ray.config import InputConfig
-from gpte_ray.diff import kept_twice
-from gpte_ray.pins import Pin, ShardChangedError, read_pinned, scan_pinned, take_pin
-from gpte_ray.prepare import content_hash
+from gpte_ray.input.pins import Pin, ShardChangedError, read_pinned, scan_pinned, take_pin
+from gpte_ray.input.prepare import content_hash
+from gpte_ray.store.deletions import kept_twice
 
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 
@@ -84,7 +84,7 @@ def test_s3_pinned_reads_ask_for_the_pinned_bytes(tmp_path):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from gpte_ray.pins import open_pinned
+    from gpte_ray.input.pins import open_pinned
     from tests.support.s3 import free_port
 
     port = free_port()

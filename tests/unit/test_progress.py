@@ -6,11 +6,11 @@ import io
 
 import pyarrow as pa
 
-from gpte_ray import report as report_module
 from gpte_ray.config import ModelConfig
-from gpte_ray.report import Progress
-from gpte_ray.spec import resolve_model
-from gpte_ray.stages import EmbedStage, TokenizeStage
+from gpte_ray.model.spec import resolve_model
+from gpte_ray.report import run_report as report_module
+from gpte_ray.report.run_report import Progress
+from gpte_ray.run.stages import EmbedStage, TokenizeStage
 
 
 class _Counter:

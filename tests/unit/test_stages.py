@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 
 from gpte_ray.config import ModelConfig
-from gpte_ray.spec import resolve_model
-from gpte_ray.stages import CHUNK_SCHEMA, ActorFigures, EmbedStage, OutOfMemory, TokenizeStage
-from gpte_ray.tokenize import TextTokenizer
+from gpte_ray.model.spec import resolve_model
+from gpte_ray.model.tokenize import TextTokenizer
+from gpte_ray.run.stages import CHUNK_SCHEMA, ActorFigures, EmbedStage, OutOfMemory, TokenizeStage
 
 
 def _chunks(texts):
@@ -153,7 +153,7 @@ def test_failed_write_fails_its_window_only():
 
 
 def test_cost_line_from_embed_actor_figures():
-    from gpte_ray.report import RunReport
+    from gpte_ray.report.run_report import RunReport
 
     def actor(node, node_type, born, end, forward):
         return {"node": node, "actor_node_type": node_type, "actor_born": born, "actor_end": end,

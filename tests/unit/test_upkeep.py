@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 
 from gpte_ray.config import OutputConfig
-from gpte_ray.search import nearest_params
-from gpte_ray.table import FINGERPRINT_KEY, vectors_to_arrow
-from gpte_ray.upkeep import finish_table
+from gpte_ray.query.search import nearest_params
+from gpte_ray.store.table import FINGERPRINT_KEY, vectors_to_arrow
+from gpte_ray.store.upkeep import finish_table
 
 DIM = 128
 
@@ -68,7 +68,7 @@ def _table(uri, n, start=0, mode="create"):
 def test_upkeep_follows_the_change(tmp_path):
     """A small change joins each index as a delta segment; merges and retraining wait for their
     thresholds and are announced; every step is timed."""
-    from gpte_ray.upkeep import UpkeepPolicy
+    from gpte_ray.store.upkeep import UpkeepPolicy
 
     uri = str(tmp_path / "t.lance")
     ds, fp = _table(uri, 3000)

@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.batching import plan_micro_batches
 from gpte_ray.config import InputConfig
-from gpte_ray.diff import PIN_COLUMN
-from gpte_ray.sources import ShardError
-from gpte_ray.spec import ModelSpec
+from gpte_ray.input.sources import ShardError
+from gpte_ray.model.batching import plan_micro_batches
+from gpte_ray.model.spec import ModelSpec
+from gpte_ray.plan.diff import PIN_COLUMN
+from gpte_ray.store.staging import StagingWriter
 
 __all__ = ["ActorFigures", "EmbedStage", "TokenizeStage", "WindowWriter", "scan_shard"]
 
@@ -39,8 +40,8 @@ def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
     under one pin (pins.py), which goes to a file in `pins_dir`; the types of its kept columns,
     if any, go to a file in `types_dir` (kept.write_shard_types). `forced_bad`: shards (uri ->
     reason) this run must leave as they are, unread (they changed under an earlier attempt)."""
-    from gpte_ray.kept import unify_kept, write_shard_types
-    from gpte_ray.pins import scan_pinned, write_pin
+    from gpte_ray.input.pins import scan_pinned, write_pin
+    from gpte_ray.plan.kept import unify_kept, write_shard_types
 
     shard, uri = batch["shard"][0].as_py(), batch["uri"][0].as_py()
     types = None
@@ -92,7 +93,7 @@ class TokenizeStage:
         # Read at each call; the thread pool's size at its first parallel call.
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
         os.environ["RAYON_NUM_THREADS"] = str(threads)
-        from gpte_ray.tokenize import TextTokenizer
+        from gpte_ray.model.tokenize import TextTokenizer
 
         self.tok = TextTokenizer(spec)
         self.staged = staged
@@ -166,7 +167,7 @@ class EmbedStage:
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
-        from gpte_ray.embedder import Embedder
+        from gpte_ray.model.embedder import Embedder
 
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS from num_cpus (often 1); choose deliberately instead
@@ -239,8 +240,8 @@ class EmbedStage:
 
     def embed(self, batch: pa.Table) -> tuple[pa.Table, WindowStats]:
         """(the window's rows with a `vector` column instead of token ids, its figures)."""
-        from gpte_ray.embedder import postprocess
-        from gpte_ray.table import vector_type, vectors_to_arrow
+        from gpte_ray.model.embedder import postprocess
+        from gpte_ray.store.table import vector_type, vectors_to_arrow
 
         fig = self.figures
         arrived = time.perf_counter()
@@ -375,29 +376,18 @@ def node_type(device: str) -> str:
 
 
 class WindowWriter:
-    """Write one window of embedded rows as a Lance fragment plus a durable staging marker;
-    returns the window's summary (counts and histograms), never the vectors."""
+    """Stage one window of embedded rows (store.staging.StagingWriter: a Lance fragment plus a
+    durable marker); returns the window's summary (counts and histograms), never the vectors."""
 
-    def __init__(self, db: str, table: str, storage_options: dict | None, schema: pa.Schema,
-                 run_id: str, overwrite: bool):
-        from gpte_ray.table import TableStore
-
-        self.store = TableStore(db, table, storage_options)
-        self.schema = schema
-        self.run_id = run_id
-        self.overwrite = overwrite
+    def __init__(self, staging: StagingWriter):
+        self.staging = staging
 
     def __call__(self, batch: pa.Table, stats: WindowStats) -> pa.Table:
         summary = self._summary(batch, stats)
         if batch.num_rows == 0:  # every chunk of this window was already staged
             return summary.slice(0, 0)
-        data = batch.select(self.schema.names).cast(self.schema)
-        fragments = self.store.write_fragments(data, self.schema, data.num_rows, self.overwrite)
-        keys = batch.select(["doc_id", "chunk", "n_chunks"])
-        fragment_json = [f.to_json() for f in fragments]
         pins = pc.unique(batch[PIN_COLUMN]).to_pylist() if PIN_COLUMN in batch.column_names else None
-        # after the data files: durable
-        self.store.write_marker(self.run_id, uuid.uuid4().hex, keys, fragment_json, pins)
+        self.staging.write(batch, batch.select(["doc_id", "chunk", "n_chunks"]), pins)
         return summary
 
     @staticmethod

@@ -2,11 +2,9 @@
 
 Layout under the LanceDB URI (so `lancedb.connect(db).open_table(name)` reads it):
   <db>/<table>.lance                          the table
-  <db>/_gpte_staging/<table>/runs/<run_id>/   markers of fragments written but not yet committed
-  <db>/_gpte_staging/<table>/plans/           the diff's plan files of the running run (diff.py)
-  <db>/_gpte_staging/<table>/lease.json       the lease of the run that holds the table (lock.py)
-  <db>/_gpte_staging/<table>/commits/         one claim per committed version: which run made it
+  <db>/_gpte_staging/<table>/                 staged work, plans, the lease, commit claims (staging.py)
   <db>/<table>.quarantine/<run_id>.parquet    rows that were not embedded, with reasons
+  <db>/<table>.reports/<run_id>.{json,html}   run reports
 
 A run commits once, as a Lance transaction fenced on the version it planned against (see
 lock.py), so two runs never both commit and a retried run never doubles rows.
@@ -26,9 +24,10 @@ import numpy as np
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError
-from gpte_ray.lock import Fence, FenceError, claim_of, moved
-from gpte_ray.spec import ModelSpec
+from gpte_ray.model.spec import ModelSpec
 from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path
+from gpte_ray.store.lock import Fence, FenceError, claim_of, moved
+from gpte_ray.store.staging import StagingLayout
 
 __all__ = [
     "FINGERPRINT_KEY",
@@ -135,8 +134,7 @@ class TableStore:
             raise ConfigError(f"config error: output.db (--db): {db} is a file; give a folder (made if missing)")
         self.uri = join(self.db, f"{table}.lance")
         self.storage_options = storage_options
-        self.staging_root = join(self.db, "_gpte_staging", table, "runs")
-        self.plans_root = join(self.db, "_gpte_staging", table, "plans")  # diff.new_plan_dir's folders
+        self.staging = StagingLayout(self.db, table)
         self.reports_dir = join(self.db, f"{table}.reports")
 
     # ---- reading ------------------------------------------------------------------------
@@ -248,7 +246,7 @@ class TableStore:
     def _deletions(self, ds, doc_ids) -> tuple[list[int], list]:
         """Fragments to drop and fragments with new deletion files, for these doc ids (a list,
         or Arrow batches such as `diff.DeleteIds`): Lance finds their rows, no Python row loop."""
-        from gpte_ray.diff import fragment_deletions
+        from gpte_ray.store.deletions import fragment_deletions
 
         if not doc_ids:
             return [], []
@@ -257,7 +255,7 @@ class TableStore:
 
     def _check_unique(self, ds, plan: CommitPlan) -> None:
         """Refuse a commit that would leave a document's old rows beside its staged ones."""
-        from gpte_ray.diff import kept_twice
+        from gpte_ray.store.deletions import kept_twice
 
         if plan.staged_ids is None:
             return
@@ -308,22 +306,10 @@ class TableStore:
                 f.write(body.encode())
 
     # ---- staging ------------------------------------------------------------------------
-    def staging_dir(self, run_id: str) -> str:
-        return join(self.staging_root, run_id)
-
-    def write_marker(self, run_id: str, name: str, keys: pa.Table, fragments: list[str],
-                     pins: list[str] | None = None) -> None:
-        """Durably record fragments written, the (doc_id, chunk, n_chunks) they hold and the
-        pins of the shards they came from, as Parquet, atomically per file (read back on the
-        cluster by `resume.staged_state`)."""
-        from gpte_ray.resume import write_marker
-
-        write_marker(self.staging_dir(run_id), self.storage_options, name, keys, fragments, pins)
-
     def stale_staging(self, keep: str) -> list[str]:
         import pyarrow.fs as pafs
 
-        fs, path = filesystem(self.staging_root, self.storage_options)
+        fs, path = filesystem(self.staging.runs, self.storage_options)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         return [i.base_name for i in infos
                 if i.type == pafs.FileType.Directory and i.base_name != keep and RUN_ID.match(i.base_name)]
@@ -332,8 +318,8 @@ class TableStore:
         # deletes only a run folder of THIS table's staging: never a path a name could steer
         if not RUN_ID.match(run_id):
             raise ValueError(f"refusing to delete staging {run_id!r}: not a run id")
-        fs, path = filesystem(self.staging_dir(run_id), self.storage_options)
-        _, root = filesystem(self.staging_root, self.storage_options)
+        fs, path = filesystem(self.staging.run_dir(run_id), self.storage_options)
+        _, root = filesystem(self.staging.runs, self.storage_options)
         if path.rsplit("/", 1)[0] != root or "/../" in path + "/" or "/./" in path + "/":
             raise ValueError(f"refusing to delete {path}: outside {root}")
         try:

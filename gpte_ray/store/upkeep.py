@@ -11,16 +11,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from gpte_ray.config import OutputConfig
-from gpte_ray.query import index_on
+from gpte_ray.store.indexes import index_on, vector_metric
 
-__all__ = ["UpkeepPolicy", "finish_table", "run_upkeep", "vector_metric"]
-
-
-def vector_metric(fp: dict) -> str:
-    """The distance that matches how the table's vectors were made."""
-    if fp.get("precision") == "binary":
-        return "hamming"
-    return "cosine"
+__all__ = ["UpkeepPolicy", "finish_table", "run_upkeep"]
 
 
 @dataclass

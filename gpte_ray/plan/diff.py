@@ -33,14 +33,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.plan import MassDeleteError
-from gpte_ray.sources import ShardError
+from gpte_ray.input.sources import ShardError
+from gpte_ray.plan.reference import MassDeleteError
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
     "PIN_COLUMN", "SMALL_ROWS", "DeleteIds", "Diff", "PlanLostError", "aggregate", "calibration_rows",
-    "check_mass_delete", "compute_diff", "drop_old_plans", "drop_plan", "fragment_deletions", "ids_from",
-    "kept_twice", "new_plan_dir", "planned_rows", "ray_aggregations", "read_planned", "sql_list",
+    "check_mass_delete", "compute_diff", "drop_old_plans", "drop_plan", "ids_from", "new_plan_dir", "planned_rows",
+    "ray_aggregations", "read_planned",
 ]
 
 # a scan row's sort key as one string: zero-padded shard and row, then the content hash and
@@ -537,7 +537,7 @@ def read_planned(batch: pa.Table, cfg, plan_dir: str, storage_options: dict | No
     the shard's scan pin and matched to the plan by id and hashes (pins.read_pinned), with the
     pin on every row so that the staged window records where it came from (kept columns cast
     to the table's `kept_schema`, so every block has the same schema)."""
-    from gpte_ray.pins import Pin, read_pinned
+    from gpte_ray.input.pins import Pin, read_pinned
 
     shard, pin = batch["shard"][0].as_py(), batch["pin"][0].as_py()
     plan = planned_rows(plan_dir, shard, storage_options)
@@ -551,59 +551,6 @@ PIN_COLUMN = "source_pin"
 
 
 # ---- the commit's deletions and the plan folder ------------------------------------------------
-def sql_list(ids: pa.Array) -> str:
-    """'a', 'b''c', ... for a SQL IN list, built by Arrow kernels."""
-    quoted = pc.binary_join_element_wise("'", pc.replace_substring(ids, "'", "''"), "'", "")
-    return pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(quoted)], pa.int32()), quoted), ", ")[0].as_py()
-
-
-def fragment_deletions(ds, id_batches, lookup_rows: int = 4096) -> tuple[list[int], list]:
-    """(fragment ids to drop, fragments with new deletion files) for doc ids given as Arrow
-    batches. Lance finds the rows (through the doc_id index when there is one), so the cost
-    follows the number of deletions, not the table; nothing loops over rows in Python."""
-    frags, ids = [], []
-    for batch in id_batches:
-        for i in range(0, len(batch), lookup_rows):
-            part = batch.slice(i, lookup_rows)
-            found = ds.to_table(columns=["doc_id"], filter=f"doc_id IN ({sql_list(part)})",
-                                with_row_address=True)
-            # the high 32 bits of a row address are its fragment id
-            frags.append(pc.shift_right(found["_rowaddr"], 32).combine_chunks())
-            ids.append(found["doc_id"].combine_chunks())
-    if not frags:
-        return [], []
-    hits = pa.table({"fragment": pa.concat_arrays(frags), "doc_id": pa.concat_arrays(ids)})
-    if hits.num_rows == 0:
-        return [], []
-    per_fragment = hits.group_by("fragment").aggregate([("doc_id", "distinct")]).sort_by("fragment")
-    removed, updated = [], []
-    for frag_id, doc_ids in zip(per_fragment["fragment"].to_pylist(), per_fragment["doc_id_distinct"]):
-        meta = ds.get_fragment(frag_id).delete(f"doc_id IN ({sql_list(doc_ids.values)})")
-        if meta is None:
-            removed.append(frag_id)  # every row of it goes
-        else:
-            updated.append(meta)
-    return removed, updated
-
-
-def kept_twice(ds, staged_ids, deleted_ids, lookup_rows: int = 4096) -> tuple[str, int] | None:
-    """(a document, its rows) that the table at `ds` keeps while the commit adds it again, or
-    None: every staged doc id (Arrow batches) must be new to the table or among the deleted
-    ones. The last line of defence against a duplicate (doc_id, chunk) key, counted by Lance
-    from the staged markers, the plan's deletions and the table (through its doc_id index)."""
-    deleted = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in deleted_ids]
-    gone = pa.concat_arrays(deleted) if deleted else pa.array([], pa.string())
-    for batch in staged_ids:
-        ids = batch.filter(pc.invert(pc.is_in(batch, value_set=gone)))
-        for i in range(0, len(ids), lookup_rows):
-            part = ids.slice(i, lookup_rows)
-            found = ds.to_table(columns=["doc_id"], filter=f"doc_id IN ({sql_list(part)})")
-            if found.num_rows:
-                doc = found["doc_id"][0].as_py()
-                return doc, int(pc.sum(pc.equal(found["doc_id"], doc)).as_py())
-    return None
-
-
 PLAN_PREFIX = "plan-"
 # a plan folder is named plan-<unix seconds>-<uuid hex>: its age is read from its name
 _PLAN = re.compile(rf"^{PLAN_PREFIX}(?:(\d{{10}})-)?[0-9a-f]{{32}}$")

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gpte_ray.batching import flatten, gather_packed, gather_padded
-from gpte_ray.pooling import pool, unpack
-from gpte_ray.quantize import quantize_binary, quantize_int8, truncate_dim
-from gpte_ray.spec import ModelSpec
+from gpte_ray.model.batching import flatten, gather_packed, gather_padded
+from gpte_ray.model.pooling import pool, unpack
+from gpte_ray.model.quantize import quantize_binary, quantize_int8, truncate_dim
+from gpte_ray.model.spec import ModelSpec
 
 __all__ = ["PACKABLE", "Embedder", "flash_attention_available", "postprocess"]
 

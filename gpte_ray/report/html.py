@@ -13,7 +13,7 @@ or the JSON line `index` prints) and draws:
   "computed_tokens", "batches"}, ...]` (real tokens vs padding computed on top of them; a
   max_len of None is the bucket past the last edge);
 * throughput over the run: `timeline = [[seconds_since_start, docs_done, tokens_done], ...]`;
-* retrieval quality, when the dict carries an `eval` result of `gpte_ray.evaluate.evaluate`.
+* retrieval quality, when the dict carries an `eval` result of `gpte_ray.query.evaluate.evaluate`.
 
 Any of these may be missing or empty: its section then says so instead of drawing. Every
 string from the report is HTML-escaped.
@@ -147,7 +147,7 @@ def _bounds(edges: Sequence, n: int) -> list[float | None]:
     """n + 1 bin boundaries from a report's edges; None is an open upper end.
 
     n edges: upper bounds (bin i holds lengths in (edge[i-1], edge[i]], the first from 0, a last
-    None: everything longer), as gpte_ray.stages.LENGTH_EDGES makes them. n + 1 edges: the
+    None: everything longer), as gpte_ray.run.stages.LENGTH_EDGES makes them. n + 1 edges: the
     boundaries themselves. Anything else: bin numbers."""
     def num(v):
         try:

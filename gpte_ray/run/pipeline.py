@@ -20,9 +20,13 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from gpte_ray.audit import source_rows
 from gpte_ray.config import ConfigError, JobConfig
-from gpte_ray.diff import (
+from gpte_ray.input.audit import source_rows
+from gpte_ray.input.pins import ShardChangedError, pins_dir, read_pins
+from gpte_ray.input.preflight import preflight
+from gpte_ray.input.sources import ShardError
+from gpte_ray.model.spec import ModelSpec, resolve_model
+from gpte_ray.plan.diff import (
     SMALL_ROWS,
     DeleteIds,
     Diff,
@@ -33,18 +37,15 @@ from gpte_ray.diff import (
     new_plan_dir,
     read_planned,
 )
-from gpte_ray.kept import copy_shard, resolve_kept
-from gpte_ray.lock import FenceError, LockLostError, TableLock
-from gpte_ray.pins import ShardChangedError, pins_dir, read_pins
-from gpte_ray.preflight import preflight
-from gpte_ray.report import TREND_RUNS, Progress, ProgressCounter, RunReport, trend_row
-from gpte_ray.resume import StagedState, read_skip, staged_ids, staged_state
-from gpte_ray.sources import ShardError
-from gpte_ray.spec import ModelSpec, resolve_model
-from gpte_ray.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, scan_shard
+from gpte_ray.plan.kept import copy_shard, resolve_kept
+from gpte_ray.report.run_report import TREND_RUNS, Progress, ProgressCounter, RunReport, trend_row
+from gpte_ray.run.resume import StagedState, read_skip, staged_state
+from gpte_ray.run.stages import LENGTH_EDGES, EmbedStage, TokenizeStage, WindowWriter, scan_shard
 from gpte_ray.storage import join, lance_options
-from gpte_ray.table import CommitPlan, DuplicateKeyError, TableStore, kept_fields, table_schema
-from gpte_ray.upkeep import run_upkeep
+from gpte_ray.store.lock import FenceError, LockLostError, TableLock
+from gpte_ray.store.staging import StagingWriter, staged_ids
+from gpte_ray.store.table import CommitPlan, DuplicateKeyError, TableStore, kept_fields, table_schema
+from gpte_ray.store.upkeep import run_upkeep
 
 __all__ = ["connect_ray", "run_index"]
 
@@ -121,7 +122,7 @@ def _check_room(spec: ModelSpec, num_cpus: float) -> None:
     import ray
 
     def room() -> int:
-        from gpte_ray.tokenize import TextTokenizer
+        from gpte_ray.model.tokenize import TextTokenizer
 
         tok = TextTokenizer(spec)
         return len(tok.tok(spec.document_prefix + spec.document_suffix, add_special_tokens=True)["input_ids"])
@@ -203,7 +204,7 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, pins: dict[int, str], diff: Diff
     """int8 ranges from a fixed sample of this corpus, computed once per table."""
     import ray
 
-    from gpte_ray.pins import Pin, read_pinned
+    from gpte_ray.input.pins import Pin, read_pinned
 
     plan_dir, opts, sample = diff.plan_dir, diff.storage_options, cfg.model.calibration_sample
 
@@ -216,7 +217,7 @@ def _calibrate(spec: ModelSpec, cfg: JobConfig, pins: dict[int, str], diff: Diff
         import numpy as np
         import pyarrow.compute as pc
 
-        from gpte_ray.quantize import calibrate_int8
+        from gpte_ray.model.quantize import calibrate_int8
 
         docs = []
         # the first documents to embed by doc_id: read from the plan here, not on the driver
@@ -270,7 +271,7 @@ def _embed(ctx: RunContext, state: StagedState) -> None:
     staged = read_skip(state.skip_dir, store.storage_options)
     budget = b.token_budget or DEFAULT_BUDGET[device]
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    writer = WindowWriter(store.db, store.table, store.storage_options, ctx.schema, ctx.run_id, ctx.overwrite)
+    writer = WindowWriter(StagingWriter(store, ctx.schema, ctx.run_id, ctx.overwrite))
     embed_resources = {"num_cpus": r.cpus_per_actor}
     if device == "cuda" or r.fake_gpus:
         embed_resources["num_gpus"] = r.gpus_per_actor
@@ -345,12 +346,12 @@ def _staged_state(ctx: RunContext, diff: Diff, attempt: int, copies: bool = Fals
     """
     pins = set(ctx.pins.values())
     if copies:
-        state = staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.meta_dir,
+        state = staged_state(ctx.store.staging.run_dir(ctx.run_id), ctx.store.storage_options, diff.meta_dir,
                              diff.metadata_updated, diff.meta_shards, join(diff.plan_dir, f"copy-todo-{attempt}"),
                              pins=pins)
     else:
-        state = staged_state(ctx.store.staging_dir(ctx.run_id), ctx.store.storage_options, diff.plan_dir, diff.embed,
-                             diff.shards, join(diff.plan_dir, f"todo-{attempt}"), pins=pins)
+        state = staged_state(ctx.store.staging.run_dir(ctx.run_id), ctx.store.storage_options, diff.plan_dir,
+                             diff.embed, diff.shards, join(diff.plan_dir, f"todo-{attempt}"), pins=pins)
     if state.unpinned:
         log.warning("run %s: %d staged window(s) came from shards that changed since; their documents are "
                     "embedded again", ctx.run_id, state.unpinned)
@@ -408,10 +409,10 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     lock.acquire(run_id="planning")
     # the diff runs on the cluster: the driver gets counts, the per-document lists stay in
     # files under this run's plan folder in staging (a crashed run's plan is never reused)
-    plan_dir = new_plan_dir(store.plans_root)
+    plan_dir = new_plan_dir(store.staging.plans)
     forced_bad: dict[str, str] = {}  # shards that changed under this run, left as they are (--skip-bad-shards)
     try:
-        drop_old_plans(store.plans_root, store.storage_options)
+        drop_old_plans(store.staging.plans, store.storage_options)
         while True:
             try:
                 _run_locked(cfg, spec, shards, device, store, lock, report, plan_dir, forced_bad)
@@ -423,7 +424,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
                 log.warning("%s", str(e).split("; nothing was committed")[0])
                 forced_bad[e.uri] = "changed while the run read it; its documents were left as they were"
                 drop_plan(plan_dir, store.storage_options)
-                plan_dir = new_plan_dir(store.plans_root)
+                plan_dir = new_plan_dir(store.staging.plans)
                 report = _fresh_report(report)
         try:
             drop_plan(plan_dir, store.storage_options)
@@ -452,7 +453,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     report.seconds = time.perf_counter() - t0
     report.finish()
     if report.run_id:
-        from gpte_ray.html_report import render_html_report
+        from gpte_ray.report.html import render_html_report
 
         report.report_file = store.report_uri(report.run_id)
         # earlier runs' lines (a rerun of this run id replaces its own)
@@ -563,7 +564,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     if diff.embed or diff.replaced or diff.overwrite or current is None:
         commit = CommitPlan(run_id=run_id, read_version=report.version_before, overwrite=ctx.overwrite,
                             delete_doc_ids=DeleteIds(diff), fragments=state.fragments,
-                            staged_ids=lambda: staged_ids(store.staging_dir(run_id), state.markers,
+                            staged_ids=lambda: staged_ids(store.staging.run_dir(run_id), state.markers,
                                                           store.storage_options))
         latest = store.open()
         if latest is not None and store.committed_run(latest, commit):

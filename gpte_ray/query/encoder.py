@@ -19,7 +19,6 @@ __all__ = [
     "QueryEncoder",
     "collapse_to_docs",
     "dequantize_int8",
-    "index_on",
     "int8_search",
     "nearest_params",
     "query_encoder",
@@ -40,9 +39,9 @@ class QueryEncoder:
 
     def __init__(self, fp: dict, model_path: str | None = None):
         from gpte_ray.config import ConfigError
-        from gpte_ray.embedder import Embedder
-        from gpte_ray.spec import spec_from_fingerprint
-        from gpte_ray.tokenize import TextTokenizer
+        from gpte_ray.model.embedder import Embedder
+        from gpte_ray.model.spec import spec_from_fingerprint
+        from gpte_ray.model.tokenize import TextTokenizer
 
         try:
             self.spec = spec_from_fingerprint(fp, model_path)  # checks the weights are the table's
@@ -57,7 +56,7 @@ class QueryEncoder:
     def encode(self, queries: Sequence[str], calibration: dict | None, quantize: bool = True) -> np.ndarray:
         """Query vectors (n, dim) exactly as the table's documents were embedded, with the
         query prompt; left in float32 when `quantize` is false (asymmetric search over codes)."""
-        from gpte_ray.embedder import postprocess
+        from gpte_ray.model.embedder import postprocess
 
         spec = self.spec if quantize else dataclasses.replace(self.spec, precision="float32")
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
@@ -102,14 +101,6 @@ def query_encoder(fp: dict, model_path: str | None = None) -> QueryEncoder:
         if key not in _encoders:
             _encoders[key] = QueryEncoder(fp, model_path)
         return _encoders[key]
-
-
-def index_on(ds, column: str) -> str | None:
-    """The type of the index on `column` (e.g. IVF_HNSW_SQ, BTREE, INVERTED), or None."""
-    for idx in ds.describe_indices():
-        if column in idx.field_names:
-            return str(getattr(idx, "index_type", None) or "index")
-    return None
 
 
 def nearest_params(q: np.ndarray, k: int, metric: str, exact: bool = False) -> dict:

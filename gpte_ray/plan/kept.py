@@ -11,12 +11,10 @@ logic cover them too.
 
 from __future__ import annotations
 
-import uuid
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.sources import ShardError
+from gpte_ray.input.sources import ShardError
 from gpte_ray.storage import ensure_dir, filesystem
 
 __all__ = ["copy_shard", "resolve_kept", "unify_kept", "write_shard_types"]
@@ -103,11 +101,14 @@ def copy_shard(uri: str, shard: int, cfg, plan_dir: str, db: str, table: str, st
     """Stage the planned documents of one shard as copies of their table rows with the kept
     values read from the shard now (under its scan `pin`, matched to the plan by id and hashes);
     returns the rows staged. Runs in a Ray task."""
-    from gpte_ray.diff import planned_rows, sql_list
-    from gpte_ray.pins import Pin, read_pinned
-    from gpte_ray.table import BASE_COLUMNS, META_HASH, TableStore, kept_fields
+    from gpte_ray.input.pins import Pin, read_pinned
+    from gpte_ray.plan.diff import planned_rows
+    from gpte_ray.store.deletions import sql_list
+    from gpte_ray.store.staging import StagingWriter
+    from gpte_ray.store.table import BASE_COLUMNS, META_HASH, TableStore, kept_fields
 
     store = TableStore(db, table, storage_options)
+    writer = StagingWriter(store, schema, run_id, overwrite)
     ds = store.open(read_version)
     kept = kept_fields(schema)
     old_columns = [c for c in BASE_COLUMNS if c in schema.names and c in ds.schema.names]
@@ -130,10 +131,5 @@ def copy_shard(uri: str, shard: int, cfg, plan_dir: str, db: str, table: str, st
         if skip:  # chunks an earlier attempt of this run staged already
             keep = [(d, c) not in skip for d, c in zip(keys["doc_id"].to_pylist(), keys["chunk"].to_pylist())]
             out, keys = out.filter(pa.array(keep)), keys.filter(pa.array(keep))
-        if out.num_rows == 0:
-            continue
-        data = out.select(schema.names).cast(schema)
-        fragments = store.write_fragments(data, schema, data.num_rows, overwrite)
-        store.write_marker(run_id, uuid.uuid4().hex, keys, [f.to_json() for f in fragments], [pin])
-        staged += data.num_rows
+        staged += writer.write(out, keys, [pin])
     return staged

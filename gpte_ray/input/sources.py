@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from gpte_ray.config import InputConfig
-from gpte_ray.prepare import content_hash, meta_hashes, prepare_rows, template_fields
+from gpte_ray.input.prepare import content_hash, meta_hashes, prepare_rows, template_fields
 from gpte_ray.storage import filesystem, is_remote, local_path
 
 META_HASH = "meta_hash"  # PREPARED_SCHEMA's column: rides with the kept values until read_prepared

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from gpte_ray.config import ConfigError
-from gpte_ray.query import collapse_to_docs, index_on, int8_search, nearest_params, query_encoder, vector_search
-from gpte_ray.table import TableStore, kept_fields
+from gpte_ray.query.encoder import collapse_to_docs, int8_search, nearest_params, query_encoder, vector_search
+from gpte_ray.store.indexes import index_on
+from gpte_ray.store.table import TableStore, kept_fields
 
 __all__ = ["Searcher", "fuse_rankings", "group_by_document", "nearest_params", "open_embedded_table", "search"]
 
@@ -47,7 +48,7 @@ class Searcher:
 
     def refresh(self) -> None:
         """Open the table's latest version (and its model, if that changed)."""
-        from gpte_ray.upkeep import vector_metric
+        from gpte_ray.store.indexes import vector_metric
 
         self.store, self.ds, self.fp = open_embedded_table(self.db, self.table, self.storage_options)
         self.calibration = self.store.calibration(self.ds)

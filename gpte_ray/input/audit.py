@@ -11,7 +11,7 @@ import gzip
 import zlib
 
 from gpte_ray.config import InputConfig
-from gpte_ray.sources import shard_format
+from gpte_ray.input.sources import shard_format
 from gpte_ray.storage import filesystem
 
 __all__ = ["count_rows", "source_rows"]

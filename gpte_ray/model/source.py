@@ -143,7 +143,7 @@ def materialize(source: str, revision: str | None, expected_hash: str | None) ->
     if kind == "s3":
         return _from_object_store(source, expected_hash)
     if kind == "packaged":
-        from gpte_ray.spec import default_model_path
+        from gpte_ray.model.spec import default_model_path
 
         folder = Path(default_model_path())
     elif kind == "local":

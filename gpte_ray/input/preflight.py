@@ -9,22 +9,19 @@ by the job itself, which names the file.
 from __future__ import annotations
 
 import json
-import os
 import string
 
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, InputConfig, JobConfig
-from gpte_ray.sources import ShardError, check_columns, list_shards, shard_format
+from gpte_ray.input.sources import ShardError, check_columns, list_shards, shard_format
 from gpte_ray.storage import filesystem
 
 __all__ = [
     "check_first_shard",
     "check_template",
-    "local_db_exists",
     "needed_columns",
     "preflight",
-    "tidy_after_failure",
 ]
 
 # how far into a JSONL shard to look for the columns it has
@@ -137,26 +134,3 @@ def _json_keys(fs, path: str) -> dict[str, None]:
     except (OSError, EOFError, ValueError):
         pass
     return keys
-
-
-def local_db_exists(db: str) -> bool | None:
-    """Whether a local db folder exists (None for an object store, where folders are not real)."""
-    return None if "://" in db else os.path.isdir(db)
-
-
-def tidy_after_failure(db: str, table: str, existed: bool | None) -> None:
-    """After a run that failed before committing: remove the empty folders it made.
-
-    Only empty folders go (the lock's `_gpte_staging/`, the diff's `plans/`, a db folder this run
-    created), so a failed first run leaves the disk as it found it; staged work that a rerun
-    can resume from is never touched.
-    """
-    if existed is None:
-        return
-    for folder in (os.path.join(db, "_gpte_staging", table, "plans"), os.path.join(db, "_gpte_staging", table),
-                   os.path.join(db, "_gpte_staging"),
-                   *(() if existed else (db,))):
-        try:
-            os.rmdir(folder)  # only succeeds on an empty folder
-        except OSError:
-            pass

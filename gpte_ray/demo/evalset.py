@@ -1,6 +1,6 @@
 """An offline retrieval set in the BEIR layout, built from installed-package docstrings.
 
-`python -m gpte_ray.evalset OUT_DIR N_DOCS` writes OUT_DIR/corpus, queries.jsonl, qrels.tsv.
+`python -m gpte_ray.demo.evalset OUT_DIR N_DOCS` writes OUT_DIR/corpus, queries.jsonl, qrels.tsv.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def build_docstring_retrieval_set(out_dir: str, n_docs: int, rows_per_shard: int
     Writes out_dir/corpus/part-*.parquet (id, title, module, text), out_dir/queries.jsonl and
     out_dir/qrels.tsv; returns their paths and counts.
     """
-    from gpte_ray.corpus import docstring_docs, write_shards
+    from gpte_ray.demo.corpus import docstring_docs, write_shards
 
     docs, queries = [], []
     seen_q: set[str] = set()
@@ -78,6 +78,6 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m gpte_ray.evalset OUT_DIR N_DOCS")
+        sys.exit("usage: python -m gpte_ray.demo.evalset OUT_DIR N_DOCS")
     built = build_docstring_retrieval_set(sys.argv[1], int(sys.argv[2]))
     print(json.dumps({k: v for k, v in built.items() if k != "shards"}))

@@ -13,8 +13,8 @@ from itertools import chain
 
 import numpy as np
 
-from gpte_ray.chunking import chunk_windows
-from gpte_ray.spec import ModelSpec
+from gpte_ray.model.chunking import chunk_windows
+from gpte_ray.model.spec import ModelSpec
 
 __all__ = ["Chunk", "TextTokenizer"]
 

@@ -29,6 +29,7 @@ import time
 import uuid
 
 from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path, s3_client
+from gpte_ray.store.staging import StagingLayout
 
 __all__ = [
     "Fence",
@@ -78,7 +79,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def claims_uri(db: str, table: str) -> str:
-    return join(db.rstrip("/"), "_gpte_staging", table, "commits")
+    return StagingLayout(db, table).commits
 
 
 class TableLock:
@@ -86,7 +87,7 @@ class TableLock:
 
     def __init__(self, db: str, table: str, storage_options: dict | None, lease_s: float = 120.0,
                  settle_s: float = 0.5):
-        self.uri = join(db.rstrip("/"), "_gpte_staging", table, "lease.json")
+        self.uri = StagingLayout(db, table).lease
         self.table = table
         self.fs, self.path = filesystem(self.uri, storage_options)
         self.remote = is_remote(self.uri)

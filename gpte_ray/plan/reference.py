@@ -1,6 +1,6 @@
 """The reference diff: what a run must do, from the corpus scan and the table's contents.
 
-Plain Python over ids and hashes, one object per document: the test oracle for `gpte_ray.diff`,
+Plain Python over ids and hashes, one object per document: the test oracle for `gpte_ray.plan.diff`,
 which computes the same plan on the cluster. Duplicate rule: the
 first occurrence of a doc_id wins, in (shard path order, row) order; later ones are
 quarantined and name the winner. A document whose text is unchanged but whose kept columns'

@@ -14,61 +14,16 @@ aggregation, never with an object per document on the driver:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.diff import EMBED_SCHEMA, SMALL_ROWS, _name, _partitions, _write, aggregate, ray_aggregations
-from gpte_ray.storage import ensure_dir, filesystem, join
+from gpte_ray.plan.diff import EMBED_SCHEMA, SMALL_ROWS, _name, _partitions, _write, aggregate, ray_aggregations
+from gpte_ray.storage import filesystem, join
+from gpte_ray.store.staging import MARKER_SCHEMA, marker_files, marker_footers
 
-__all__ = ["MARKER_SCHEMA", "StagedState", "marker_files", "read_skip", "staged_ids", "staged_state", "write_marker"]
-
-MARKER_SCHEMA = pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("n_chunks", pa.int32())])
-FRAGMENTS_KEY = b"gpte_ray.fragments"
-PINS_KEY = b"gpte_ray.pins"  # the pins (pins.Pin JSON) of the shards the window's rows were read from
-
-
-def write_marker(staging_dir: str, storage_options: dict | None, name: str, keys: pa.Table,
-                 fragments: list[str], pins: list[str] | None = None) -> None:
-    """Durably record a window's fragments, the chunks they hold and the pins of the shards
-    they were read from (atomic per file)."""
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem(staging_dir, storage_options)
-    ensure_dir(fs, path)
-    table = keys.select(MARKER_SCHEMA.names).cast(MARKER_SCHEMA)
-    meta = {FRAGMENTS_KEY: json.dumps(fragments).encode()}
-    if pins is not None:
-        meta[PINS_KEY] = json.dumps(sorted(set(pins))).encode()
-    table = table.replace_schema_metadata(meta)
-    tmp = f"{path}/.{name}.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, f"{path}/{name}.parquet")
-
-
-def marker_files(staging_dir: str, storage_options: dict | None) -> list[str]:
-    """Paths of the run's markers, sorted (one per staged window)."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(staging_dir, storage_options)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(i.path for i in infos if i.is_file and i.base_name.endswith(".parquet")
-                  and not i.base_name.startswith("."))
-
-
-def _marker_meta(path: str, fs) -> tuple[list, int, list[str] | None]:
-    """(FragmentMetadata list, rows, source pins or None) of one marker, from its footer alone."""
-    import pyarrow.parquet as pq
-    from lance.fragment import FragmentMetadata
-
-    meta = pq.read_metadata(path, filesystem=fs)
-    frags = json.loads(meta.metadata[FRAGMENTS_KEY])
-    pins = json.loads(meta.metadata[PINS_KEY]) if PINS_KEY in meta.metadata else None
-    return ([FragmentMetadata.from_json(f if isinstance(f, str) else json.dumps(f)) for f in frags], meta.num_rows,
-            pins)
-
+__all__ = ["StagedState", "read_skip", "staged_state"]
 
 @dataclass
 class StagedState:
@@ -82,25 +37,11 @@ class StagedState:
     unpinned: int = 0  # markers dropped because a shard they were read from is no longer as pinned
 
 
-def staged_ids(staging_dir: str, markers: list[str], storage_options: dict | None, batch_rows: int = 65536):
-    """The doc ids of the kept markers' chunks (paths in `staging_dir`'s filesystem, as
-    `marker_files` gives them), in Arrow batches (unique within each batch)."""
-    import pyarrow.dataset as pads
-
-    if not markers:
-        return
-    fs, _ = filesystem(staging_dir, storage_options)
-    for b in pads.dataset(markers, format="parquet", filesystem=fs).to_batches(columns=["doc_id"],
-                                                                              batch_size=batch_rows):
-        if b.num_rows:
-            yield pc.unique(b.column(0))
-
-
 def read_skip(skip_dir: str | None, storage_options: dict | None) -> frozenset[tuple[str, int]]:
     """The chunks the tokenizer skips (only documents split across windows: a few per window)."""
     if not skip_dir:
         return frozenset()
-    from gpte_ray.diff import _batches
+    from gpte_ray.plan.diff import _batches
 
     out: set[tuple[str, int]] = set()
     for b in _batches(skip_dir, storage_options, ["doc_id", "chunk"], 65536):
@@ -220,7 +161,7 @@ def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, 
     files = marker_files(staging_dir, storage_options)
     if not files:
         return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
-    footers = dict(zip(files, _footers(files, fs)))
+    footers = dict(zip(files, marker_footers(files, fs)))
     unpinned = [f for f, (_, _, p) in footers.items() if pins is not None and (p is None or not set(p) <= pins)]
     for f in unpinned:
         try:
@@ -296,14 +237,6 @@ def _staged_rest(files: list[str], footers: dict, fs, storage_options: dict | No
 
     # 3. the kept markers' fragments
     return _with_fragments(state, footers, files)
-
-
-def _footers(files: list[str], fs) -> list[tuple[list, int, list[str] | None]]:
-    """(fragments, rows) of each marker: one footer per window, read in parallel threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(lambda p: _marker_meta(p, fs), files))
 
 
 def _with_fragments(state: StagedState, footers: dict, files: list[str]) -> StagedState:

@@ -4,7 +4,7 @@ A sentence-transformers folder configures itself (modules.json, pooling, Dense, 
 max_seq_length, named prompts); explicit config fields override it. The driver plans from
 those small files and the weights hash, wherever the model lives (the packaged default, a
 local folder, the hub, an s3:// folder); the spec names the model's *source*, and every node
-fetches the weights itself (`gpte_ray.model_store`). The fingerprint is what the table
+fetches the weights itself (`gpte_ray.model.source`). The fingerprint is what the table
 records: a table embedded under another fingerprint is rebuilt.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpte_ray.config import ConfigError, ModelConfig
-from gpte_ray.model_store import (
+from gpte_ray.model.source import (
     PACKAGED,
     folder_weights_hash,
     hub_snapshot,

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpte_ray.config import InputConfig
-from gpte_ray.sources import ShardError, read_prepared
+from gpte_ray.input.sources import ShardError, read_prepared
 from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path, s3_client
 
 __all__ = ["Pin", "ShardChangedError", "check_pin", "open_pinned", "read_pinned", "read_pins", "scan_pinned",

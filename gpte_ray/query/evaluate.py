@@ -1,9 +1,9 @@
 """Retrieval evaluation of a table on a BEIR-layout set: exact and indexed search, side by side.
 
 The table holds chunks, so retrieval results are chunk rows; they collapse to documents by
-`gpte_ray.query.collapse_to_docs` (a document's score is its best chunk's, ties by doc_id),
-the rule `search` groups by too. Metrics: `gpte_ray.metrics`; files: `gpte_ray.beir`; the
-docstring set: `gpte_ray.evalset`; the command line: `gpte-ray eval` in `gpte_ray.cli`.
+`gpte_ray.query.encoder.collapse_to_docs` (a document's score is its best chunk's, ties by doc_id),
+the rule `search` groups by too. Metrics: `gpte_ray.query.metrics`; files: `gpte_ray.query.beir`; the
+docstring set: `gpte_ray.demo.evalset`; the command line: `gpte-ray eval` in `gpte_ray.cli`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from gpte_ray.beir import load_qrels, load_queries
-from gpte_ray.metrics import has_relevant, mean_metrics, metric_names
-from gpte_ray.query import collapse_to_docs, index_on, int8_search, nearest_params, query_encoder, vector_search
+from gpte_ray.query.beir import load_qrels, load_queries
+from gpte_ray.query.encoder import collapse_to_docs, int8_search, nearest_params, query_encoder, vector_search
+from gpte_ray.query.metrics import has_relevant, mean_metrics, metric_names
+from gpte_ray.store.indexes import index_on
 
 __all__ = ["evaluate", "rank_docs"]
 
@@ -65,8 +66,8 @@ def evaluate(db: str, table: str, queries_path: str, qrels_path: str, k: int = 1
     override those settings for the indexed search.
     """
     from gpte_ray.config import ConfigError
-    from gpte_ray.search import open_embedded_table
-    from gpte_ray.upkeep import vector_metric
+    from gpte_ray.query.search import open_embedded_table
+    from gpte_ray.store.indexes import vector_metric
 
     if k < 1:
         raise ConfigError(f"config error: k: must be >= 1, got {k}")
