@@ -7,12 +7,15 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from gpte_ray.console import console
+from gpte_ray.report.counts import RunCounts
 
 __all__ = ["Progress", "ProgressCounter", "RunReport", "quarantine_kind"]
 
 
 @dataclass
-class RunReport:
+class RunReport(RunCounts):
+    """One run, as the JSON and HTML reports show it (the counts first, from RunCounts)."""
+
     run_id: str = ""
     started: str = ""  # UTC, ISO 8601 to the second
     table: str = ""
@@ -20,16 +23,7 @@ class RunReport:
     version_before: int | None = None
     version: int | None = None
     committed: bool = False
-    rebuild: bool = False
     source_rows: int | None = None  # rows in the source files, counted apart from reading them (audit.py)
-    rows_read: int = 0
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    metadata_updated: int = 0  # same text, new kept column values: rows copied, not embedded
-    quarantined: int = 0
-    deleted: int = 0
-    bad_shards: int = 0
     docs_embedded: int = 0
     chunks_written: int = 0
     chunks_embedded: int = 0  # chunks that went through the model in this run (resumed ones did not)

@@ -512,9 +512,7 @@ def _run_locked(cfg: JobConfig, spec: ModelSpec, shards: list[str], device: str,
     except Exception as e:
         raise (_user_error(e) or e) from None  # (run_index drops the plans of a failed run)
     report.stage_seconds.update(diff.seconds)  # table_ids, scan, diff
-    for k in ("rows_read", "new", "changed", "unchanged", "metadata_updated", "quarantined", "deleted", "bad_shards",
-              "rebuild"):
-        setattr(report, k, getattr(diff, k))
+    report.take_counts(diff)
     for b in diff.quarantine_batches():  # counted by kind, a few examples kept
         report.add_quarantine(b.select(["shard", "row", "doc_id", "reason"]).to_pylist(), shards)
     whole = [{"shard": s, "row": -1} for s in sorted(diff.whole_shards())]
