@@ -163,7 +163,7 @@ def stages_child(spec: dict) -> None:
     import gpte_ray
     from gpte_ray.config import ModelConfig
     from gpte_ray.model.spec import resolve_model
-    from gpte_ray.run.stages import EmbedStage, TokenizeStage
+    from gpte_ray.run.stages import EmbedOptions, EmbedStage, TokenizeStage
 
     torch.set_num_threads(1)
     model = resolve_model(ModelConfig(path=spec["model"], dtype="float32"))
@@ -171,7 +171,7 @@ def stages_child(spec: dict) -> None:
 
     shards = pq.read_table(spec["shards"])
     docs = pa.table({"doc_id": shards["id"], "text": shards["text"], "content_hash": shards["id"]})
-    tok, emb = TokenizeStage(model), EmbedStage(model, "cpu", 8192, 256, 0.9, 1, None)
+    tok, emb = TokenizeStage(model), EmbedStage(model, EmbedOptions("cpu", 8192, 256, 0.9, 1))
     emb(tok(docs.slice(0, 64)))  # warm-up
     fig = getattr(emb, "figures", None)  # the embed actor's own accounting, where the tree has it
     forward0 = fig.forward if fig else 0.0

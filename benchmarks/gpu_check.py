@@ -128,7 +128,7 @@ def packed(args, texts) -> None:
 def throughput(args) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from gpte_ray.run.stages import EmbedStage, TokenizeStage
+    from gpte_ray.run.stages import EmbedOptions, EmbedStage, TokenizeStage
 
     dtype = "float16" if args.device == "cuda" else "float32"
     tdtype = getattr(torch, dtype)
@@ -141,7 +141,7 @@ def throughput(args) -> None:
     lengths = np.concatenate([w["n_tokens"].to_numpy() for w in windows])
     tokens = int(lengths.sum())
     budget = 32768 if args.device == "cuda" else 8192
-    stage = EmbedStage(spec, args.device, budget, 256, 0.95, None, None)
+    stage = EmbedStage(spec, EmbedOptions(args.device, budget, 256, 0.95, None))
     stage(windows[0].slice(0, 64))  # warm-up
     print(f"  embed path: {'packed (flash-attention varlen)' if stage.embedder.packed else 'padded SDPA'}")
 

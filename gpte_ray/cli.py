@@ -276,7 +276,7 @@ def _search(args: argparse.Namespace) -> int:
         raise ConfigError(f"config error: -k: must be >= 1, got {args.k}")
     searcher = Searcher(db, table, lance_options(cfg.output.storage_options, db), args.model)
     try:
-        results = searcher.search_many(queries, args.k, args.where, args.exact, hybrid=args.hybrid,
+        results = searcher.search_many(queries, args.k, where=args.where, exact=args.exact, hybrid=args.hybrid,
                                        group=not args.chunks) if queries else []
     except ValueError as e:
         if not args.where or "Invalid user input" not in str(e):
@@ -299,8 +299,8 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     args.secrets += secret_values(cfg.input.storage_options, cfg.output.storage_options)
     db, table = args.db or cfg.output.db, args.table or cfg.output.table
-    out = evaluate(db, table, args.queries, args.qrels, args.k, lance_options(cfg.output.storage_options, db),
-                   args.model, nprobes=args.nprobes, refine_factor=args.refine_factor)
+    out = evaluate(db, table, args.queries, args.qrels, args.k, model_path=args.model, nprobes=args.nprobes,
+                   refine_factor=args.refine_factor, storage_options=lance_options(cfg.output.storage_options, db))
     print(json.dumps(out), flush=True)
     return 0
 

@@ -30,13 +30,14 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the key."""
 
 
-# Names a kept source column may not take: the table's own columns (table.table_schema), the
-# columns rows carry through the pipeline beside them (stages.py), and the keys of a search
-# result. Names starting with "_" are Lance's (_rowid, _distance, _score).
+# Names a kept source column may not take: the table's own columns (store.table.table_schema),
+# the columns rows carry through the pipeline beside them (input.sources.PREPARED_SCHEMA,
+# run.stages.CHUNK_SCHEMA, run.stages.PIN_COLUMN), and the keys of a search result. Names
+# starting with "_" are Lance's (_rowid, _distance, _score).
 RESERVED_COLUMNS = frozenset({
     "doc_id", "chunk", "n_chunks", "vector", "text", "content_hash", "meta_hash", "char_start", "char_end",
-    "shard", "row", "reason", "input_ids", "n_tokens", "prompt_len", "truncated", "padded_tokens",
-    "batch_first", "embed_seconds", "oom_retries", "token_budget", "score", "chunks", "query",
+    "shard", "row", "reason", "input_ids", "n_tokens", "prompt_len", "truncated", "source_pin",
+    "score", "chunks", "query",
 })
 
 

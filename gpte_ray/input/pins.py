@@ -10,7 +10,7 @@ The embed pass reads planned rows by position, so it must read the bytes the sca
 - a shard that no longer matches raises ShardChangedError, naming it: nothing read from it is
   used, and the rerun plans afresh.
 
-Rows are also matched by id and hash against the plan (diff.read_planned), and staged windows
+Rows are also matched by id and hash against the plan (run.stages.read_planned), and staged windows
 record the pins of the shards they came from (resume.staged_state drops those whose pin moved).
 """
 

@@ -14,13 +14,12 @@ import string
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, InputConfig, JobConfig
-from gpte_ray.input.sources import ShardError, check_columns, list_shards, shard_format
+from gpte_ray.input.sources import ShardError, check_columns, list_shards, needed_columns, shard_format
 from gpte_ray.storage import filesystem
 
 __all__ = [
     "check_first_shard",
     "check_template",
-    "needed_columns",
     "preflight",
 ]
 
@@ -60,13 +59,6 @@ def check_template(template: str | None) -> None:
                 f"config error: input.template: field {{{f}}}: use plain column names "
                 "(no attribute or index access)"
             )
-
-
-def needed_columns(cfg: InputConfig) -> list[str]:
-    """The id column, then every column the text is made of."""
-    fields = [f for _, f, _, _ in string.Formatter().parse(cfg.template) if f] if cfg.template \
-        else [cfg.text_column]
-    return [cfg.id_column, *dict.fromkeys(f for f in fields if f != cfg.id_column)]
 
 
 def check_first_shard(uri: str, cfg: InputConfig) -> None:

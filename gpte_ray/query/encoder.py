@@ -1,5 +1,6 @@
 """The query side, written once for `search` and `eval`: the query model, the vector search
-backends (Lance's `nearest`, exact int8), scores, and the one ranking rule for documents.
+backends (Lance's `nearest`, exact int8; `Searcher.search_vectors` picks one per table), scores,
+and the one ranking rule for documents.
 
 The query model is loaded once per process and table model (`query_encoder` caches it), so a
 program or an evaluation that searches many times pays for the weights once.
@@ -16,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "OVERSAMPLE",
+    "QUERY_BATCH",
     "QueryEncoder",
     "collapse_to_docs",
     "dequantize_int8",
@@ -25,8 +28,11 @@ __all__ = [
     "vector_search",
 ]
 
-# queries embedded per forward pass (sorted by length, so little padding)
+# queries per forward pass (sorted by length, so little padding) and per search call (an int8
+# search holds a (queries, 16384 rows) score block)
 QUERY_BATCH = 256
+# chunks fetched per wanted document: a document may have several chunks among the nearest
+OVERSAMPLE = 4
 # up to this many queries embed on one torch thread (see _threads)
 FEW_QUERIES = 16
 
@@ -40,13 +46,14 @@ class QueryEncoder:
     def __init__(self, fp: dict, model_path: str | None = None):
         from gpte_ray.config import ConfigError
         from gpte_ray.model.embedder import Embedder
+        from gpte_ray.model.source import ModelUnavailable
         from gpte_ray.model.spec import spec_from_fingerprint
         from gpte_ray.model.tokenize import TextTokenizer
 
         try:
             self.spec = spec_from_fingerprint(fp, model_path)  # checks the weights are the table's
-        except ConfigError as e:
-            if model_path is not None or "model.path: cannot load" not in str(e):
+        except ModelUnavailable as e:
+            if model_path is not None:
                 raise
             # the fingerprint keeps a local folder's name only: say how to point at it
             raise ConfigError(f"{e}; a table built from a local model folder needs --model FOLDER") from None
@@ -115,7 +122,7 @@ def nearest_params(q: np.ndarray, k: int, metric: str, exact: bool = False) -> d
     return params
 
 
-def vector_search(ds, vectors: np.ndarray, k: int, metric: str, columns: Sequence[str], where: str | None = None,
+def vector_search(ds, vectors: np.ndarray, k: int, metric: str, columns: Sequence[str], *, where: str | None = None,
                   exact: bool = False, tune: Mapping | None = None) -> list[list[dict]]:
     """The k nearest rows to each query vector (n, dim), best first, with a `score`:
     cosine similarity, or for binary vectors the share of equal bits."""
@@ -144,7 +151,7 @@ def dequantize_int8(codes: np.ndarray, calibration: Mapping) -> np.ndarray:
     return low + (codes.astype(np.float32) + 128.0) / 255.0 * (high - low)
 
 
-def int8_search(ds, vectors: np.ndarray, calibration: Mapping, k: int, columns: Sequence[str],
+def int8_search(ds, vectors: np.ndarray, calibration: Mapping, k: int, columns: Sequence[str], *,
                 where: str | None = None) -> list[list[dict]]:
     """Exact cosine of float32 query vectors (n, dim) against the table's dequantised int8
     codes (Lance's ANN search takes float vectors only); the k best rows per query."""

@@ -11,7 +11,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from gpte_ray.config import ConfigError
-from gpte_ray.query.encoder import collapse_to_docs, int8_search, nearest_params, query_encoder, vector_search
+from gpte_ray.query.encoder import (
+    OVERSAMPLE,
+    QUERY_BATCH,
+    collapse_to_docs,
+    int8_search,
+    nearest_params,
+    query_encoder,
+    vector_search,
+)
 from gpte_ray.store.indexes import index_on
 from gpte_ray.store.table import TableStore, kept_fields
 
@@ -53,21 +61,43 @@ class Searcher:
         self.store, self.ds, self.fp = open_embedded_table(self.db, self.table, self.storage_options)
         self.calibration = self.store.calibration(self.ds)
         self.metric = vector_metric(self.fp)
+        # int8 tables are searched asymmetrically: float32 queries, an exact scan of the dequantised
+        # codes (Lance's ANN search takes float vectors only)
+        self.int8 = self.fp["precision"] == "int8"
         self.encoder = query_encoder(self.fp, self.model_path)
         # kept source columns (input.keep_columns) come with every result
         self.kept = kept_fields(self.ds.schema).names
         self.columns = [c for c in ("doc_id", "chunk", "text") if c in self.ds.schema.names] + self.kept
 
     def embed(self, queries: Sequence[str]) -> np.ndarray:
-        """Query vectors as the table stores them (float32 for int8 tables: scored asymmetrically)."""
-        return self.encoder.encode(list(queries), self.calibration, quantize=self.fp["precision"] != "int8")
+        """Query vectors as `search_vectors` takes them: the table's precision, float32 for int8 tables."""
+        return self.encoder.encode(list(queries), self.calibration, quantize=not self.int8)
 
-    def search(self, query: str, k: int = 10, where: str | None = None, exact: bool = False,
+    def vector_index(self) -> str | None:
+        """The vector index `search_vectors` uses when not exact (None: none, or an int8 table)."""
+        return None if self.int8 else index_on(self.ds, "vector")
+
+    def search_vectors(self, vectors: np.ndarray, k: int, columns: Sequence[str] | None = None, *,
+                       where: str | None = None, exact: bool = False, tune: dict | None = None) -> list[list[dict]]:
+        """The table's search: the k nearest chunk rows to each query vector (n, dim), best first,
+        with `columns` (default: those `search_many` returns) and a `score`. `tune` overrides
+        Lance's `nearest` settings for indexed search."""
+        columns = self.columns if columns is None else list(columns)
+        out: list[list[dict]] = []
+        for start in range(0, len(vectors), QUERY_BATCH):
+            batch = vectors[start : start + QUERY_BATCH]
+            if self.int8:
+                out += int8_search(self.ds, batch, self.calibration, k, columns, where=where)
+            else:
+                out += vector_search(self.ds, batch, k, self.metric, columns, where=where, exact=exact, tune=tune)
+        return out
+
+    def search(self, query: str, k: int = 10, *, where: str | None = None, exact: bool = False,
                hybrid: bool = False, group: bool = True) -> list[dict]:
         """The best k results for one query, best first (see `search_many`)."""
-        return self.search_many([query], k, where, exact, hybrid, group)[0]
+        return self.search_many([query], k, where=where, exact=exact, hybrid=hybrid, group=group)[0]
 
-    def search_many(self, queries: Sequence[str], k: int = 10, where: str | None = None, exact: bool = False,
+    def search_many(self, queries: Sequence[str], k: int = 10, *, where: str | None = None, exact: bool = False,
                     hybrid: bool = False, group: bool = True) -> list[list[dict]]:
         """The best k results per query, best first: doc_id, chunk, score, a text snippet and the
         table's kept source columns.
@@ -77,12 +107,8 @@ class Searcher:
         ranking is fused with a full-text (BM25) ranking of the chunk texts by reciprocal rank.
         `where` is a SQL filter on the table's columns.
         """
-        depth = k * 4 if group else k  # enough chunks to fill k documents in the usual case
-        vectors = self.embed(queries)
-        if self.fp["precision"] == "int8":
-            hits = int8_search(self.ds, vectors, self.calibration, depth, self.columns, where)
-        else:
-            hits = vector_search(self.ds, vectors, depth, self.metric, self.columns, where, exact)
+        depth = k * OVERSAMPLE if group else k  # enough chunks to fill k documents in the usual case
+        hits = self.search_vectors(self.embed(queries), depth, where=where, exact=exact)
         out = []
         for query, rows in zip(queries, hits):
             if hybrid:
@@ -104,11 +130,12 @@ class Searcher:
         return [r | {"score": float(r.pop("_score"))} for r in result.to_pylist()]
 
 
-def search(db: str, table: str, query: str, k: int = 10, storage_options: dict | None = None,
+def search(db: str, table: str, query: str, k: int = 10, *, storage_options: dict | None = None,
            model_path: str | None = None, where: str | None = None, exact: bool = False,
            hybrid: bool = False, group: bool = True) -> list[dict]:
     """The best k results for `query`, best first (`Searcher.search_many` describes them)."""
-    return Searcher(db, table, storage_options, model_path).search(query, k, where, exact, hybrid, group)
+    searcher = Searcher(db, table, storage_options, model_path)
+    return searcher.search(query, k, where=where, exact=exact, hybrid=hybrid, group=group)
 
 
 def group_by_document(rows: list[dict]) -> list[dict]:

@@ -259,8 +259,10 @@ def buckets_svg(buckets: Sequence[dict] | None, w: int = 960) -> str:
     return "".join(parts)
 
 
-def _line_chart(points: list[tuple[float, float]], title: str, y_label: str, w: int, h: int,
-                color: str, area: bool, avg: float | None = None, step_line: bool = False) -> str:
+def _line_chart(points: list[tuple[float, float]], title: str, y_label: str, *, w: int, h: int, color: str,
+                area: bool, avg: float | None = None, step_line: bool = False) -> str:
+    """A line over `points` [(seconds, value)]: filled below with `area`, drawn as steps with
+    `step_line`, with a dashed run-average line at `avg`."""
     left, right, top_m, bottom = 60, 16, 30, 44
     pw, ph = w - left - right, h - top_m - bottom
     xmax = max(p[0] for p in points) or 1.0
@@ -330,9 +332,9 @@ def timeline_svgs(timeline: Sequence | None, avg_tokens_s: float | None = None, 
     if pts[0][0] > 0:
         pts.insert(0, (0.0, 0.0, 0.0))
     docs = [(t, d) for t, d, _ in pts]
-    left = _line_chart(docs, "documents embedded", "documents", w, h, ACCENT, area=True)
+    left = _line_chart(docs, "documents embedded", "documents", w=w, h=h, color=ACCENT, area=True)
     rate = throughput_steps(pts)
-    right = (_line_chart(rate, "throughput", "tokens / s", w, h, GOOD, area=False,
+    right = (_line_chart(rate, "throughput", "tokens / s", w=w, h=h, color=GOOD, area=False,
                          avg=avg_tokens_s, step_line=True)
              if len(rate) >= 2 else _empty("too few samples for a rate", w, h))
     return f'<div class="pair">{left}{right}</div>'
@@ -512,13 +514,8 @@ footer{{color:{MUTED};font-size:12px;margin:18px 0 8px}}
 """
 
 
-def render_html_report(report: dict) -> str:
-    """The page as a string."""
-    r = dict(report or {})
-    table = r.get("table") or "?"
-    before, after = r.get("version_before"), r.get("version")
-    version = f"{_num(before) if before is not None else 'new'} → {_num(after)}"
-    committed = "committed" if r.get("committed") else "nothing to commit"
+def _summary(r: dict) -> str:
+    """The two rows of cards: what the run counted, and what it embedded and how fast."""
     add_up = r.get("counts_add_up")
     eff = r.get("padding_efficiency")
     cards_counts = "".join([
@@ -543,32 +540,52 @@ def render_html_report(report: dict) -> str:
               else "rows in the files ≠ read ≠ new + changed + unchanged + metadata updated + quarantined",
               cls="ok" if add_up else "bad"),
     ])
+    return (f'<section><h2>Summary</h2>\n<div class="cards">{cards_counts}</div><div style="height:10px"></div>\n'
+            f'<div class="cards">{cards_work}</div></section>')
+
+
+def _details(r: dict) -> str:
+    """The counts that are usually zero, and what upkeep did, when there is any of either."""
     keys = ("bad_shards", "truncated", "oom_retries", "min_token_budget", "chunks_embedded", "chunks_resumed",
             "chunks_copied", "quarantine_file")
     extra = {k: r[k] for k in keys if r.get(k) not in (None, 0, "")}
     upkeep = r.get("upkeep") if isinstance(r.get("upkeep"), dict) else {}
-    details = ""
-    if extra or upkeep:
-        details = "<h2>Details</h2>" + _kv_table({**extra, **{f"upkeep.{k}": v for k, v in upkeep.items()}})
+    if not extra and not upkeep:
+        return ""
+    return "<h2>Details</h2>" + _kv_table({**extra, **{f"upkeep.{k}": v for k, v in upkeep.items()}})
 
+
+def _bucket_note(buckets: Sequence[dict]) -> str:
+    """How much of the computed tokens was real text; empty when the buckets do not add up."""
+    if not buckets:
+        return ""
+    try:
+        real = sum(float(b.get("real_tokens", 0)) for b in buckets)
+        comp = sum(float(b.get("computed_tokens", 0)) for b in buckets)
+        nb = sum(int(b.get("batches", 0)) for b in buckets)
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    return (f'<p class="note">{_num(nb)} micro-batches; {_pct(real / comp if comp else 0)} of the computed tokens '
+            "were real text, the rest padding.</p>")
+
+
+def _hist_note(hist: dict | None) -> str:
+    if not hist or not hist.get("counts"):
+        return ""
+    n = _num(int(sum(_ints(hist.get("counts")))))
+    return (f'<p class="note">{n} {_e(hist.get("of") or "chunks")} by token count: only what this '
+            "run embedded (new and changed documents), not the whole table.</p>")
+
+
+def render_html_report(report: dict) -> str:
+    """The page as a string."""
+    r = dict(report or {})
+    table = r.get("table") or "?"
+    before, after = r.get("version_before"), r.get("version")
+    version = f"{_num(before) if before is not None else 'new'} → {_num(after)}"
+    committed = "committed" if r.get("committed") else "nothing to commit"
     buckets = r.get("buckets") or []
-    bucket_note = ""
-    if buckets:
-        try:
-            real = sum(float(b.get("real_tokens", 0)) for b in buckets)
-            comp = sum(float(b.get("computed_tokens", 0)) for b in buckets)
-            nb = sum(int(b.get("batches", 0)) for b in buckets)
-            share = _pct(real / comp if comp else 0)
-            bucket_note = (f'<p class="note">{_num(nb)} micro-batches; {share} of the computed tokens were '
-                           "real text, the rest padding.</p>")
-        except (TypeError, ValueError, AttributeError):
-            bucket_note = ""
     hist = r.get("length_histogram") if isinstance(r.get("length_histogram"), dict) else None
-    hist_note = ""
-    if hist and hist.get("counts"):
-        n = _num(int(sum(_ints(hist.get("counts")))))
-        hist_note = (f'<p class="note">{n} {_e(hist.get("of") or "chunks")} by token count: only what this '
-                     "run embedded (new and changed documents), not the whole table.</p>")
     ev = _eval_table(r["eval"]) if isinstance(r.get("eval"), dict) else ""
     timeline_note = ('<p class="note">Tokens per second between successive progress updates '
                      "(a burst of finished rows counts over the time since the previous one).</p>"
@@ -585,19 +602,17 @@ def render_html_report(report: dict) -> str:
 <p class="meta">run <code>{_e(r.get("run_id") or "?")}</code> · device {_e(r.get("device") or "?")} ·
  version {version} ({committed}){" · full rebuild" if r.get("rebuild") else ""} ·
  {_num(r.get("seconds"))} s</p>
-<section><h2>Summary</h2>
-<div class="cards">{cards_counts}</div><div style="height:10px"></div>
-<div class="cards">{cards_work}</div></section>
+{_summary(r)}
 {_quarantine_section(r)}
 {_cost_section(r)}
 {_trend_section(r)}
 <section><h2>Stage times</h2>{stages_svg(r.get("stage_seconds"))}</section>
-<section><h2>Lengths of the chunks embedded in this run (tokens)</h2>{hist_note}{histogram_svg(hist)}</section>
-<section><h2>Micro-batch fill per length bucket</h2>{bucket_note}{buckets_svg(buckets)}</section>
+<section><h2>Lengths of the chunks embedded in this run (tokens)</h2>{_hist_note(hist)}{histogram_svg(hist)}</section>
+<section><h2>Micro-batch fill per length bucket</h2>{_bucket_note(buckets)}{buckets_svg(buckets)}</section>
 <section><h2>Throughput over the run</h2>{timeline_note}{timeline_svgs(r.get("timeline"), r.get("tokens_per_s"))}
 </section>
 {ev}
-{details}
+{_details(r)}
 <footer>gpte-ray · self-contained report: no scripts, no network.</footer>
 </main></body></html>
 """

@@ -69,6 +69,20 @@ class RunReport(RunCounts):
                 self.quarantine_examples.append({"kind": kind, "source": shards[r["shard"]], "row": r["row"],
                                                  "doc_id": r["doc_id"], "reason": r["reason"]})
 
+    def add_window(self, row: dict, edges: list[int]) -> None:
+        """Add one staged window's figures (run.stages.WindowWriter's summary row)."""
+        self.chunks_embedded += row["rows"]
+        self.embed_nodes[row["node"]] = self.embed_nodes.get(row["node"], 0) + 1
+        self.tokens += row["tokens"]
+        self.padded_tokens += row["padded_tokens"]
+        self.truncated += row["truncated"]
+        self.oom_retries += row["oom_retries"]
+        if row["rows"]:
+            self.min_token_budget = min(self.min_token_budget or row["token_budget"], row["token_budget"])
+        self.stage_seconds["embed_compute"] = self.stage_seconds.get("embed_compute", 0.0) + row["embed_seconds"]
+        self.add_histograms(edges, row["length_hist"], row["bucket_real"], row["bucket_computed"],
+                            row["bucket_batches"])
+
     def add_histograms(self, edges: list[int], hist: list[int], real: list[int], computed: list[int],
                        batches: list[int]) -> None:
         if not self.length_histogram:

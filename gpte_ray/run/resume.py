@@ -2,8 +2,9 @@
 
 Every embedded window leaves a Parquet marker in the run's staging folder, written after its
 Lance fragment: one row per chunk (doc_id, chunk, n_chunks), the fragment's metadata in the
-file's schema metadata. The state is computed on the cluster with Ray Data's hash-shuffle
-aggregation, never with an object per document on the driver:
+file's schema metadata. The state is computed on the cluster, grouped as plan.grouping groups
+(in one Ray task when the run is small, else by hash shuffles), never with an object per
+document on the driver:
 
 - a chunk staged by two markers (a retried window) would be committed twice: the later marker
   of every such pair is dropped (its documents are embedded again);
@@ -15,15 +16,21 @@ aggregation, never with an object per document on the driver:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.plan.diff import EMBED_SCHEMA, SMALL_ROWS, _name, _partitions, _write, aggregate, ray_aggregations
+from gpte_ray.plan.files import EMBED, EMBED_SCHEMA, PARTIAL, SKIP, block_name, read_batches, write_file
+from gpte_ray.plan.grouping import SMALL_ROWS, fits_one_task, group_map
 from gpte_ray.storage import filesystem, join
 from gpte_ray.store.staging import MARKER_SCHEMA, marker_files, marker_footers
 
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
 __all__ = ["StagedState", "read_skip", "staged_state"]
+
 
 @dataclass
 class StagedState:
@@ -41,17 +48,152 @@ def read_skip(skip_dir: str | None, storage_options: dict | None) -> frozenset[t
     """The chunks the tokenizer skips (only documents split across windows: a few per window)."""
     if not skip_dir:
         return frozenset()
-    from gpte_ray.plan.diff import _batches
-
     out: set[tuple[str, int]] = set()
-    for b in _batches(skip_dir, storage_options, ["doc_id", "chunk"], 65536):
+    for b in read_batches(skip_dir, storage_options, ["doc_id", "chunk"], 65536):
         out.update(zip(b.column(0).to_pylist(), b.column(1).to_pylist()))
     return frozenset(out)
+
+
+def staged_state(staging_dir: str, storage_options: dict | None, *, plan_dir: str, planned: int,
+                 planned_shards: list[int], out_dir: str, small_rows: int = SMALL_ROWS,
+                 pins: set[str] | None = None) -> StagedState:
+    """The run's staged fragments and, in `out_dir`, the plan of what is left to embed (in one
+    task up to `small_rows` planned and staged rows, else by hash shuffles).
+
+    `pins`: the run's shard pins; a marker read from a shard whose pin is not among them (the
+    shard changed since it was staged), or that records none, is dropped: never committed."""
+    fs, _ = filesystem(staging_dir, storage_options)
+    files = marker_files(staging_dir, storage_options)
+    if not files:
+        return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
+    footers = dict(zip(files, marker_footers(files, fs)))
+    unpinned = [f for f, (_, _, p) in footers.items() if pins is not None and (p is None or not set(p) <= pins)]
+    for f in unpinned:
+        try:
+            fs.delete_file(f)
+        except FileNotFoundError:
+            pass
+    files = [f for f in files if f not in set(unpinned)]
+    # one choice for every grouping below: all in one task, or all by hash shuffles
+    rows = planned + sum(n for _, n, _ in footers.values())
+    files, marks = _drop_retried(files, staging_dir, storage_options, rows=rows, small_rows=small_rows)
+    if not files:
+        return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards), unpinned=len(unpinned))
+    state = _left_to_embed(marks, len(files), storage_options, plan_dir=plan_dir, planned=planned, out_dir=out_dir,
+                           rows=rows, small_rows=small_rows)
+    state.unpinned = len(unpinned)
+    for f in files:  # the kept markers' fragments
+        frags, n, _ = footers[f]
+        state.fragments += frags
+        state.chunks += n
+    state.markers = list(files)
+    return state
+
+
+# per (doc_id, chunk) key: how many markers hold it, and the last of them
+_CONFLICT_AGGS = [("path", "count", "n"), ("path", "max", "last")]
+_CONFLICT_SCHEMA = pa.schema([("k", pa.string()), ("path", pa.string())])
+# per document: planned rows (0/1), staged chunks, its chunk count and plan row
+_PER_DOC_AGGS = [("shard", "count", "planned"), ("chunk", "count", "staged"), ("n_chunks", "max", "n_chunks"),
+                 ("shard", "min", "shard"), ("row", "min", "row"), ("content_hash", "min", "content_hash"),
+                 ("meta_hash", "min", "meta_hash")]
+_DOCS_SCHEMA = pa.schema([("doc_id", pa.string()), ("shard", pa.int32()), ("row", pa.int64()),
+                          ("content_hash", pa.string()), ("meta_hash", pa.string()), ("chunk", pa.int32()),
+                          ("n_chunks", pa.int32())])
+
+
+def _drop_retried(files: list[str], staging_dir: str, storage_options: dict | None, *, rows: int,
+                  small_rows: int) -> tuple[list[str], Dataset | None]:
+    """Delete the later marker of every pair that stages the same chunk, until none is left:
+    (the markers kept, a Ray dataset of their rows with their `path`)."""
+    fs, _ = filesystem(staging_dir, storage_options)
+    marks = None
+    while files:
+        marks = _markers(files, staging_dir, storage_options, fits_one_task(rows, small_rows))
+        later: set[str] = set()
+        for b in group_map([marks], "k", _CONFLICT_AGGS, _later, rows_hint=len(files) * 1024,
+                           schema=_CONFLICT_SCHEMA, prepare=_conflict_key, rows=rows, small_rows=small_rows):
+            later.update(b["last"].to_pylist())
+        if not later:
+            break
+        for p in later:
+            fs.delete_file(p)
+        files = [f for f in files if f not in later]
+    return files, marks
+
+
+def _left_to_embed(marks: Dataset, n_files: int, storage_options: dict | None, *, plan_dir: str, planned: int,
+                   out_dir: str, rows: int, small_rows: int) -> StagedState:
+    """Per planned document, its staged chunks against its chunk count: the documents left to
+    embed, as a plan in `out_dir` (and the chunks staged of those staged in part)."""
+    parts = [marks] + ([_plan(plan_dir, storage_options, fits_one_task(rows, small_rows))] if planned else [])
+    state = StagedState(plan_dir=out_dir)
+    shards: set[int] = set()
+    partial = 0
+    kwargs = {"out_dir": out_dir, "storage_options": storage_options}
+    for b in group_map(parts, "doc_id", _PER_DOC_AGGS, _todo, rows_hint=planned + n_files * 1024,
+                       schema=_DOCS_SCHEMA, prepare=_docs_union, fn_kwargs=kwargs, rows=rows, small_rows=small_rows):
+        state.todo += int(pc.sum(b["todo"]).as_py() or 0)
+        partial += int(pc.sum(b["partial"]).as_py() or 0)
+        shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())
+    state.shards = sorted(shards)
+    if partial:
+        for _ in marks.drop_columns(["path"]).map_batches(_skips, batch_format="pyarrow", batch_size=None,
+                                                          fn_kwargs=kwargs).iter_batches(batch_size=None):
+            pass
+        state.skip_dir = join(out_dir, SKIP)
+    return state
+
+
+def _markers(files: list[str], staging_dir: str, storage_options: dict | None, one_task: bool) -> Dataset:
+    """The markers' rows (MARKER_SCHEMA, and `path`: the marker's) as a Ray dataset: read by
+    one task into one block for a small run, else by Ray Data."""
+    import ray
+    import ray.data
+
+    if one_task:
+        read = ray.remote(num_cpus=0.5, max_retries=3)(_read_markers)
+        return ray.data.from_arrow_refs([read.remote(files, staging_dir, storage_options)])
+    fs, _ = filesystem(staging_dir, storage_options)
+    return ray.data.read_parquet(files, filesystem=fs, include_paths=True, columns=MARKER_SCHEMA.names)
+
+
+def _plan(plan_dir: str, storage_options: dict | None, one_task: bool) -> Dataset:
+    """The plan's rows (EMBED_SCHEMA) as a Ray dataset, read as `_markers` reads."""
+    import ray
+    import ray.data
+
+    if one_task:
+        read = ray.remote(num_cpus=0.5, max_retries=3)(_read_plan)
+        return ray.data.from_arrow_refs([read.remote(plan_dir, storage_options)])
+    fs, _ = filesystem(plan_dir, storage_options)
+    return ray.data.read_parquet(join(plan_dir, EMBED), filesystem=fs)
+
+
+def _read_markers(files: list[str], staging_dir: str, storage_options: dict | None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(staging_dir, storage_options)
+    tables = [pq.read_table(f, columns=MARKER_SCHEMA.names, filesystem=fs).cast(MARKER_SCHEMA) for f in files]
+    return pa.concat_tables([t.append_column("path", pa.array([f] * t.num_rows, pa.string()))
+                             for f, t in zip(files, tables)])
+
+
+def _read_plan(plan_dir: str, storage_options: dict | None) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    fs, path = filesystem(join(plan_dir, EMBED), storage_options)
+    return pads.dataset(path, format="parquet", filesystem=fs).to_table()
 
 
 def _conflict_key(batch: pa.Table) -> pa.Table:
     k = pc.binary_join_element_wise(batch["doc_id"], pc.cast(batch["chunk"], pa.string()), "\0")
     return pa.table({"k": k, "path": batch["path"]})
+
+
+def _later(groups: pa.Table) -> pa.Table:
+    """Per-chunk groups -> the later marker of each chunk staged more than once."""
+    return pa.table({"last": pc.unique(groups.filter(pc.greater(groups["n"], 1))["last"])})
 
 
 def _docs_union(batch: pa.Table) -> pa.Table:
@@ -75,12 +217,11 @@ def _todo(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Tab
     rows = pa.table({"shard": batch["shard"], "row": batch["row"], "doc_id": batch["doc_id"],
                      "content_hash": batch["content_hash"], "meta_hash": batch["meta_hash"]},
                     schema=EMBED_SCHEMA).filter(todo)
-    name = _name(batch["doc_id"].combine_chunks() if isinstance(batch["doc_id"], pa.ChunkedArray)
-                 else batch["doc_id"])
-    _write(rows.sort_by([("shard", "ascending"), ("row", "ascending")]), join(out_dir, "embed"), name,
-           storage_options)
-    _write(pa.table({"doc_id": batch["doc_id"]}).filter(partial), join(out_dir, "partial"), name,
-           storage_options)
+    name = block_name(batch["doc_id"])
+    write_file(rows.sort_by([("shard", "ascending"), ("row", "ascending")]), join(out_dir, EMBED), name,
+               storage_options)
+    write_file(pa.table({"doc_id": batch["doc_id"]}).filter(partial), join(out_dir, PARTIAL), name,
+               storage_options)
     return pa.table({"todo": [rows.num_rows], "partial": [int(pc.sum(pc.cast(partial, pa.int64())).as_py() or 0)],
                      "shards": [pc.unique(rows["shard"]).to_pylist()]},
                     schema=pa.schema([("todo", pa.int64()), ("partial", pa.int64()),
@@ -90,159 +231,10 @@ def _todo(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Tab
 def _skips(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Table:
     import pyarrow.dataset as pads
 
-    fs, path = filesystem(join(out_dir, "partial"), storage_options)
+    fs, path = filesystem(join(out_dir, PARTIAL), storage_options)
     partial = pads.dataset(path, format="parquet", filesystem=fs).to_table()["doc_id"]
     rows = batch.select(["doc_id", "chunk"]).filter(pc.is_in(batch["doc_id"], value_set=partial))
     if rows.num_rows:
-        name = _name(pc.binary_join_element_wise(rows["doc_id"], pc.cast(rows["chunk"], pa.string()), "\0")
-                     .combine_chunks())
-        _write(rows, join(out_dir, "skip"), name, storage_options)
+        name = block_name(pc.binary_join_element_wise(rows["doc_id"], pc.cast(rows["chunk"], pa.string()), "\0"))
+        write_file(rows, join(out_dir, SKIP), name, storage_options)
     return pa.table({"rows": [rows.num_rows]})
-
-
-# per (doc_id, chunk) key: how many markers hold it, and the last of them
-_CONFLICT_AGGS = [("path", "count", "n"), ("path", "max", "last")]
-# per document: planned rows (0/1), staged chunks, its chunk count and plan row
-_PER_DOC_AGGS = [("shard", "count", "planned"), ("chunk", "count", "staged"), ("n_chunks", "max", "n_chunks"),
-                 ("shard", "min", "shard"), ("row", "min", "row"), ("content_hash", "min", "content_hash"),
-                 ("meta_hash", "min", "meta_hash")]
-
-
-def _staged_small(files: list[str], plan_dir: str, planned: int, out_dir: str,
-                  storage_options: dict | None) -> tuple[list[str], pa.Table | None]:
-    """The small-run path of staged_state, in one task over Arrow: (markers dropped as
-    duplicates, the _todo summary or None when no marker is left)."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs, _ = filesystem(out_dir, storage_options)
-    # a retried attempt finds the duplicates an earlier attempt deleted gone: dropped already
-    gone = [i.type == pafs.FileType.NotFound for i in fs.get_file_info(files)]
-    dropped = [f for f, g in zip(files, gone) if g]
-    files = [f for f, g in zip(files, gone) if not g]
-    if not files:
-        return dropped, None
-    tables = [pq.read_table(f, columns=MARKER_SCHEMA.names, filesystem=fs).cast(MARKER_SCHEMA) for f in files]
-    marks = pa.concat_tables([t.append_column("path", pa.array([f] * t.num_rows, pa.string()))
-                              for f, t in zip(files, tables)])
-    while marks.num_rows:
-        pairs = aggregate(_conflict_key(marks), "k", _CONFLICT_AGGS)
-        later = pc.unique(pairs.filter(pc.greater(pairs["n"], 1))["last"])
-        if not len(later):
-            break
-        for p in later.to_pylist():
-            fs.delete_file(p)
-            dropped.append(p)
-        marks = marks.filter(pc.invert(pc.is_in(marks["path"], value_set=later)))
-    if not marks.num_rows:
-        return dropped, None
-    union = [_docs_union(marks.drop_columns(["path"]))]
-    if planned:
-        import pyarrow.dataset as pads
-
-        pfs, path = filesystem(join(plan_dir, "embed"), storage_options)
-        union.append(_docs_union(pads.dataset(path, format="parquet", filesystem=pfs).to_table()))
-    per_doc = aggregate(pa.concat_tables(union), "doc_id", _PER_DOC_AGGS)
-    summary = _todo(per_doc, out_dir, storage_options)
-    if summary["partial"][0].as_py():
-        _skips(marks.select(["doc_id", "chunk"]), out_dir, storage_options)
-    return dropped, summary
-
-
-def staged_state(staging_dir: str, storage_options: dict | None, plan_dir: str, planned: int,
-                 planned_shards: list[int], out_dir: str, small_rows: int = SMALL_ROWS,
-                 pins: set[str] | None = None) -> StagedState:
-    """The run's staged fragments and, in `out_dir`, the plan of what is left to embed (in one
-    task up to `small_rows` planned and staged rows, else by hash shuffles).
-
-    `pins`: the run's shard pins; a marker read from a shard whose pin is not among them (the
-    shard changed since it was staged), or that records none, is dropped: never committed."""
-    fs, _ = filesystem(staging_dir, storage_options)
-    files = marker_files(staging_dir, storage_options)
-    if not files:
-        return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
-    footers = dict(zip(files, marker_footers(files, fs)))
-    unpinned = [f for f, (_, _, p) in footers.items() if pins is not None and (p is None or not set(p) <= pins)]
-    for f in unpinned:
-        try:
-            fs.delete_file(f)
-        except FileNotFoundError:
-            pass
-    files = [f for f in files if f not in set(unpinned)]
-    if not files:
-        return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards), unpinned=len(unpinned))
-    state = _staged_rest(files, footers, fs, storage_options, plan_dir, planned, planned_shards, out_dir,
-                         small_rows)
-    state.unpinned = len(unpinned)
-    return state
-
-
-def _staged_rest(files: list[str], footers: dict, fs, storage_options: dict | None, plan_dir: str, planned: int,
-                 planned_shards: list[int], out_dir: str, small_rows: int) -> StagedState:
-    import ray
-    import ray.data
-    if planned + sum(rows for _, rows, _ in footers.values()) <= small_rows:
-        task = ray.remote(num_cpus=0.5, max_retries=3)(_staged_small)
-        dropped, summary = ray.get(task.remote(files, plan_dir, planned, out_dir, storage_options))
-        kept = [f for f in files if f not in set(dropped)]
-        if summary is None:
-            return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
-        state = StagedState(plan_dir=out_dir, todo=summary["todo"][0].as_py(),
-                            shards=sorted(summary["shards"][0].as_py()))
-        if summary["partial"][0].as_py():
-            state.skip_dir = join(out_dir, "skip")
-        return _with_fragments(state, footers, kept)
-
-    def keys():
-        return ray.data.read_parquet(files, filesystem=fs, include_paths=True, columns=MARKER_SCHEMA.names)
-
-    # 1. chunks staged twice: drop the later marker of each pair until none is left
-    while True:
-        pairs = (keys().map_batches(_conflict_key, batch_format="pyarrow", batch_size=None)
-                 .groupby("k", num_partitions=_partitions(len(files) * 1024))
-                 .aggregate(*ray_aggregations(_CONFLICT_AGGS))
-                 .filter(expr="n > 1").select_columns(["last"]).unique("last"))
-        if not pairs:
-            break
-        for p in pairs:
-            fs.delete_file(p)
-        files = [f for f in files if f not in set(pairs)]
-        if not files:
-            return StagedState(todo=planned, plan_dir=plan_dir, shards=list(planned_shards))
-
-    # 2. per planned document: staged chunks against its chunk count
-    plan = ray.data.read_parquet(join(plan_dir, "embed"), filesystem=filesystem(plan_dir, storage_options)[0]) \
-        if planned else None
-    staged = keys().drop_columns(["path"]).map_batches(_docs_union, batch_format="pyarrow", batch_size=None)
-    union = staged if plan is None else staged.union(
-        plan.map_batches(_docs_union, batch_format="pyarrow", batch_size=None))
-    per_doc = union.groupby("doc_id", num_partitions=_partitions(planned + len(files) * 1024)).aggregate(
-        *ray_aggregations(_PER_DOC_AGGS))
-    state = StagedState(plan_dir=out_dir)
-    shards: set[int] = set()
-    partial = 0
-    for b in per_doc.map_batches(_todo, batch_format="pyarrow", batch_size=None,
-                                 fn_kwargs={"out_dir": out_dir, "storage_options": storage_options}
-                                 ).iter_batches(batch_size=None, batch_format="pyarrow"):
-        state.todo += int(pc.sum(b["todo"]).as_py() or 0)
-        partial += int(pc.sum(b["partial"]).as_py() or 0)
-        shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())
-    state.shards = sorted(shards)
-    if partial:
-        for _ in keys().drop_columns(["path"]).map_batches(
-                _skips, batch_format="pyarrow", batch_size=None,
-                fn_kwargs={"out_dir": out_dir, "storage_options": storage_options}).iter_batches(batch_size=None):
-            pass
-        state.skip_dir = join(out_dir, "skip")
-
-    # 3. the kept markers' fragments
-    return _with_fragments(state, footers, files)
-
-
-def _with_fragments(state: StagedState, footers: dict, files: list[str]) -> StagedState:
-    for f in files:
-        frags, rows, _ = footers[f]
-        state.fragments += frags
-        state.chunks += rows
-    state.markers = list(files)
-    return state

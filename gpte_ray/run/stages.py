@@ -1,6 +1,6 @@
 """Ray Data stages: callables over pyarrow batches. Heavy imports live in `__init__`.
 
-scan_shard / diff.read_planned (CPU tasks) -> TokenizeStage (CPU actors) -> EmbedStage (GPU or
+scan_shard / read_planned (CPU tasks) -> TokenizeStage (CPU actors) -> EmbedStage (GPU or
 CPU actor pool, each window staged by its WindowWriter as a Lance fragment and a marker).
 """
 
@@ -22,10 +22,11 @@ from gpte_ray.config import InputConfig
 from gpte_ray.input.sources import ShardError
 from gpte_ray.model.batching import plan_micro_batches
 from gpte_ray.model.spec import ModelSpec
-from gpte_ray.plan.diff import PIN_COLUMN
+from gpte_ray.plan.files import planned_rows
 from gpte_ray.store.staging import StagingWriter
 
-__all__ = ["ActorFigures", "EmbedStage", "TokenizeStage", "WindowWriter", "scan_shard"]
+__all__ = ["PIN_COLUMN", "ActorFigures", "EmbedOptions", "EmbedStage", "TokenizeStage", "WindowWriter", "read_planned",
+           "scan_shard"]
 
 SCAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
@@ -69,6 +70,25 @@ def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
              "reason": [f"bad shard: {e}"], "meta_hash": [None]},
             schema=SCAN_SCHEMA,
         )
+
+
+# the pin (JSON) of the shard a document was read from, carried to its chunks' staging marker
+PIN_COLUMN = "source_pin"
+
+
+def read_planned(batch: pa.Table, cfg, plan_dir: str, storage_options: dict | None,
+                 kept_schema: pa.Schema | None = None):
+    """Embed pass read task: the prepared rows of one shard that the plan selected, read under
+    the shard's scan pin and matched to the plan by id and hashes (pins.read_pinned), with the
+    pin on every row so that the staged window records where it came from (kept columns cast
+    to the table's `kept_schema`, so every block has the same schema)."""
+    from gpte_ray.input.pins import Pin, read_pinned
+
+    shard, pin = batch["shard"][0].as_py(), batch["pin"][0].as_py()
+    plan = planned_rows(plan_dir, shard, storage_options)
+    for t in read_pinned(Pin.from_json(pin), shard, cfg, plan, kept_schema=kept_schema):
+        t = t.drop_columns(["reason", "row", "shard"])
+        yield t.append_column(PIN_COLUMN, pa.array([pin] * t.num_rows, pa.string()))
 
 
 CHUNK_SCHEMA = pa.schema(
@@ -143,6 +163,17 @@ class OutOfMemory(RuntimeError):
     """Raised by a micro-batch that did not fit the device (real or injected)."""
 
 
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How an embed actor batches and runs its windows."""
+
+    device: str  # "cpu" or "cuda"
+    token_budget: int  # tokens per micro-batch (halved on an out-of-memory error)
+    max_rows: int = 256  # rows per micro-batch at most
+    min_fill: float = 0.0  # cut a micro-batch early below this fill of real tokens (padded batches)
+    torch_threads: int | None = None  # CPU threads for the forward (None: every core of the node)
+
+
 class EmbedStage:
     """Sort the window Ray hands over by length, cut micro-batches by a token budget, embed,
     and (with a writer) stage the window as a Lance fragment before returning its summary.
@@ -156,9 +187,10 @@ class EmbedStage:
     window k is written while window k + 1 is embedded. A failed write fails its own window.
     """
 
-    def __init__(self, spec: ModelSpec, device: str, token_budget: int, max_rows: int, min_fill: float,
-                 torch_threads: int | None, calibration: dict | None, progress=None, writer=None):
+    def __init__(self, spec: ModelSpec, options: EmbedOptions, calibration: dict | None = None, progress=None,
+                 writer=None):
         born, born_cpu, born_wall = time.perf_counter(), time.process_time(), time.time()
+        device = options.device
         if device == "cpu":
             # idle OpenMP threads spin by default; on a node shared with tokenizers, reads and
             # other actors a spinning thread holds the core its peer waits for (a stand-in
@@ -171,15 +203,15 @@ class EmbedStage:
 
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS from num_cpus (often 1); choose deliberately instead
-            torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+            torch.set_num_threads(options.torch_threads or os.cpu_count() or 1)
         self.spec = spec
         self.embedder = Embedder(spec, device)
-        self.budget = token_budget
-        self.max_rows = max_rows
-        self.min_fill = min_fill
+        self.budget = options.token_budget
+        self.max_rows = options.max_rows
+        self.min_fill = options.min_fill
         self.calibration = calibration
         self.oom_retries = 0
-        self.progress = Throttled(progress) if progress is not None else None
+        self.progress = Throttled(progress) if progress is not None else None  # a ProgressCounter actor
         self.writer = writer  # a WindowWriter, or None to return the vectors
         self.figures = ActorFigures(born, born_cpu, born_wall, device)
 

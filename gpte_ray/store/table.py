@@ -115,7 +115,8 @@ class CommitPlan:
     run_id: str
     read_version: int | None  # None: the table does not exist yet
     overwrite: bool  # a new table or a fingerprint change: the new fragments ARE the table
-    delete_doc_ids: list[str] = field(default_factory=list)
+    # the doc ids whose current rows the commit deletes, in Arrow arrays, re-readable (plan.diff.DeleteIds)
+    delete_doc_ids: Iterable[pa.Array] = ()
     fragments: list = field(default_factory=list)  # lance FragmentMetadata written this run
     staged_ids: Callable[[], Iterable[pa.Array]] | None = None  # the staged doc ids, for the duplicate check
 
@@ -243,15 +244,12 @@ class TableStore:
         infos = fs.get_file_info([filesystem(p, self.storage_options)[1] for p in paths])
         return [p for p, i in zip(paths, infos) if i.type == pafs.FileType.NotFound][:3]
 
-    def _deletions(self, ds, doc_ids) -> tuple[list[int], list]:
-        """Fragments to drop and fragments with new deletion files, for these doc ids (a list,
-        or Arrow batches such as `diff.DeleteIds`): Lance finds their rows, no Python row loop."""
+    def _deletions(self, ds, doc_ids: Iterable[pa.Array]) -> tuple[list[int], list]:
+        """Fragments to drop and fragments with new deletion files, for these doc ids (Arrow
+        arrays such as `plan.diff.DeleteIds`): Lance finds their rows, no Python row loop."""
         from gpte_ray.store.deletions import fragment_deletions
 
-        if not doc_ids:
-            return [], []
-        batches = [pa.array(doc_ids, pa.string())] if isinstance(doc_ids, list) else doc_ids
-        return fragment_deletions(ds, batches)
+        return fragment_deletions(ds, doc_ids)
 
     def _check_unique(self, ds, plan: CommitPlan) -> None:
         """Refuse a commit that would leave a document's old rows beside its staged ones."""
@@ -259,10 +257,7 @@ class TableStore:
 
         if plan.staged_ids is None:
             return
-        deleted = plan.delete_doc_ids or []
-        if isinstance(deleted, list):
-            deleted = [pa.array(deleted, pa.string())]
-        dup = kept_twice(ds, plan.staged_ids(), deleted)
+        dup = kept_twice(ds, plan.staged_ids(), plan.delete_doc_ids)
         if dup is not None:
             raise DuplicateKeyError(
                 f"refusing to commit run {plan.run_id}: document {dup[0]!r} would be stored twice (its {dup[1]} "

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 from gpte_ray.input.prepare import content_hash
 from gpte_ray.input.sources import ShardError
-from gpte_ray.plan.diff import SMALL_ROWS, check_mass_delete, compute_diff, ids_from, planned_rows
-from gpte_ray.plan.reference import MassDeleteError, make_plan
+from gpte_ray.plan.diff import MassDeleteError, check_mass_delete, compute_diff
+from gpte_ray.plan.files import ids_from, planned_rows
+from gpte_ray.plan.grouping import SMALL_ROWS
 from gpte_ray.run.stages import SCAN_SCHEMA
+from tests.support.reference_plan import make_plan
 
 SHARDS = ["s0.parquet", "s1.parquet", "s2.parquet"]
 
@@ -52,9 +54,9 @@ def _read(folder):
 
 def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True, shuffle=False, copy_all=False):
     plan_dir = str(tmp_path / f"plan-{uuid.uuid4().hex}")
-    d = compute_diff(_scan_ds(scan, blocks), _table_ds(existing), plan_dir, SHARDS, None, rebuild,
-                     rows_hint=len(scan), max_delete_fraction=frac, allow_mass_delete=allow,
-                     small_rows=-1 if shuffle else SMALL_ROWS, kept_changed=lambda: copy_all)
+    d = compute_diff(_scan_ds(scan, blocks), _table_ds(existing), plan_dir=plan_dir, shards=SHARDS,
+                     storage_options=None, rebuild=rebuild, rows_hint=len(scan), max_delete_fraction=frac,
+                     allow_mass_delete=allow, small_rows=-1 if shuffle else SMALL_ROWS, kept_changed=lambda: copy_all)
     return d, plan_dir
 
 

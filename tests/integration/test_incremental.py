@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gpte_ray.config import load_config
-from gpte_ray.plan.reference import MassDeleteError
+from gpte_ray.plan.diff import MassDeleteError
 from gpte_ray.run.pipeline import run_index
 from tests.support.files import write_parquet
 

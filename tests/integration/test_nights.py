@@ -20,7 +20,7 @@ import pytest
 
 from gpte_ray.config import ConfigError, load_config
 from gpte_ray.input.prepare import content_hash
-from gpte_ray.plan.reference import MassDeleteError
+from gpte_ray.plan.diff import MassDeleteError
 from gpte_ray.run.pipeline import run_index
 
 pytestmark = pytest.mark.ray

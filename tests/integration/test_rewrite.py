@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import gpte_ray.run.pipeline as pipeline
+import gpte_ray.run.planning as planning
 from gpte_ray.config import load_config
 from gpte_ray.input.pins import ShardChangedError
 from gpte_ray.input.prepare import content_hash
@@ -120,21 +120,26 @@ def _first_night(tmp_path) -> tuple[str, str, list[dict]]:
     return folder, db, _night2(folder, docs)
 
 
-@pytest.mark.parametrize("kind", ["reorder", "edit", "remove"])
+# the reorder (the issue's reproduction) in every run; edits and removals, which tests/unit/test_pins.py
+# covers without Ray, end to end in the long lane
+LONG = pytest.mark.long
+
+
+@pytest.mark.parametrize("kind", ["reorder", pytest.param("edit", marks=LONG), pytest.param("remove", marks=LONG)])
 def test_shard_rewritten_after_planning(ray_session, tmp_path, monkeypatch, kind):
     """The issue's reproduction: rewritten once the run has planned (its pins are read)."""
     folder, db, _ = _first_night(tmp_path)
-    real = pipeline.read_pins
+    real = planning.read_pins
 
     def read_then_rewrite(*a, **k):
         pins = real(*a, **k)
         _rewrite(os.path.join(folder, "part-0.parquet"), kind)
         return pins
 
-    monkeypatch.setattr(pipeline, "read_pins", read_then_rewrite)
+    monkeypatch.setattr(planning, "read_pins", read_then_rewrite)
     with pytest.raises(ShardChangedError, match="part-0.parquet"):
         run_index(_cfg(folder, db))  # the embed pass finds part-0 is not what was planned
-    monkeypatch.setattr(pipeline, "read_pins", real)
+    monkeypatch.setattr(planning, "read_pins", real)
     run_index(_cfg(folder, db))  # the cron retry plans afresh
     run_index(_cfg(folder, db))  # and a quiet night
     assert_fresh(folder, db, tmp_path)
@@ -165,7 +170,7 @@ def test_shard_rewritten_mid_embed(ray_session, tmp_path):
     assert_fresh(folder, db, tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["reorder", "edit"])
+@pytest.mark.parametrize("kind", ["reorder", pytest.param("edit", marks=LONG)])
 def test_shard_rewritten_after_staging_before_the_commit(ray_session, tmp_path, monkeypatch, kind):
     """Rewritten once every window is staged: the run commits the snapshot it planned on (its
     rows were matched to the plan when read), the next night catches up."""
@@ -209,7 +214,7 @@ def test_skip_bad_shards_leaves_a_rewritten_shard_as_it_was(ray_session, tmp_pat
     stay as they were (counted as a bad shard), the other shard's edits land."""
     folder, db, _ = _first_night(tmp_path)
     before = _rows(db)
-    real = pipeline.read_pins
+    real = planning.read_pins
     calls = []
 
     def read_then_rewrite(*a, **k):
@@ -219,7 +224,7 @@ def test_skip_bad_shards_leaves_a_rewritten_shard_as_it_was(ray_session, tmp_pat
         calls.append(1)
         return pins
 
-    monkeypatch.setattr(pipeline, "read_pins", read_then_rewrite)
+    monkeypatch.setattr(planning, "read_pins", read_then_rewrite)
     report = run_index(_cfg(folder, db, **{"input.skip_bad_shards": True}))
     assert len(calls) == 2 and report.committed and report.bad_shards == 1
     assert any("changed while the run read it" in e["reason"] for e in report.quarantine_examples), \
@@ -229,6 +234,6 @@ def test_skip_bad_shards_leaves_a_rewritten_shard_as_it_was(ray_session, tmp_pat
     assert {k: h for k, (h, _) in after.items() if k[0] in part0} == \
         {k: h for k, (h, _) in before.items() if k[0] in part0}
     assert report.changed == sum(1 for i in range(120, 240) if i % 10 == 0)
-    monkeypatch.setattr(pipeline, "read_pins", real)
+    monkeypatch.setattr(planning, "read_pins", real)
     run_index(_cfg(folder, db))
     assert_fresh(folder, db, tmp_path)

@@ -140,7 +140,7 @@ def test_s3_shard_overwritten_while_a_run_reads_it(ray_session, moto_endpoint, t
     import boto3
     import numpy as np
 
-    import gpte_ray.run.pipeline as pipeline
+    import gpte_ray.run.planning as planning
     from gpte_ray.input.pins import ShardChangedError
     from gpte_ray.input.prepare import content_hash
 
@@ -154,7 +154,7 @@ def test_s3_shard_overwritten_while_a_run_reads_it(ray_session, moto_endpoint, t
 
     s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                       region_name="us-east-1")
-    real = pipeline.read_pins
+    real = planning.read_pins
 
     def read_then_overwrite(*a, **k):
         pins = real(*a, **k)
@@ -163,7 +163,7 @@ def test_s3_shard_overwritten_while_a_run_reads_it(ray_session, moto_endpoint, t
         s3.put_object(Bucket="corpus-bkt", Key="rewrite/part-00000.parquet", Body=buf.getvalue())
         return pins
 
-    monkeypatch.setattr(pipeline, "read_pins", read_then_overwrite)
+    monkeypatch.setattr(planning, "read_pins", read_then_overwrite)
     with pytest.raises(ShardChangedError, match="rewrite/part-00000.parquet"):
         run_index(_cfg(src, db, endpoint))
     monkeypatch.undo()

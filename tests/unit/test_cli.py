@@ -127,7 +127,7 @@ def test_user_mistakes_are_one_line_exit_2_and_leave_nothing(tmp_path):
 
 def test_own_errors_read_as_written_others_carry_their_type():
     from gpte_ray.console import one_line
-    from gpte_ray.plan.reference import MassDeleteError
+    from gpte_ray.plan.diff import MassDeleteError
     from gpte_ray.store.lock import TableBusyError
 
     busy = "table 't' is being written by run abc (host h, pid 1); wait for it to finish"

@@ -35,11 +35,12 @@ def test_delete_ids_must_be_all_the_diff_counted(tmp_path):
     as 'nothing to delete': the commit would keep the old rows beside the new ones."""
     import pytest
 
-    from gpte_ray.plan.diff import DeleteIds, Diff, PlanLostError, _write, drop_plan, new_plan_dir
+    from gpte_ray.plan.diff import DeleteIds, Diff, PlanLostError
+    from gpte_ray.plan.files import drop_plan, new_plan_dir, write_file
 
     plan_dir = new_plan_dir(str(tmp_path / "plans"))
-    _write(pa.table({"doc_id": ["a", "b"]}), f"{plan_dir}/changed", "p", None)
-    _write(pa.table({"doc_id": ["c"]}), f"{plan_dir}/vanished", "p", None)
+    write_file(pa.table({"doc_id": ["a", "b"]}), f"{plan_dir}/changed", "p", None)
+    write_file(pa.table({"doc_id": ["c"]}), f"{plan_dir}/vanished", "p", None)
     diff = Diff(plan_dir=plan_dir, changed=2, deleted=1)
     assert sorted(i for b in DeleteIds(diff) for i in b.to_pylist()) == ["a", "b", "c"]
     drop_plan(plan_dir, None)
@@ -53,7 +54,7 @@ def test_only_old_plans_are_dropped_and_only_plan_folders(tmp_path):
 
     import pytest
 
-    from gpte_ray.plan.diff import PLAN_TTL_S, drop_old_plans, drop_plan, new_plan_dir
+    from gpte_ray.plan.files import PLAN_TTL_S, drop_old_plans, drop_plan, new_plan_dir
 
     root = tmp_path / "plans"
     fresh = new_plan_dir(str(root))

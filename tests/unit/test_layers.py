@@ -10,8 +10,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2] / "gpte_ray"
 
 # the modules at the edges: config, storage and console below everything, cli and the public
@@ -170,7 +168,6 @@ def in_run_path(function: str) -> bool:
     return len(parts) > 1 and parts[1] in RUN_PATH
 
 
-@pytest.mark.xfail(reason="issue 21 in progress: model.spec <-> model.source", strict=True)
 def test_no_import_cycle():
     assert cycles(graph()) == []
 
@@ -184,7 +181,6 @@ def test_every_module_lives_in_a_room():
     assert loose == [], f"modules outside the rooms and edges: {loose}"
 
 
-@pytest.mark.xfail(reason="issue 21 in progress: long run steps", strict=True)
 def test_functions_are_short_and_narrow():
     too_long = [(f, n) for f, n, _ in functions() if n > (RUN_MAX_LINES if in_run_path(f) else MAX_LINES)]
     too_wide = [(f, p) for f, _, p in functions() if p > MAX_POSITIONAL]

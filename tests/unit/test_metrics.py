@@ -238,3 +238,46 @@ def test_search_groups_documents_by_the_rule_eval_ranks_them():
     assert [g["doc_id"] for g in grouped] == [d for d, _ in collapse_to_docs(hits)] == ["c", "a", "b"]
     assert grouped[0]["chunk"] == 0 and [c["chunk"] for c in grouped[0]["chunks"]] == [0, 1]
     assert group_by_document(list(reversed(hits))) == grouped
+
+
+def test_rank_docs_on_an_empty_table_searches_nothing():
+    from gpte_ray.query.evaluate import rank_docs
+
+    def search(vectors, limit):
+        raise AssertionError("no search on an empty table")
+
+    assert rank_docs(search, np.zeros((3, 4), dtype=np.float32), depth=10, n_rows=0) == [[], [], []]
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_searcher_search_vectors_picks_the_backend_and_batches(tmp_path, monkeypatch, int8):
+    """The one choice of backend (int8: exact scan of dequantised codes; else Lance's nearest),
+    with queries searched QUERY_BATCH at a time: the same rows as one call of the backend."""
+    import pyarrow as pa
+
+    from gpte_ray.model.quantize import calibrate_int8, quantize_int8
+    from gpte_ray.query import search as search_module
+    from gpte_ray.query.encoder import int8_search, vector_search
+
+    rng = np.random.default_rng(2)
+    floats = rng.standard_normal((40, 8)).astype(np.float32)
+    floats /= np.linalg.norm(floats, axis=1, keepdims=True)
+    low, high = calibrate_int8(floats)
+    calibration = {"low": low, "high": high}
+    vectors = quantize_int8(floats, np.asarray(low), np.asarray(high)) if int8 else floats
+    ds = _table(tmp_path, [f"d{i}" for i in range(40)], vectors, pa.int8() if int8 else pa.float32())
+    searcher = search_module.Searcher.__new__(search_module.Searcher)  # the table's state, no model
+    searcher.ds, searcher.int8, searcher.calibration, searcher.metric = ds, int8, calibration, "cosine"
+    searcher.columns = ["doc_id"]
+    queries = rng.standard_normal((5, 8)).astype(np.float32)
+
+    if int8:
+        want = int8_search(ds, queries, calibration, 6, ["doc_id"])
+    else:
+        want = vector_search(ds, queries, 6, "cosine", ["doc_id"], exact=True)
+    monkeypatch.setattr(search_module, "QUERY_BATCH", 2)
+    got = searcher.search_vectors(queries, 6, exact=True)
+    assert [[r["doc_id"] for r in rows] for rows in got] == [[r["doc_id"] for r in rows] for rows in want]
+    assert searcher.search_vectors(queries[:0], 6) == []
+    if int8:
+        assert searcher.vector_index() is None

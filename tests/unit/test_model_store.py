@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpte_ray.config import ConfigError, ModelConfig
+from gpte_ray.model.source import HubModel, ModelUnavailable, ObjectStoreFolder
 from gpte_ray.model.spec import resolve_model
 from tests.support.s3 import FaultProxy, free_port
 
@@ -68,7 +69,7 @@ def test_driver_plans_from_s3_without_downloading_weights(s3, node, minilm_path)
     spec = resolve_model(ModelConfig(path="s3://models/minilm/"))
     local = resolve_model(ModelConfig(path=minilm_path))
     # same settings and weights as the folder it was copied from; only the source differs
-    assert spec.source == spec.model_id == "s3://models/minilm/"
+    assert spec.source == ObjectStoreFolder("s3://models/minilm/") and spec.model_id == "s3://models/minilm/"
     assert spec.weights_hash == local.weights_hash and spec.dim == local.dim == 384
     assert spec.pooling == local.pooling and spec.max_length == local.max_length
     assert len(gets) <= 2  # the first and the last MiB, by ranged reads
@@ -131,7 +132,7 @@ def test_hub_id_offline_pins_the_cached_commit(tmp_path, monkeypatch, minilm_pat
     monkeypatch.setenv("GPTE_RAY_MODEL_CACHE", str(tmp_path / "cache"))
 
     spec = resolve_model(ModelConfig(path="org/minilm"))
-    assert (spec.source, spec.model_id, spec.revision) == ("org/minilm", "org/minilm", sha)
+    assert (spec.source, spec.model_id, spec.revision) == (HubModel("org/minilm"), "org/minilm", sha)
     assert spec.fingerprint()["revision"] == sha
     assert spec.local_folder() == repo / "snapshots" / sha
 
@@ -140,7 +141,7 @@ def test_hub_id_offline_pins_the_cached_commit(tmp_path, monkeypatch, minilm_pat
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(model_store, "_verified", {})
-    with pytest.raises(ConfigError, match=r"cannot load 'org/minilm'@" + sha):
+    with pytest.raises(ModelUnavailable, match=r"cannot load 'org/minilm'@" + sha):
         spec.local_folder()
 
 

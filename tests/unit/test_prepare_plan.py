@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from gpte_ray.config import ConfigError, load_config
 from gpte_ray.input.prepare import content_hash, prepare_rows
-from gpte_ray.plan.reference import MassDeleteError, make_plan
+from gpte_ray.plan.diff import MassDeleteError
+from tests.support.reference_plan import make_plan
 
 ids = st.one_of(st.none(), st.integers(-5, 50), st.text(max_size=4), st.booleans())
 texts = st.one_of(st.none(), st.text(max_size=20), st.binary(max_size=8), st.integers())

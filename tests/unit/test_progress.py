@@ -10,7 +10,7 @@ from gpte_ray.config import ModelConfig
 from gpte_ray.model.spec import resolve_model
 from gpte_ray.report import run_report as report_module
 from gpte_ray.report.run_report import Progress
-from gpte_ray.run.stages import EmbedStage, TokenizeStage
+from gpte_ray.run.stages import EmbedOptions, EmbedStage, TokenizeStage
 
 
 class _Counter:
@@ -29,7 +29,7 @@ def test_embed_stage_reports_each_micro_batch():
     chunks = TokenizeStage(spec)(docs)
     for interval, calls in ((0.0, lambda n: n > 2), (3600.0, lambda n: n == 1)):
         counter = _Counter()
-        stage = EmbedStage(spec, "cpu", 64, 4, 0.0, 1, None, progress=counter)  # budget 64 tokens: many batches
+        stage = EmbedStage(spec, EmbedOptions("cpu", 64, 4, 0.0, 1), progress=counter)  # budget 64 tokens: many batches
         stage.progress.interval = interval  # a window that takes longer than this reports as it goes
         stage(chunks)
         assert calls(len(counter.calls)), counter.calls  # as it goes; or once, at the window's end

@@ -12,7 +12,7 @@ import pyarrow as pa
 from gpte_ray.config import ModelConfig
 from gpte_ray.model.spec import resolve_model
 from gpte_ray.model.tokenize import TextTokenizer
-from gpte_ray.run.stages import CHUNK_SCHEMA, ActorFigures, EmbedStage, OutOfMemory, TokenizeStage
+from gpte_ray.run.stages import CHUNK_SCHEMA, ActorFigures, EmbedOptions, EmbedStage, OutOfMemory, TokenizeStage
 
 
 def _chunks(texts):
@@ -25,9 +25,9 @@ def _chunks(texts):
 def test_oom_halves_the_budget_and_keeps_every_row_once():
     texts = [("word " * n).strip() for n in (3, 50, 120, 7, 90, 15, 200, 33)]
     spec, chunks = _chunks(texts)
-    ref = EmbedStage(spec, "cpu", 1, 1, 0.0, 1, None)(chunks)  # one row at a time: the reference
+    ref = EmbedStage(spec, EmbedOptions("cpu", 1, 1, 0.0, 1))(chunks)  # one row at a time: the reference
 
-    stage = EmbedStage(spec, "cpu", 100_000, 256, 0.0, 1, None)
+    stage = EmbedStage(spec, EmbedOptions("cpu", 100_000, 256, 0.0, 1))
     real = stage.embedder.forward
     calls = []
 
@@ -132,7 +132,7 @@ def _two_windows(stage, writer, windows):
 def test_window_is_written_while_the_next_one_embeds():
     spec, chunks = _chunks([("word " * n).strip() for n in (3, 50, 120, 7, 90, 15)])
     writer = _Writer()
-    stage = EmbedStage(spec, "cpu", 8192, 256, 0.9, 1, None, writer=writer)
+    stage = EmbedStage(spec, EmbedOptions("cpu", 8192, 256, 0.9, 1), writer=writer)
     results = _two_windows(stage, writer, [chunks.slice(0, 3), chunks.slice(3)])
     assert writer.overlapped is True  # window 1 ran on the device while window 0 was being written
     for r in results.values():
@@ -146,7 +146,7 @@ def test_window_is_written_while_the_next_one_embeds():
 def test_failed_write_fails_its_window_only():
     spec, chunks = _chunks([("word " * n).strip() for n in (3, 50, 120, 7)])
     writer = _Writer(fail_first=True)
-    stage = EmbedStage(spec, "cpu", 8192, 256, 0.9, 1, None, writer=writer)
+    stage = EmbedStage(spec, EmbedOptions("cpu", 8192, 256, 0.9, 1), writer=writer)
     results = _two_windows(stage, writer, [chunks.slice(0, 2), chunks.slice(2)])
     assert isinstance(results[0], OSError)
     assert results[1]["rows"].to_pylist() == [2]

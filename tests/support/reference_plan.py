@@ -1,7 +1,7 @@
 """The reference diff: what a run must do, from the corpus scan and the table's contents.
 
-Plain Python over ids and hashes, one object per document: the test oracle for `gpte_ray.plan.diff`,
-which computes the same plan on the cluster. Duplicate rule: the
+Plain Python over ids and hashes, one object per document: the test oracle for
+`gpte_ray.plan.diff`, which computes the same plan on the cluster. Duplicate rule: the
 first occurrence of a doc_id wins, in (shard path order, row) order; later ones are
 quarantined and name the winner. A document whose text is unchanged but whose kept columns'
 hash (meta_hash) changed is copied with its new values, not embedded (`copy_docs`).
@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["MassDeleteError", "Plan", "make_plan"]
+from gpte_ray.plan.diff import MassDeleteError
 
-
-class MassDeleteError(RuntimeError):
-    """A run would delete more of the table than the guard allows."""
+__all__ = ["Plan", "make_plan"]
 
 
 @dataclass

@@ -1,0 +1,171 @@
+"""The planning steps of a run: the table as it is, the scan and the diff, the pins, the run id.
+
+The diff runs on the cluster: the driver gets counts, the per-document lists stay in files
+under the run's plan folder in staging (plan/files.py), and each shard's pin says what the
+scan read (input/pins.py), so the embed and copy passes read exactly that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+
+import pyarrow as pa
+
+from gpte_ray.config import ConfigError
+from gpte_ray.input.audit import source_rows
+from gpte_ray.input.pins import Pin, pins_dir, read_pinned, read_pins
+from gpte_ray.plan.diff import compute_diff
+from gpte_ray.plan.files import calibration_rows
+from gpte_ray.plan.grouping import SMALL_ROWS
+from gpte_ray.plan.kept import resolve_kept
+from gpte_ray.run.cluster import user_error
+from gpte_ray.run.context import RunContext
+from gpte_ray.run.embed import embed_options
+from gpte_ray.run.stages import EmbedStage, TokenizeStage, scan_shard
+from gpte_ray.storage import join
+from gpte_ray.store.table import kept_fields, table_schema
+
+__all__ = ["calibrate", "name_run", "open_table", "plan"]
+
+log = logging.getLogger("gpte_ray")
+
+
+def open_table(ctx: RunContext) -> None:
+    """The table at the version this run plans on; refuse a store_text change on it."""
+    current = ctx.current = ctx.store.open()
+    ctx.rebuild = current is not None and ctx.store.fingerprint(current) != ctx.spec.fingerprint()
+    ctx.report.version_before = ctx.read_version
+    store_text = ctx.cfg.output.store_text
+    if current is not None and not ctx.rebuild and ("text" in current.schema.names) != store_text:
+        # unchanged documents would keep (or lack) their text: the table would be a mix
+        was = "with" if "text" in current.schema.names else "without"
+        raise ConfigError(
+            f"config error: output.store_text: {str(store_text).lower()}, but table "
+            f"{ctx.store.table!r} was built {was} the chunk texts; keep the table's setting, or index into a new table"
+        )
+
+
+def plan(ctx: RunContext) -> None:
+    """Scan every shard and diff it against the table; the counts, quarantine and pins."""
+    cfg, store, report = ctx.cfg, ctx.store, ctx.report
+    # (a rebuild reads the old ids too: the mass-delete guard compares old and new documents)
+    rows_hint = (ctx.current.count_rows() if ctx.current is not None else 0) + 100_000 * len(ctx.shards)
+    try:
+        ctx.diff = compute_diff(
+            _scan(ctx), _table_ids(ctx), plan_dir=ctx.plan_dir, shards=ctx.shards,
+            storage_options=store.storage_options, rebuild=ctx.rebuild, rows_hint=rows_hint,
+            max_delete_fraction=cfg.output.max_delete_fraction, allow_mass_delete=cfg.output.allow_mass_delete,
+            kept_changed=lambda: _resolve_kept(ctx))
+    except Exception as e:
+        raise (user_error(e) or e) from None
+    diff = ctx.diff
+    report.stage_seconds.update(diff.seconds)  # table_ids, scan, diff
+    report.take_counts(diff)
+    for b in diff.quarantine_batches():  # counted by kind, a few examples kept
+        report.add_quarantine(b.select(["shard", "row", "doc_id", "reason"]).to_pylist(), ctx.shards)
+    whole = [{"shard": s, "row": -1} for s in sorted(diff.whole_shards())]
+    report.source_rows = source_rows(ctx.shards, cfg.input, whole, cfg.resources.read_cpus)
+    # what each shard was when the scan read it: the embed and copy passes read exactly that
+    ctx.pins = {s: p.to_json() for s, p in read_pins(pins_dir(ctx.plan_dir), store.storage_options).items()}
+
+
+def _resolve_kept(ctx: RunContext) -> bool:
+    """Called by the diff after the scan: the kept columns' schema, and whether it is new."""
+    table_kept = kept_fields(ctx.current.schema) if ctx.current is not None and not ctx.rebuild else None
+    ctx.kept_schema, changed = resolve_kept(join(ctx.plan_dir, "kept_types"), ctx.shards, ctx.store.storage_options,
+                                            ctx.cfg.input.keep_columns, table_kept)
+    return changed
+
+
+def _scan(ctx: RunContext):
+    """The manifest pass as a lazy Ray dataset (stages.SCAN_SCHEMA rows); the diff consumes it.
+    The kept columns' types and the pin of each shard go to files in the plan folder."""
+    import ray.data
+
+    items = [{"shard": i, "uri": u} for i, u in enumerate(ctx.shards)]
+    kwargs = {"cfg": ctx.cfg.input, "types_dir": join(ctx.plan_dir, "kept_types"),
+              "storage_options": ctx.store.storage_options, "pins_dir": pins_dir(ctx.plan_dir),
+              "forced_bad": ctx.forced_bad}
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        scan_shard, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow", num_cpus=ctx.cfg.resources.read_cpus)
+
+
+def _read_table_ids(uri: str, version: int, storage_options: dict | None, columns: list[str]) -> pa.Table:
+    import lance
+
+    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+    return ds.to_table(columns=columns, filter="chunk = 0")
+
+
+def _table_ids(ctx: RunContext):
+    """The table's documents (doc_id, content_hash and meta_hash if kept columns are stored,
+    of chunk 0) at the planned version, as a lazy Ray dataset read by Lance in worker tasks."""
+    import ray
+    import ray.data
+
+    current, store = ctx.current, ctx.store
+    if current is None:
+        return None
+    columns = ["doc_id", "content_hash", *(["meta_hash"] if "meta_hash" in current.schema.names else [])]
+    if current.count_rows() <= SMALL_ROWS:
+        # one task: read_lance's per-fragment tasks cost more than they save on a small table
+        task = ray.remote(num_cpus=0.5, max_retries=3)(_read_table_ids)
+        return ray.data.from_arrow_refs([task.remote(store.uri, current.version, store.storage_options, columns)])
+    return ray.data.read_lance(store.uri, version=current.version, columns=columns,
+                               scanner_options={"filter": "chunk = 0"}, storage_options=store.storage_options)
+
+
+def calibrate(ctx: RunContext) -> None:
+    """int8 ranges: the table's, else from a fixed sample of this corpus (once per table)."""
+    if ctx.spec.precision != "int8":
+        return
+    if ctx.current is not None and not ctx.rebuild:
+        ctx.calibration = ctx.store.calibration(ctx.current)
+    if ctx.calibration is None:
+        if not ctx.diff.embed:
+            raise ConfigError("config error: model.precision: int8 needs documents to calibrate on")
+        ctx.calibration = _calibrate_on_cluster(ctx)
+
+
+def _calibrate_on_cluster(ctx: RunContext) -> dict:
+    """The job's own stages, with float32 output, over the first documents to embed by doc_id
+    (read from the plan in a Ray task, not on the driver): the ranges int8 will hold."""
+    import ray
+
+    cfg, pins, plan_dir = ctx.cfg, ctx.pins, ctx.plan_dir
+    opts, sample = ctx.store.storage_options, cfg.model.calibration_sample
+    f32 = dataclasses.replace(ctx.spec, precision="float32")
+    options = embed_options(cfg, ctx.device)
+    gpus = cfg.resources.gpus_per_actor if ctx.device == "cuda" or cfg.resources.fake_gpus else 0
+
+    @ray.remote(num_cpus=cfg.resources.cpus_per_actor, num_gpus=gpus)
+    def sample_ranges() -> dict:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from gpte_ray.model.quantize import calibrate_int8
+
+        docs = [t.select(["doc_id", "text", "content_hash"])
+                for shard, rows in sorted(calibration_rows(plan_dir, opts, sample).items())
+                for t in read_pinned(Pin.from_json(pins[shard]), shard, cfg.input, rows)]
+        chunks = TokenizeStage(f32)(pa.concat_tables(docs))
+        chunks = chunks.filter(pc.equal(chunks["chunk"], 0))
+        floats = np.stack(EmbedStage(f32, options)(chunks)["vector"].to_numpy(zero_copy_only=False))
+        low, high = calibrate_int8(floats)
+        return {"low": low, "high": high, "sample": chunks.num_rows}
+
+    return ray.get(sample_ranges.remote())
+
+
+def name_run(ctx: RunContext) -> None:
+    """The table's schema and the run id (the plan's identity); staging of other plans goes."""
+    ctx.schema = table_schema(ctx.spec, ctx.cfg.output.store_text, ctx.calibration, ctx.kept_schema)
+    key = f"{ctx.read_version}|{ctx.spec.fingerprint_digest()}|{ctx.diff.digest()}|{ctx.cfg.output.store_text}"
+    if len(ctx.kept_schema):
+        key += f"|{ctx.kept_schema}"
+    ctx.run_id = ctx.report.run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+    ctx.lock.relabel(ctx.run_id)
+    for stale in ctx.store.stale_staging(keep=ctx.run_id):
+        ctx.store.drop_staging(stale)  # staged under another table version or corpus: never committable
