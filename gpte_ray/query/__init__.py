@@ -1,0 +1,1 @@
+"""Search and evaluation over a table: the query model, ranking, metrics, BEIR files."""

@@ -1,0 +1,1 @@
+"""What a run reports: its counts, the run report and progress line, the HTML page."""
