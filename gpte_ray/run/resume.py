@@ -138,34 +138,41 @@ def _left_to_embed(marks: Dataset, n_files: int, storage_options: dict | None, *
         shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())
     state.shards = sorted(shards)
     if partial:
-        for _ in marks.drop_columns(["path"]).map_batches(_skips, batch_format="pyarrow", batch_size=None,
-                                                          fn_kwargs=kwargs).iter_batches(batch_size=None):
-            pass
+        if isinstance(marks, list):  # one block, read by one task: one more task, no Ray Data
+            import ray
+
+            ray.get([ray.remote(num_cpus=0.5, max_retries=3)(_skips).remote(ref, **kwargs) for ref in marks])
+        else:
+            for _ in marks.map_batches(_skips, batch_format="pyarrow", batch_size=None,
+                                       fn_kwargs=kwargs).iter_batches(batch_size=None):
+                pass
         state.skip_dir = join(out_dir, SKIP)
     return state
 
 
-def _markers(files: list[str], staging_dir: str, storage_options: dict | None, one_task: bool) -> Dataset:
-    """The markers' rows (MARKER_SCHEMA, and `path`: the marker's) as a Ray dataset: read by
-    one task into one block for a small run, else by Ray Data."""
+def _markers(files: list[str], staging_dir: str, storage_options: dict | None, one_task: bool) -> Dataset | list:
+    """The markers' rows (MARKER_SCHEMA, and `path`: the marker's): for a small run one block
+    read by one task (its object ref, in a list), else a Ray dataset. (Not a Ray dataset made of
+    that ref: executing one asks every worker for memory stats, and a SIGSTOPped driver's
+    workers never answer, so a run would wait on another, paused one.)"""
     import ray
     import ray.data
 
     if one_task:
         read = ray.remote(num_cpus=0.5, max_retries=3)(_read_markers)
-        return ray.data.from_arrow_refs([read.remote(files, staging_dir, storage_options)])
+        return [read.remote(files, staging_dir, storage_options)]
     fs, _ = filesystem(staging_dir, storage_options)
     return ray.data.read_parquet(files, filesystem=fs, include_paths=True, columns=MARKER_SCHEMA.names)
 
 
-def _plan(plan_dir: str, storage_options: dict | None, one_task: bool) -> Dataset:
-    """The plan's rows (EMBED_SCHEMA) as a Ray dataset, read as `_markers` reads."""
+def _plan(plan_dir: str, storage_options: dict | None, one_task: bool) -> Dataset | list:
+    """The plan's rows (EMBED_SCHEMA), read as `_markers` reads."""
     import ray
     import ray.data
 
     if one_task:
         read = ray.remote(num_cpus=0.5, max_retries=3)(_read_plan)
-        return ray.data.from_arrow_refs([read.remote(plan_dir, storage_options)])
+        return [read.remote(plan_dir, storage_options)]
     fs, _ = filesystem(plan_dir, storage_options)
     return ray.data.read_parquet(join(plan_dir, EMBED), filesystem=fs)
 
