@@ -213,9 +213,8 @@ def _match(uri: str, got: pa.Table, plan: pa.Table) -> None:
     raise changed(uri, what)
 
 
-def scan_pinned(uri: str, shard: int, cfg: InputConfig, columns: list[str],
-                attempts: int = 3) -> tuple[Pin, list[pa.Table]]:
-    """(the shard's pin, all its prepared rows as `columns`), read whole under one pin; a shard
+def scan_pinned(uri: str, shard: int, cfg: InputConfig, attempts: int = 3) -> tuple[Pin, list[pa.Table]]:
+    """(the shard's pin, all its prepared rows), read whole under one pin; a shard
     rewritten during the read is read again, up to `attempts` times."""
     for attempt in range(attempts):
         pin = take_pin(uri, cfg.storage_options)

@@ -51,7 +51,7 @@ def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
     try:
         if forced_bad and uri in forced_bad:
             raise ShardError(forced_bad[uri])
-        pin, tables = scan_pinned(uri, shard, cfg, SCAN_SCHEMA.names)
+        pin, tables = scan_pinned(uri, shard, cfg)
         rows = []
         for t in tables:
             if cfg.keep_columns:

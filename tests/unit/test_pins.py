@@ -34,7 +34,7 @@ ROWS = [{"id": f"d{i}", "text": f"text number {i}"} for i in range(10)]
 
 def test_a_pinned_read_returns_exactly_the_planned_rows(tmp_path):
     uri = _shard(tmp_path / "s.parquet", ROWS)
-    pin, tables = scan_pinned(uri, 0, InputConfig(paths=[uri]), [])
+    pin, tables = scan_pinned(uri, 0, InputConfig(paths=[uri]))
     assert sum(t.num_rows for t in tables) == 10 and pin.rows and pin.size == os.path.getsize(uri)
     got = pa.concat_tables(read_pinned(pin, 0, InputConfig(paths=[uri]), _plan(ROWS, [2, 5, 7])))
     assert got["doc_id"].to_pylist() == ["d2", "d5", "d7"]
@@ -44,7 +44,7 @@ def test_a_pinned_read_returns_exactly_the_planned_rows(tmp_path):
 def test_a_shard_changed_after_its_pin_is_refused_naming_it(tmp_path, change):
     uri = _shard(tmp_path / "s.parquet", ROWS)
     cfg = InputConfig(paths=[uri])
-    pin, _ = scan_pinned(uri, 0, cfg, [])
+    pin, _ = scan_pinned(uri, 0, cfg)
     rows = {"reorder": ROWS[::-1], "edit": [dict(r, text=r["text"] + "!") for r in ROWS], "remove": ROWS[:4],
             "touch": ROWS}[change]
     if change == "touch":
@@ -104,7 +104,7 @@ def test_s3_pinned_reads_ask_for_the_pinned_bytes(tmp_path):
             s3.put_object(Bucket=bucket, Key="s.parquet", Body=buf.getvalue())
             uri = f"s3://{bucket}/s.parquet"
             cfg = InputConfig(paths=[uri], storage_options=opts)
-            pin, _ = scan_pinned(uri, 0, cfg, [])
+            pin, _ = scan_pinned(uri, 0, cfg)
             assert pin.etag and (pin.version_id is not None) == versioned
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(ROWS[::-1], schema=SCHEMA), buf)
