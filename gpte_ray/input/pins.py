@@ -21,6 +21,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -118,14 +119,19 @@ def _what(pin: Pin, now: Pin) -> str:
     return f"size {pin.size}, mtime_ns {pin.mtime_ns} are now {now.size}, {now.mtime_ns}"
 
 
+@contextmanager
 def open_pinned(pin: Pin, storage_options: dict | None):
-    """A seekable binary file of exactly the pinned bytes (S3), or of the local file after checking
-    its fingerprint (the caller checks it again once done: `check_pin`)."""
+    """A seekable binary file of exactly the pinned bytes: on S3 every GET asks for them; a local
+    file's fingerprint is checked before it is opened and again once it was read whole."""
     if pin.uri.startswith("s3://"):
-        return io.BufferedReader(_PinnedObject(pin, storage_options), buffer_size=S3_BLOCK)
+        with io.BufferedReader(_PinnedObject(pin, storage_options), buffer_size=S3_BLOCK) as f:
+            yield f
+        return
     check_pin(pin, storage_options)
     fs, path = filesystem(pin.uri, storage_options)
-    return fs.open_input_file(path)
+    with fs.open_input_file(path) as f:
+        yield f
+    check_pin(pin, storage_options)  # not reached when the reader stopped early or failed
 
 
 class _PinnedObject(io.RawIOBase):
@@ -192,8 +198,6 @@ def read_pinned(pin: Pin, shard: int, cfg: InputConfig, plan: pa.Table, kept_sch
             yield t
     if seen != len(rows):
         raise changed(pin.uri, f"{len(rows) - seen} of the {len(rows)} planned rows are gone")
-    if not pin.uri.startswith("s3://"):  # S3 reads were of the pinned version, GET by GET
-        check_pin(pin, cfg.storage_options)
 
 
 def _match(uri: str, got: pa.Table, plan: pa.Table) -> None:
@@ -225,8 +229,6 @@ def scan_pinned(uri: str, shard: int, cfg: InputConfig, attempts: int = 3) -> tu
                 for t in read_prepared(uri, shard, cfg, file=f):
                     tables.append(t)
                     digest.update(_rows_bytes(t))
-            if not uri.startswith("s3://"):
-                check_pin(pin, cfg.storage_options)
         except ShardChangedError:
             if attempt == attempts - 1:
                 raise
