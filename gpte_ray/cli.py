@@ -40,6 +40,7 @@ _INDEX_FLAGS = {
     "query_prompt": "model.query_prompt",
     "task": "model.task",
     "long_documents": "model.long_documents",
+    "trust_remote_code": "model.trust_remote_code",
     "token_budget": "batch.token_budget",
     "window_rows": "batch.window_rows",
     "device": "resources.device",

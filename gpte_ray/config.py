@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 RESERVED_COLUMNS = frozenset({
     "doc_id", "chunk", "n_chunks", "vector", "text", "content_hash", "meta_hash", "char_start", "char_end",
     "shard", "row", "reason", "input_ids", "n_tokens", "prompt_len", "truncated", "source_pin",
-    "score", "chunks", "query",
+    "score", "chunks", "query", "sparse_indices", "sparse_values",
 })
 
 
@@ -142,6 +142,9 @@ class ModelConfig(_Strict):
     )
     chunk_overlap: int | None = Field(
         None, ge=0, description="Tokens shared by consecutive chunks; default min(32, max_length / 8)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run code the model ships (a custom architecture); refused unless set."
     )
 
 

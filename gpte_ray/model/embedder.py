@@ -1,8 +1,9 @@
 """The GPTE embedder: backbone forward, pooling, Dense, then post-processing.
 
 Split as pre (pad token ids into tensors, on the CPU), core (forward + pool on the device)
-and post (normalise, Matryoshka, quantise, in numpy), so every device copy and dtype cast
-sits at a visible boundary.
+and post (normalise, Matryoshka, quantise, in numpy: `outputs.py`), so every device copy and
+dtype cast sits at a visible boundary. The backbone is loaded by the class sentence-transformers
+uses for it (`spec.backbone_class`): the encoder alone for T5, the MLM head for sparse models.
 """
 
 from __future__ import annotations
@@ -12,29 +13,25 @@ from collections.abc import Sequence
 import numpy as np
 
 from gpte_ray.model.batching import flatten, gather_packed, gather_padded
-from gpte_ray.model.pooling import pool, unpack
-from gpte_ray.model.quantize import quantize_binary, quantize_int8, truncate_dim
-from gpte_ray.model.spec import ModelSpec
+from gpte_ray.model.outputs import Embeddings, WindowOutputs, postprocess
+from gpte_ray.model.pooling import pool, splade_pool, unpack
+from gpte_ray.model.spec import ENCODER_ONLY, ModelSpec, backbone_class
 
-__all__ = ["PACKABLE", "Embedder", "flash_attention_available", "postprocess"]
+__all__ = ["PACKABLE", "Embedder", "flash_attention_available", "postprocess", "skiplist_ids"]
 
 
-def postprocess(pooled: np.ndarray, spec: ModelSpec, calibration: dict | None) -> np.ndarray:
-    """Pooled float32 (n, full_dim) -> stored vectors (n, dim) in the table's precision."""
-    v = pooled
-    if spec.normalize:
-        # normalise before truncation too, as sentence-transformers' Normalize module does
-        v = truncate_dim(v, None, True)
-    v = truncate_dim(v, spec.dim, spec.normalize).astype(np.float32)
-    if spec.precision == "float16":
-        return v.astype(np.float16)
-    if spec.precision == "int8":
-        if calibration is None:
-            raise ValueError("int8 output needs calibration ranges")
-        return quantize_int8(v, np.asarray(calibration["low"]), np.asarray(calibration["high"]))
-    if spec.precision == "binary":
-        return quantize_binary(v)
-    return v
+def skiplist_ids(folder, words) -> list[int]:
+    """Token ids of skiplist words, as sentence-transformers' MultiVectorMask resolves them: a
+    word that is no single token of the vocabulary (it maps to the unknown token) is dropped."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = []
+    for word in words:
+        token_id = tok.convert_tokens_to_ids(word)
+        if token_id != tok.unk_token_id or word == tok.unk_token:
+            ids.append(token_id)
+    return ids
 
 
 # model types whose forward takes a packed batch: absolute positions counted from 0 (BERT) or
@@ -85,42 +82,48 @@ class Embedder:
     model type in PACKABLE. True on CPU uses a reference varlen attention (tests only).
     """
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", packed: bool | None = None):
+    def __init__(self, spec: ModelSpec, device: str = "cpu", packed: bool | None = None, role: str = "document"):
         import torch
-        from transformers import AutoConfig, AutoModel
+        import transformers
 
         self.spec = spec
         self.device = torch.device(device)
         if spec.dtype == "auto":
-            dtype = torch.float32 if device == "cpu" else (
-                torch.bfloat16 if spec.is_decoder else torch.float16
-            )
+            # T5 activations overflow float16
+            wide = spec.is_decoder or spec.model_type in ENCODER_ONLY
+            dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if wide else torch.float16)
         else:
             dtype = getattr(torch, spec.dtype)
         self.dtype = dtype
-        kwargs = {"dtype": dtype}
+        kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
         folder = spec.local_folder()  # this node's copy of the model, fetched once per node
-        model_type = getattr(AutoConfig.from_pretrained(folder), "model_type", "")
+        model_type = getattr(transformers.AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code),
+                             "model_type", "")
         cuda = self.device.type == "cuda"
+        packable = model_type in PACKABLE and spec.output == "dense"  # token outputs read the padded layout
         if packed is None:
-            packed = cuda and model_type in PACKABLE and flash_attention_available()
-        if packed and model_type not in PACKABLE:
-            raise ValueError(f"packed attention is not supported for model type {model_type!r}")
+            packed = cuda and packable and flash_attention_available()
+        if packed and not packable:
+            raise ValueError(f"packed attention is not supported for model type {model_type!r} ({spec.output})")
         self.packed = bool(packed)
+        backbone = getattr(transformers, backbone_class(spec))
         if self.packed:
             if not cuda:
                 _register_reference_varlen()
             attn = "flash_attention_2" if cuda else REFERENCE_VARLEN
-            self.model = AutoModel.from_pretrained(folder, attn_implementation=attn, **kwargs)
+            self.model = backbone.from_pretrained(folder, attn_implementation=attn, **kwargs)
         else:
             try:
-                self.model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
+                self.model = backbone.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
             except (ValueError, ImportError):
-                self.model = AutoModel.from_pretrained(folder, **kwargs)
+                self.model = backbone.from_pretrained(folder, **kwargs)
         self.model.to(self.device).eval()
         self.dense = [self._load_dense(d, folder / d.path) for d in spec.dense]
         self.pad_id = self._pad_id()
         self.pin = cuda  # page-locked staging so the host-to-device copy can run asynchronously
+        self.skip_ids = None  # multi-vector: token ids whose vectors this role leaves out
+        if spec.skiplist and (role != "query" or spec.skiplist_queries):
+            self.skip_ids = torch.tensor(skiplist_ids(folder, spec.skiplist), dtype=torch.long, device=self.device)
 
     def _pad_id(self) -> int:
         cfg = self.model.config
@@ -146,9 +149,9 @@ class Embedder:
         else:
             state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu")
         layer.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
-        act = {"Tanh": torch.nn.Tanh(), "ReLU": torch.nn.ReLU(), "GELU": torch.nn.GELU()}.get(
-            d.activation, torch.nn.Identity()
-        )
+        # every name modules.ACTIVATIONS admits; another never reaches this point
+        act = {"Tanh": torch.nn.Tanh(), "ReLU": torch.nn.ReLU(), "GELU": torch.nn.GELU(), "Sigmoid": torch.nn.Sigmoid(),
+               "Identity": torch.nn.Identity()}[d.activation]
         return torch.nn.Sequential(layer, act).to(self.device, self.dtype).eval()
 
     # ---- pre: CPU tensors -------------------------------------------------------------
@@ -182,7 +185,9 @@ class Embedder:
 
     # ---- core: on the device ------------------------------------------------------------
     def forward(self, batch: dict):
-        """Pooled (bs, full_dim) float32 on the device; returns before the device finishes."""
+        """On the device, returning before it finishes: dense, pooled (bs, full_dim) float32;
+        sparse, the pooled vocabulary weights (bs, vocab) float32; multi-vector, (token vectors
+        (bs, seq_len, full_dim) float32, the mask of the tokens kept (bs, seq_len))."""
         import torch
 
         non_blocking = self.pin
@@ -191,13 +196,31 @@ class Embedder:
         with torch.inference_mode():
             if self.packed:
                 hidden, mask = self._forward_packed(on_dev, batch["lengths"])
+            elif self.spec.output == "sparse":
+                # MLM logits (bs, seq_len, vocab): pooled at once, they are the largest tensor here
+                mask = on_dev["attention_mask"]
+                return splade_pool(self.model(**on_dev).logits, mask, self.spec.pooling, self.spec.sparse_activation)
             else:
                 hidden, mask = self.model(**on_dev).last_hidden_state, on_dev["attention_mask"]
+            if self.spec.output == "multi-vector":
+                return self._tokens(hidden, mask, on_dev["input_ids"])
             # hidden (bs, seq_len, hidden); pooling and normalisation always in float32
             pooled = pool(hidden.float(), mask, self.spec.pooling, prompt_lens)
             for layer in self.dense:
                 pooled = layer(pooled.to(self.dtype)).float()
         return pooled  # (bs, full_dim) float32 on the device
+
+    def _tokens(self, hidden, mask, input_ids):
+        """Multi-vector: every token's state through the Dense layers, and the tokens kept
+        (real ones, less the skiplist's)."""
+        import torch
+
+        for layer in self.dense:
+            hidden = layer(hidden.to(self.dtype))
+        keep = mask.bool()
+        if self.skip_ids is not None:
+            keep &= ~torch.isin(input_ids, self.skip_ids)
+        return hidden.float(), keep  # (bs, seq_len, full_dim), (bs, seq_len)
 
     def _forward_packed(self, on_dev: dict, lengths):
         """One packed sequence through the model, unpacked to right-padded (bs, longest, hidden)
@@ -210,7 +233,18 @@ class Embedder:
 
     # ---- post: numpy ------------------------------------------------------------------
     def embed(self, ids: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None) -> np.ndarray:
-        """Pooled float32 vectors (n, full_dim) for one micro-batch of token-id lists."""
+        """Pooled float32 vectors (n, full_dim) for one micro-batch of token-id lists (dense models)."""
+        if self.spec.output != "dense":
+            raise ValueError(f"embed() gives pooled vectors; a {self.spec.output} model's come from embed_outputs()")
         values, offsets = flatten(ids)
         rows = np.arange(len(ids))
         return self.forward(self.prepare(values, offsets, rows, prompt_lens)).cpu().numpy()
+
+    def embed_outputs(self, ids: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None,
+                      calibration: dict | None = None) -> Embeddings:
+        """One micro-batch of token-id lists -> its stored outputs, whatever the output kind."""
+        values, offsets = flatten(ids)
+        rows = np.arange(len(ids))
+        window = WindowOutputs(self.spec, len(ids))
+        window.add(rows, self.forward(self.prepare(values, offsets, rows, prompt_lens)))
+        return window.finish(calibration)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["POOLING_MODES", "last_token_index", "pool", "unpack"]
+__all__ = ["POOLING_MODES", "last_token_index", "pool", "splade_pool", "unpack"]
 
 POOLING_MODES = ("cls", "mean", "last-token", "weighted-mean")
 
@@ -53,6 +53,21 @@ def pool(
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
     summed = (hidden * weights.unsqueeze(-1)).sum(dim=1)  # (bs, dim)
     return summed / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)
+
+
+def splade_pool(logits: torch.Tensor, attention_mask: torch.Tensor, mode: str, activation: str) -> torch.Tensor:
+    """SPLADE: MLM logits (bs, seq_len, vocab) -> vocabulary weights (bs, vocab), the max or
+    sum over real tokens of log(1 + relu(logit)) (log1p once more for `log1p_relu`), in
+    float32, as sentence-transformers' SpladePooling computes them."""
+    x = logits.float() * attention_mask[..., None].to(torch.float32)  # a new tensor: in place from here
+    x = x.relu_().log1p_()
+    if activation == "log1p_relu":
+        x = x.log1p_()
+    if mode == "max":
+        return x.amax(dim=1)
+    if mode == "sum":
+        return x.sum(dim=1)
+    raise ValueError(f"unknown SPLADE pooling {mode!r}; expected max or sum")
 
 
 def unpack(flat: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,

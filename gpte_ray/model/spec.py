@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gpte_ray.config import ConfigError, ModelConfig
+from gpte_ray.model.modules import DenseSpec, StModules, read_modules
 from gpte_ray.model.source import (
     LocalFolder,
     ModelSource,
-    PlannedModel,
     default_model_path,
     folder_weights_hash,
     model_folder,
@@ -29,21 +28,18 @@ from gpte_ray.model.source import (
 )
 
 # default_model_path is re-exported: callers have long imported it from here
-__all__ = ["DenseSpec", "ModelSpec", "default_model_path", "resolve_model", "spec_from_fingerprint"]
+__all__ = ["DenseSpec", "ModelSpec", "backbone_class", "default_model_path", "resolve_model", "spec_from_fingerprint"]
 
 _ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet"}
 _DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
-
-
-@dataclass(frozen=True)
-class DenseSpec:
-    """A sentence-transformers Dense projection after pooling."""
-
-    path: str  # relative to the model folder
-    in_features: int
-    out_features: int
-    bias: bool
-    activation: str
+# encoder-decoder models embedded by their encoder alone, as sentence-transformers loads them
+# (AutoModel would load the decoder too, whose forward needs decoder inputs)
+ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+                "longt5": "LongT5EncoderModel"}
+# fields added after tables were first written: left out of the fingerprint at their default,
+# so a table written before they existed keeps its fingerprint (and is not rebuilt)
+_LATER_FIELDS = {"output": "dense", "sparse_activation": "", "skiplist": (), "skiplist_queries": False,
+                 "trust_remote_code": False}
 
 
 @dataclass(frozen=True)
@@ -77,17 +73,26 @@ class ModelSpec:
     long_documents: str
     chunk_overlap: int
     dense: tuple[DenseSpec, ...] = field(default_factory=tuple)
+    output: str = "dense"  # dense: one vector per chunk; multi-vector: one per kept token; sparse: vocab weights
+    sparse_activation: str = ""  # sparse: relu | log1p_relu before pooling (`pooling` is max | sum)
+    skiplist: tuple[str, ...] = ()  # multi-vector: tokens whose vectors documents leave out
+    skiplist_queries: bool = False  # multi-vector: queries leave them out too
+    trust_remote_code: bool = False  # the model's own code runs (--trust-remote-code)
 
     @property
     def full_dim(self) -> int:
-        """Dimension of the pooled (and projected) vector before Matryoshka truncation."""
+        """Dimension of the pooled (and projected) vector before Matryoshka truncation (a
+        sparse model's: its vocabulary)."""
+        if self.output == "sparse":
+            return self.dim
         return self.dense[-1].out_features if self.dense else self.hidden_size
 
     @property
     def positions_from_mask(self) -> bool:
         """Pass position ids computed from the mask (left padding stays exact), except for
-        RoBERTa-style models that derive them from the input ids themselves."""
-        return self.model_type not in _ROBERTA_LIKE
+        RoBERTa-style models that derive them from the input ids themselves and T5 encoders
+        (relative positions: their forward takes none)."""
+        return self.model_type not in _ROBERTA_LIKE and self.model_type not in ENCODER_ONLY
 
     def local_folder(self) -> Path:
         """This node's copy of the model, fetched once per node and checked against
@@ -99,6 +104,10 @@ class ModelSpec:
         keep = asdict(self)
         keep.pop("source")
         keep["dense"] = [asdict(d) for d in self.dense]  # a list, as it reads back from JSON
+        keep["skiplist"] = list(self.skiplist)
+        for name, default in _LATER_FIELDS.items():
+            if getattr(self, name) == default:
+                keep.pop(name)
         return keep
 
     def fingerprint_digest(self) -> str:
@@ -124,29 +133,9 @@ def spec_from_fingerprint(fp: dict, model_path: str | None = None) -> ModelSpec:
         )
     fields = {k: v for k, v in fp.items() if k in ModelSpec.__dataclass_fields__}
     fields["dense"] = tuple(DenseSpec(**d) for d in fp["dense"])
+    fields["skiplist"] = tuple(fp.get("skiplist", ()))
     fields["revision"] = revision
     return ModelSpec(source=source, **fields)
-
-
-def _st_pooling(cfg: dict) -> str:
-    mode = cfg.get("pooling_mode")  # sentence-transformers >= 6 names the mode directly
-    if isinstance(mode, str):
-        named = {"cls": "cls", "mean": "mean", "lasttoken": "last-token", "last_token": "last-token",
-                 "weightedmean": "weighted-mean", "weighted_mean": "weighted-mean"}
-        if mode not in named:
-            raise ConfigError(f"config error: model.pooling: the model's pooling mode {mode!r} is not supported")
-        return named[mode]
-    if cfg.get("pooling_mode_lasttoken"):
-        return "last-token"
-    if cfg.get("pooling_mode_weightedmean_tokens"):
-        return "weighted-mean"
-    if cfg.get("pooling_mode_cls_token"):
-        return "cls"
-    if cfg.get("pooling_mode_mean_tokens"):
-        return "mean"
-    if cfg.get("pooling_mode_max_tokens") or cfg.get("pooling_mode_mean_sqrt_len_tokens"):
-        raise ConfigError("config error: model.pooling: the model's pooling mode is not supported")
-    return "mean"
 
 
 def _split_prompt(prompt: str | None, named: dict[str, str], task: str | None, key: str) -> tuple[str, str]:
@@ -169,25 +158,27 @@ def _split_prompt(prompt: str | None, named: dict[str, str], task: str | None, k
 
 
 def resolve_model(cfg: ModelConfig) -> ModelSpec:
-    """Read the model's own files and merge them with explicit settings into a ModelSpec."""
+    """Read the model's own files and merge them with explicit settings into a ModelSpec.
+
+    Refuses, in one line naming the module or file, a model this job cannot reproduce exactly."""
     source = model_source(cfg.path)
     model = source.plan(cfg.revision)
     hf = model.json("config.json")
     if not hf:
         raise ConfigError(f"config error: model.path: {cfg.path or model.model_id!r} has no config.json")
-    modules = model.json("modules.json", default=[])
-    st = _st_modules(model, modules)
+    _check_code(hf, cfg.trust_remote_code)
+    st_cfg = model.json("config_sentence_transformers.json")
+    st = read_modules(model, model.json("modules.json", default=[]), st_cfg.get("model_type"))
     tok_cfg = model.json("tokenizer_config.json")
     is_decoder = _is_decoder(hf)
-    st_max = _st_max_length(model.json("sentence_bert_config.json"), tok_cfg, bool(modules))
+    st_max = st.document_length or _st_max_length(model.json("sentence_bert_config.json"), tok_cfg,
+                                                  bool(model.json("modules.json", default=[])))
     max_length = _max_length(cfg, hf, st_max)
-    doc_pre, doc_suf, q_pre, q_suf = _prompts(cfg, model.json("config_sentence_transformers.json"))
+    doc_pre, doc_suf, q_pre, q_suf = _prompts(cfg, st_cfg)
     hidden = int(hf.get("hidden_size") or hf.get("d_model") or 0)
-    full_dim = st.dense[-1].out_features if st.dense else hidden
-    if cfg.dim is not None and cfg.dim > full_dim:
-        raise ConfigError(f"config error: model.dim: {cfg.dim} is larger than the model's {full_dim}")
-    if cfg.precision == "binary" and (cfg.dim or full_dim) % 8:
-        raise ConfigError("config error: model.precision: binary needs a dimension divisible by 8")
+    full_dim = int(hf.get("vocab_size") or 0) if st.output == "sparse" else (
+        st.dense[-1].out_features if st.dense else hidden)
+    dim = _output_dim(cfg, st, st_cfg, full_dim)
     return ModelSpec(
         source=source,
         model_id=model.model_id,
@@ -195,11 +186,11 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
         weights_hash=model.weights_hash,
         model_type=hf.get("model_type", ""),
         is_decoder=is_decoder,
-        pooling=cfg.pooling or st.pooling or ("last-token" if is_decoder else "mean"),
+        pooling=_pooling(cfg, st, is_decoder),
         normalize=cfg.normalize if cfg.normalize is not None else (st.normalize if st.normalize is not None else True),
         max_length=int(max_length),
         hidden_size=hidden,
-        dim=cfg.dim or full_dim,
+        dim=dim,
         document_prefix=doc_pre,
         document_suffix=doc_suf,
         query_prefix=q_pre,
@@ -211,46 +202,61 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
         long_documents=cfg.long_documents,
         chunk_overlap=_chunk_overlap(cfg, max_length),
         dense=st.dense,
+        output=st.output,
+        sparse_activation=st.sparse_activation,
+        skiplist=st.skiplist,
+        skiplist_queries=st.skiplist_queries,
+        trust_remote_code=cfg.trust_remote_code,
     )
 
 
-@dataclass(frozen=True)
-class _StModules:
-    """What a sentence-transformers modules.json puts after the transformer (None: not said)."""
-
-    pooling: str | None = None
-    include_prompt: bool = True
-    normalize: bool | None = None
-    dense: tuple[DenseSpec, ...] = ()
+def backbone_class(spec: ModelSpec) -> str:
+    """The transformers class that loads the backbone, as sentence-transformers loads it."""
+    if spec.output == "sparse":
+        return "AutoModelForMaskedLM"
+    return ENCODER_ONLY.get(spec.model_type, "AutoModel")
 
 
-def _st_modules(model: PlannedModel, modules) -> _StModules:
-    """The Pooling, Normalize and Dense modules listed in `modules` (modules.json)."""
-    pooling, include_prompt, normalize, dense = None, True, None, []
-    for m in modules if isinstance(modules, list) else []:
-        kind = m.get("type", "").rsplit(".", 1)[-1]
-        sub = posixpath.normpath(m.get("path") or ".")
-        sub_config = posixpath.normpath(posixpath.join(sub, "config.json"))
-        if kind == "Pooling":
-            pcfg = model.json(sub_config)
-            pooling = _st_pooling(pcfg)
-            include_prompt = pcfg.get("include_prompt", True)
-        elif kind == "Normalize":
-            normalize = True
-        elif kind == "Dense":
-            dcfg = model.json(sub_config)
-            dense.append(
-                DenseSpec(
-                    path=sub,
-                    in_features=int(dcfg["in_features"]),
-                    out_features=int(dcfg["out_features"]),
-                    bias=bool(dcfg.get("bias", True)),
-                    activation=str(dcfg.get("activation_function", "Identity")).rsplit(".", 1)[-1],
-                )
-            )
-    if modules and normalize is None:
-        normalize = False  # a sentence-transformers model without a Normalize module
-    return _StModules(pooling, include_prompt, normalize, tuple(dense))
+def _check_code(hf: dict, trust_remote_code: bool) -> None:
+    """Refuse a model whose architecture is code shipped with the model, unless trusted."""
+    auto_map = hf.get("auto_map") or {}
+    if trust_remote_code:
+        return
+    if auto_map:
+        name, ref = next(iter(auto_map.items()))
+        raise ConfigError(f"config error: model.path: the model's config.json maps {name} to its own code "
+                          f"({ref}); pass --trust-remote-code to run it")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if hf.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(f"config error: model.path: model_type {hf.get('model_type')!r} is not an architecture "
+                          "transformers knows; pass --trust-remote-code if the model ships its code")
+
+
+def _pooling(cfg: ModelConfig, st: StModules, is_decoder: bool) -> str:
+    if st.output != "dense":
+        if cfg.pooling is not None:
+            raise ConfigError(f"config error: model.pooling: a {st.output} model pools by its own modules")
+        return st.pooling or "none"  # sparse: max | sum; multi-vector: one vector per token
+    return cfg.pooling or st.pooling or ("last-token" if is_decoder else "mean")
+
+
+def _output_dim(cfg: ModelConfig, st: StModules, st_cfg: dict, full_dim: int) -> int:
+    """The stored dimension: the config's, the model's truncate_dim, else all of it; and
+    precisions each output kind can store."""
+    if st.output != "dense" and cfg.precision != "float32":
+        raise ConfigError(f"config error: model.precision: {cfg.precision} is not supported for a {st.output} "
+                          "model (float32 only)")
+    if st.output == "sparse" and cfg.dim is not None:
+        raise ConfigError("config error: model.dim: a sparse model's dimension is its vocabulary")
+    if st.output == "multi-vector" and (cfg.dim or st_cfg.get("truncate_dim")) and not st.normalize:
+        raise ConfigError("config error: model.dim: truncating a multi-vector model needs its Normalize module")
+    dim = cfg.dim or st_cfg.get("truncate_dim") or full_dim
+    if dim > full_dim:
+        raise ConfigError(f"config error: model.dim: {dim} is larger than the model's {full_dim}")
+    if cfg.precision == "binary" and dim % 8:
+        raise ConfigError("config error: model.precision: binary needs a dimension divisible by 8")
+    return int(dim)
 
 
 def _is_decoder(hf: dict) -> bool:

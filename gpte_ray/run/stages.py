@@ -216,7 +216,7 @@ class EmbedStage:
         self.figures = ActorFigures(born, born_cpu, born_wall, device)
 
     def _embed_window(self, values: np.ndarray, offsets: np.ndarray, plens: np.ndarray,
-                      lengths: np.ndarray, pooled: np.ndarray, padded: np.ndarray, first: np.ndarray,
+                      lengths: np.ndarray, outputs, padded: np.ndarray, first: np.ndarray,
                       last_chunk: np.ndarray | None = None) -> None:
         """Embed every row of the window; on OOM halve the budget and retry in smaller pieces.
         Progress (with `last_chunk`: True on rows that complete a document) goes out per micro-batch.
@@ -229,7 +229,6 @@ class EmbedStage:
         emb, fig = self.embedder, self.figures
         min_fill = 0.0 if emb.packed else self.min_fill  # packed rows are never padded: fill by budget only
         queue = deque(plan_micro_batches(lengths, self.budget, self.max_rows, min_fill))
-        done: list[tuple[np.ndarray, object]] = []
         ready = None  # (rows, prepared batch) for the head of the queue
         while queue:
             rows = queue.popleft()
@@ -250,16 +249,13 @@ class EmbedStage:
                 continue
             if queue:
                 ready = (queue[0], emb.prepare(values, offsets, queue[0], plens))
-            done.append((rows, out))
+            outputs.add(rows, out)  # model.outputs.WindowOutputs: kept on the device
             padded[rows] = lengths[rows] if emb.packed else int(lengths[rows].max())
             first[rows[0]] = 1
             if self.progress is not None and last_chunk is not None:  # a window can take minutes on a CPU
                 self.progress.add(int(last_chunk[rows].sum()), len(rows), int(lengths[rows].sum()))
         if self.progress is not None:
             self.progress.flush()
-        if done:
-            rows = np.concatenate([r for r, _ in done])
-            pooled[rows] = torch.cat([o for _, o in done]).cpu().numpy()
         fig.sync(emb.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -272,8 +268,8 @@ class EmbedStage:
 
     def embed(self, batch: pa.Table) -> tuple[pa.Table, WindowStats]:
         """(the window's rows with a `vector` column instead of token ids, its figures)."""
-        from gpte_ray.model.embedder import postprocess
-        from gpte_ray.store.table import vector_type, vectors_to_arrow
+        from gpte_ray.model.outputs import WindowOutputs
+        from gpte_ray.store.table import embedding_columns
 
         fig = self.figures
         arrived = time.perf_counter()
@@ -282,19 +278,20 @@ class EmbedStage:
         plens = batch["prompt_len"].to_numpy()
         lengths = np.diff(offsets).astype(np.int64)
         n = batch.num_rows
-        pooled = np.zeros((n, self.spec.full_dim), dtype=np.float32)
+        outputs = WindowOutputs(self.spec, n)
         padded = np.zeros(n, dtype=np.int32)  # padded length of each row's micro-batch
         first = np.zeros(n, dtype=np.int32)  # 1 on the first row of each micro-batch
         with fig.device_held(arrived):
             start = time.perf_counter()
             last_chunk = batch["chunk"].to_numpy() == batch["n_chunks"].to_numpy() - 1
-            self._embed_window(values, offsets, plens, lengths, pooled, padded, first, last_chunk)
+            self._embed_window(values, offsets, plens, lengths, outputs, padded, first, last_chunk)
             retries, budget = self.oom_retries, self.budget
             self.oom_retries = 0
             seconds = time.perf_counter() - start
-        vectors = postprocess(pooled, self.spec, self.calibration)
+        emb = outputs.finish(self.calibration)  # one copy back per window
         out = batch.drop_columns(["input_ids", "prompt_len"])
-        out = out.append_column("vector", vectors_to_arrow(vectors, vector_type(self.spec)))
+        for name, column in embedding_columns(self.spec, emb).items():  # `vector`, or the sparse pair
+            out = out.append_column(name, column)
         return out, WindowStats(seconds, retries, budget, padded, first)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "CommitPlan",
     "DuplicateKeyError",
     "TableStore",
+    "embedding_columns",
     "kept_fields",
     "table_schema",
     "vector_type",
@@ -62,6 +63,9 @@ def check_table_name(name: str) -> str:
 
 
 def vector_type(spec: ModelSpec) -> pa.DataType:
+    """The `vector` column's type: one fixed-size list per chunk, or (multi-vector) a list of them."""
+    if spec.output == "multi-vector":
+        return pa.list_(pa.list_(pa.float32(), spec.dim))
     if spec.precision == "float16":
         return pa.list_(pa.float16(), spec.dim)
     if spec.precision == "int8":
@@ -72,23 +76,30 @@ def vector_type(spec: ModelSpec) -> pa.DataType:
 
 
 # the table's own columns; a table with kept source columns has META_HASH and them after these
-BASE_COLUMNS = ("doc_id", "chunk", "vector", "text", "content_hash", "char_start", "char_end")
+BASE_COLUMNS = ("doc_id", "chunk", "vector", "sparse_indices", "sparse_values", "text", "content_hash", "char_start",
+                "char_end")
+# a sparse table's vectors: the non-zero vocabulary ids, ascending, and their weights
+SPARSE_COLUMNS = {"sparse_indices": pa.list_(pa.int32()), "sparse_values": pa.list_(pa.float32())}
 META_HASH = "meta_hash"
 
 
 def table_schema(spec: ModelSpec, store_text: bool, calibration: dict | None,
                  kept: pa.Schema | None = None) -> pa.Schema:
     """The table's schema; `kept`: the kept source columns (with meta_hash, the hash of their values)."""
+    if spec.output == "sparse":
+        vectors = [pa.field(name, typ) for name, typ in SPARSE_COLUMNS.items()]
+    else:
+        vectors = [pa.field("vector", vector_type(spec))]
     fields = [
         pa.field("doc_id", pa.string(), nullable=False),
         pa.field("chunk", pa.int32(), nullable=False),
-        pa.field("vector", vector_type(spec)),
+        *vectors,
         pa.field("content_hash", pa.string()),
         pa.field("char_start", pa.int32()),
         pa.field("char_end", pa.int32()),
     ]
     if store_text:
-        fields.insert(3, pa.field("text", pa.string()))
+        fields.insert(2 + len(vectors), pa.field("text", pa.string()))
     if kept is not None and len(kept):
         fields += [pa.field(META_HASH, pa.string()), *kept]
     meta = {FINGERPRINT_KEY: json.dumps(spec.fingerprint(), sort_keys=True)}
@@ -106,6 +117,19 @@ def vectors_to_arrow(vectors: np.ndarray, typ: pa.DataType) -> pa.Array:
     """(n, d) numpy -> fixed_size_list array of the table's vector type."""
     flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=typ.value_type)
     return pa.FixedSizeListArray.from_arrays(flat, typ.list_size)
+
+
+def embedding_columns(spec: ModelSpec, emb) -> dict[str, pa.Array]:
+    """A window's outputs (model.outputs.Embeddings) as the table's vector column(s)."""
+    if spec.output == "sparse":
+        offsets = pa.array(emb.offsets, pa.int32())
+        return {"sparse_indices": pa.ListArray.from_arrays(offsets, pa.array(emb.indices, pa.int32())),
+                "sparse_values": pa.ListArray.from_arrays(offsets, pa.array(emb.values, pa.float32()))}
+    typ = vector_type(spec)
+    if spec.output == "multi-vector":
+        tokens = vectors_to_arrow(emb.values, typ.value_type)
+        return {"vector": pa.ListArray.from_arrays(pa.array(emb.offsets, pa.int32()), tokens, type=typ)}
+    return {"vector": vectors_to_arrow(emb.values, typ)}
 
 
 @dataclass
