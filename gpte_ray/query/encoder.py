@@ -23,6 +23,7 @@ __all__ = [
     "collapse_to_docs",
     "dequantize_int8",
     "int8_search",
+    "multivector_search",
     "nearest_params",
     "query_encoder",
     "vector_search",
@@ -58,13 +59,17 @@ class QueryEncoder:
             # the fingerprint keeps a local folder's name only: say how to point at it
             raise ConfigError(f"{e}; a table built from a local model folder needs --model FOLDER") from None
         self.tokenizer = TextTokenizer(self.spec)
-        self.embedder = Embedder(self.spec, "cpu")
+        self.embedder = Embedder(self.spec, "cpu", role="query")
 
     def encode(self, queries: Sequence[str], calibration: dict | None, quantize: bool = True) -> np.ndarray:
         """Query vectors (n, dim) exactly as the table's documents were embedded, with the
-        query prompt; left in float32 when `quantize` is false (asymmetric search over codes)."""
+        query prompt; left in float32 when `quantize` is false (asymmetric search over codes).
+        Multi-vector and sparse tables: an object array of n entries, each query's (tokens, dim)
+        vectors or its (ids, weights)."""
         from gpte_ray.model.embedder import postprocess
 
+        if self.spec.output != "dense":
+            return self._encode_rows(queries)
         spec = self.spec if quantize else dataclasses.replace(self.spec, precision="float32")
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
         out: np.ndarray | None = None
@@ -78,6 +83,16 @@ class QueryEncoder:
                     out = np.empty((len(queries), *vec.shape[1:]), dtype=vec.dtype)
                 out[idx] = vec
         return out if out is not None else np.empty((0, self.spec.dim), dtype=np.float32)
+
+    def _encode_rows(self, queries: Sequence[str]) -> np.ndarray:
+        out = np.empty(len(queries), dtype=object)
+        with _threads(1 if len(queries) <= FEW_QUERIES else None):
+            for start in range(0, len(queries), QUERY_BATCH):
+                chunks = self.tokenizer.encode(list(queries[start : start + QUERY_BATCH]), role="query")
+                emb = self.embedder.embed_outputs([c.input_ids for c in chunks], [c.prompt_len for c in chunks])
+                for i in range(len(chunks)):
+                    out[start + i] = emb.row(i)
+        return out
 
 
 @contextlib.contextmanager
@@ -141,6 +156,24 @@ def vector_search(ds, vectors: np.ndarray, k: int, metric: str, columns: Sequenc
     out: list[list[dict]] = [[] for _ in range(len(vectors))]
     for q, row, s in zip(qi.tolist(), table.select(list(columns)).to_pylist(), scores.tolist()):
         out[q].append(row | {"score": s})
+    return out
+
+
+def multivector_search(ds, queries: Sequence[np.ndarray], k: int, columns: Sequence[str], *,
+                       where: str | None = None, exact: bool = False, tune: Mapping | None = None) -> list[list[dict]]:
+    """The k best rows of a multi-vector table for each query's token vectors (tokens, dim), by
+    MaxSim: the sum over query tokens of the best cosine with a row's tokens. Lance computes it
+    (its cosine distance for a multi-vector query is the number of query tokens minus MaxSim),
+    with the table's vector index unless `exact`."""
+    out = []
+    for q in queries:
+        nearest = nearest_params(np.asarray(q, dtype=np.float32), k, "cosine", exact)
+        if not exact and tune:
+            nearest.update(tune)
+        table = ds.to_table(columns=[*columns, "_distance"], nearest=nearest, filter=where,
+                            prefilter=where is not None, disable_scoring_autoprojection=True)
+        scores = len(q) - table.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
+        out.append([row | {"score": s} for row, s in zip(table.select(list(columns)).to_pylist(), scores.tolist())])
     return out
 
 

@@ -16,10 +16,12 @@ from gpte_ray.query.encoder import (
     QUERY_BATCH,
     collapse_to_docs,
     int8_search,
+    multivector_search,
     nearest_params,
     query_encoder,
     vector_search,
 )
+from gpte_ray.query.sparse import sparse_search
 from gpte_ray.store.indexes import index_on
 from gpte_ray.store.table import TableStore, kept_fields
 
@@ -44,8 +46,10 @@ class Searcher:
     """One table, opened once, with its query model loaded once.
 
     Reads the table version it opened; `refresh()` moves to the latest one. Scores are cosine
-    similarity (binary tables: the share of equal bits); with `hybrid`, reciprocal-rank-fusion
-    scores (see `fuse_rankings`), which rank but are not similarities.
+    similarity (binary tables: the share of equal bits; multi-vector tables: MaxSim, the sum
+    over query tokens of the best cosine; sparse tables: the dot product of the weights, rows
+    sharing no term with the query left out); with `hybrid`, reciprocal-rank-fusion scores (see
+    `fuse_rankings`), which rank but are not similarities.
     """
 
     def __init__(self, db: str, table: str, storage_options: dict | None = None, model_path: str | None = None):
@@ -64,6 +68,7 @@ class Searcher:
         # int8 tables are searched asymmetrically: float32 queries, an exact scan of the dequantised
         # codes (Lance's ANN search takes float vectors only)
         self.int8 = self.fp["precision"] == "int8"
+        self.output = self.fp.get("output", "dense")  # dense, multi-vector (MaxSim) or sparse (dot product)
         self.encoder = query_encoder(self.fp, self.model_path)
         # kept source columns (input.keep_columns) come with every result
         self.kept = kept_fields(self.ds.schema).names
@@ -74,8 +79,8 @@ class Searcher:
         return self.encoder.encode(list(queries), self.calibration, quantize=not self.int8)
 
     def vector_index(self) -> str | None:
-        """The vector index `search_vectors` uses when not exact (None: none, or an int8 table)."""
-        return None if self.int8 else index_on(self.ds, "vector")
+        """The vector index `search_vectors` uses when not exact (None: none, or an int8 or sparse table)."""
+        return None if self.int8 or self.output == "sparse" else index_on(self.ds, "vector")
 
     def search_vectors(self, vectors: np.ndarray, k: int, columns: Sequence[str] | None = None, *,
                        where: str | None = None, exact: bool = False, tune: dict | None = None) -> list[list[dict]]:
@@ -86,7 +91,11 @@ class Searcher:
         out: list[list[dict]] = []
         for start in range(0, len(vectors), QUERY_BATCH):
             batch = vectors[start : start + QUERY_BATCH]
-            if self.int8:
+            if self.output == "sparse":
+                out += sparse_search(self.ds, batch, self.fp["dim"], k, columns, where=where)
+            elif self.output == "multi-vector":
+                out += multivector_search(self.ds, batch, k, columns, where=where, exact=exact, tune=tune)
+            elif self.int8:
                 out += int8_search(self.ds, batch, self.calibration, k, columns, where=where)
             else:
                 out += vector_search(self.ds, batch, k, self.metric, columns, where=where, exact=exact, tune=tune)

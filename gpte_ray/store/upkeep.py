@@ -99,7 +99,9 @@ def finish_table(ds, out: OutputConfig, run_id: str, fp: dict, committed: bool,
     if out.fts_index and "text" in ds.schema.names and index_on(ds, "text") is None:
         _timed(done, "text_index", ds.create_scalar_index, "text", "INVERTED")
         done["text_index"] = "created"
-    vector_ready = fp.get("precision") in {"float32", "float16"} and rows >= out.index_min_rows
+    # a sparse table has no `vector` column (query/sparse.py scans its weights instead)
+    vector_ready = fp.get("precision") in {"float32", "float16"} and rows >= out.index_min_rows and \
+        "vector" in ds.schema.names
     if vector_ready and index_on(ds, "vector") is None:
         dim = fp["dim"]
         # IVF partitions ~ sqrt(rows) (half that under HNSW, whose per-partition graphs carry
