@@ -327,12 +327,12 @@ def run_job(shard_dir: str, db: str, threads: int, model: str | None, long_docum
     return {"run_seconds": time.perf_counter() - t}, report
 
 
-def start_ray(num_cpus: int) -> float:
+def start_ray(num_cpus: int, env_vars: dict | None = None) -> float:
     import ray
 
     t = time.perf_counter()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, runtime_env={"env_vars": env_vars} if env_vars else None)
     secs = time.perf_counter() - t
     import ray.data
 
@@ -352,12 +352,15 @@ def run_method(name: str, corpus: str, rnd: int, args, path: str, texts: list[st
                 "load_seconds": round(r["load_seconds"], 2)}
     import ray
 
+    variant = args.variants.get(name, {})
+    # variant keys env.NAME set an environment variable in the Ray workers (the actors)
+    env_vars = {k[4:]: str(v) for k, v in variant.items() if k.startswith("env.")}
     with CPUMeter() as cpu:
-        ray_start = start_ray(args.num_cpus)
+        ray_start = start_ray(args.num_cpus, env_vars)
         try:
             if name.startswith("job"):
                 db = os.path.join(work, corpus, f"db-{name.replace('@', '-')}-{rnd}")
-                over = overrides | args.variants.get(name, {})
+                over = overrides | {k: v for k, v in variant.items() if not k.startswith("env.")}
                 r, report = run_job(shard_dir, db, args.threads, args.model, args.long_documents, over)
                 secs = ray_start + r["run_seconds"]
             else:
@@ -415,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="job setting; truncate embeds exactly ST's tokens")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                     help="an extra job run 'job@NAME' with these overrides, measured in the same rounds "
-                         "(e.g. b4k:batch.token_budget=4096); repeatable")
+                         "(e.g. b4k:batch.token_budget=4096; env.NAME=VALUE sets a variable in the Ray "
+                         "workers, e.g. spin:env.OMP_WAIT_POLICY=ACTIVE); repeatable")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="job config override, e.g. batch.token_budget=4096 (repeatable)")
     ap.add_argument("--rounds", type=int, default=1,
