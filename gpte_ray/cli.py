@@ -131,7 +131,7 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpte-ray", description="Batch text embeddings into LanceDB on Ray.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{index,search,eval,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{index,search,eval,demo,check-model}")
 
     ix = sub.add_parser("index", help="make a table reflect a corpus (first run or incremental)",
                         description="Make the table reflect the corpus: embed new and changed documents, "
@@ -188,6 +188,17 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--query", default="read a parquet file into a table",
                     help="the query to search with (default: 'read a parquet file into a table')")
     _verbose_flag(de)
+
+    ck = sub.add_parser("check-model", help="embed a few texts through the job and sentence-transformers; compare",
+                        description="Embed a handful of texts through the job's own path and, when "
+                        "sentence-transformers is installed, through it too; print the resolved settings and the "
+                        "largest difference (exit 1 above --tolerance).")
+    ck.add_argument("model", nargs="?", help="Hugging Face id or local folder (default: the packaged all-MiniLM-L6-v2)")
+    ck.add_argument("--text", action="append", help="a text to embed, repeatable (default: a built-in handful)")
+    ck.add_argument("--tolerance", type=float, default=1e-4, help="largest difference allowed (default: 1e-4)")
+    for flag in ("revision", "pooling", "max_length", "document_prompt", "query_prompt", "trust_remote_code"):
+        _add_config_flag(ck, flag, _INDEX_FLAGS[flag])
+    _verbose_flag(ck)
     return p
 
 
@@ -306,6 +317,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model(args: argparse.Namespace) -> int:
+    from gpte_ray.config import ModelConfig
+    from gpte_ray.model.check import check_model
+
+    fields = {f: getattr(args, f) for f in ("revision", "pooling", "max_length", "document_prompt", "query_prompt")}
+    cfg = ModelConfig(path=args.model, trust_remote_code=bool(args.trust_remote_code),
+                      **{_INDEX_FLAGS[f].split(".")[1]: v for f, v in fields.items() if v is not None})
+    result = check_model(cfg, args.text, args.tolerance)
+    for key, value in result["settings"].items():
+        print(f"{key:>26}: {value!r}" if isinstance(value, str) else f"{key:>26}: {value}")
+    diff = result["largest_difference"]
+    print(f"{'reference':>26}: {result['reference'] or 'none (sentence-transformers missing or not its folder)'}")
+    if diff is not None:
+        print(f"{'largest difference':>26}: {diff:.3g} over {result['texts']} texts as documents and queries "
+              f"(tolerance {result['tolerance']:g}): {'ok' if result['ok'] else 'OVER TOLERANCE'}")
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
 def _is_user_error(e: BaseException) -> bool:
     """The user's input or configuration is at fault (exit 2), as opposed to the job or the system."""
     from gpte_ray.config import ConfigError
@@ -325,16 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet(args.command)
     try:
-        commands = {"index": _index, "search": _search, "demo": _demo, "eval": _eval}
+        commands = {"index": _index, "search": _search, "demo": _demo, "eval": _eval, "check-model": _check_model}
         return commands[args.command](args)
     except KeyboardInterrupt:
-        print("gpte-ray: interrupted", file=console())
+        say("gpte-ray: interrupted")  # on a line of its own, never after the progress line
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI edge: one line, never a bare traceback
         if os.environ.get("GPTE_RAY_DEBUG"):
             import traceback
 
-            print(redact(traceback.format_exc(), args.secrets), file=console())
+            say(redact(traceback.format_exc(), args.secrets))
         file_noise_log()
         cause = unwrap(e)
         msg = one_line(cause)
