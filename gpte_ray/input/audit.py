@@ -44,8 +44,10 @@ def count_rows(uri: str, cfg: InputConfig) -> int | None:
         raise
 
 
-def source_rows(shards: list[str], cfg: InputConfig, quarantine: list[dict], read_cpus: float) -> int:
-    """Rows in all shards, counted in Ray tasks (one per shard; only ints come back).
+def source_rows(shards: list[str], cfg: InputConfig, quarantine: list[dict], read_cpus: float,
+                only: list[int] | None = None) -> int:
+    """Rows in all shards (`only`: in the shards at these positions), counted in Ray tasks (one
+    per shard; only ints come back).
 
     A shard the run quarantined whole (a bad shard: `row` -1 in `quarantine`) counts as the one
     row that stands for it, as it does in the run's own counts; so does one that cannot be read.
@@ -53,7 +55,10 @@ def source_rows(shards: list[str], cfg: InputConfig, quarantine: list[dict], rea
     import ray
 
     whole = {q["shard"] for q in quarantine if q["row"] == -1}
-    todo = [uri for i, uri in enumerate(shards) if i not in whole]
+    positions = range(len(shards)) if only is None else only
+    todo = [shards[i] for i in positions if i not in whole]
+    if not todo:
+        return len(whole)
     count = ray.remote(num_cpus=read_cpus)(count_rows)
     counts = ray.get([count.remote(uri, cfg) for uri in todo])
     return len(whole) + sum(1 if n is None else n for n in counts)

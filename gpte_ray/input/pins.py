@@ -31,8 +31,8 @@ from gpte_ray.config import InputConfig
 from gpte_ray.input.sources import ShardError, read_prepared
 from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path, s3_client
 
-__all__ = ["Pin", "ShardChangedError", "check_pin", "open_pinned", "read_pinned", "read_pins", "scan_pinned",
-           "take_pin", "write_pin"]
+__all__ = ["Pin", "ShardChangedError", "check_pin", "open_pinned", "read_pinned", "read_pins", "same_fingerprint",
+           "scan_pinned", "take_pin", "take_pins", "write_pin"]
 
 # bytes per ranged GET of a pinned S3 read (Parquet row groups and JSONL streams alike)
 S3_BLOCK = 8 << 20
@@ -101,6 +101,24 @@ def take_pin(uri: str, storage_options: dict | None) -> Pin:
     fs, path = filesystem(uri, storage_options)
     info = fs.get_file_info(path)
     return Pin(uri, size=info.size, mtime_ns=info.mtime_ns)
+
+
+def same_fingerprint(a: Pin, b: Pin) -> bool:
+    """Whether two pins name the same bytes in the store (rows digests aside). A version id
+    counts where both know it: a listing may give the ETag without it."""
+    versions_agree = a.version_id == b.version_id or a.version_id is None or b.version_id is None
+    return a.uri == b.uri and (a.size, a.mtime_ns, a.etag) == (b.size, b.mtime_ns, b.etag) and versions_agree
+
+
+def take_pins(uris: list[str], storage_options: dict | None, threads: int = 16) -> list[Pin]:
+    """Each shard's fingerprint now (rows digests empty), without reading it: a stat per local
+    file, a HEAD per object (in threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if all(not is_remote(u) for u in uris):
+        return [take_pin(u, storage_options) for u in uris]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda u: take_pin(u, storage_options), uris))
 
 
 def check_pin(pin: Pin, storage_options: dict | None) -> None:

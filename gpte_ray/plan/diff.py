@@ -44,7 +44,8 @@ from gpte_ray.report.counts import RunCounts
 from gpte_ray.storage import ensure_dir, filesystem, join
 
 __all__ = [
-    "DeleteIds", "Diff", "MassDeleteError", "PlanLostError", "check_mass_delete", "compute_diff",
+    "Carried", "DeleteIds", "Diff", "FullScanNeeded", "MassDeleteError", "PlanLostError", "check_mass_delete",
+    "compute_diff",
 ]
 
 # a scan row's sort key as one string: zero-padded shard and row, then the content hash and
@@ -338,6 +339,10 @@ class DeleteIds:
         return self.diff.replaced
 
 
+class FullScanNeeded(Exception):
+    """An incremental diff that needs every shard read after all (the kept columns change)."""
+
+
 class MassDeleteError(RuntimeError):
     """A run would delete more of the table than the guard allows."""
 
@@ -353,10 +358,28 @@ def check_mass_delete(deleted: int, existing: int, max_fraction: float, allow: b
         )
 
 
+@dataclass
+class Carried:
+    """What the shards a run skipped hold (plan.shards), added to the diff's own counts."""
+
+    unchanged: int = 0  # documents only in skipped shards
+    quarantined: int = 0  # their duplicate and bad rows
+    existing: int = 0  # table documents among them
+    rows_skipped: int = 0  # rows of the skipped shards
+    loaded: int = 0  # rows of skipped shards the diff saw (touched ids): not read, so not in rows_read
+
+    def add_to(self, d: Diff) -> None:
+        d.unchanged += self.unchanged
+        d.quarantined += self.quarantined
+        d.existing += self.existing
+        d.rows_skipped += self.rows_skipped
+        d.rows_read -= self.loaded
+
+
 def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_options: dict | None,
                  rebuild: bool, rows_hint: int, max_delete_fraction: float = 1.0,
                  allow_mass_delete: bool = True, small_rows: int = SMALL_ROWS,
-                 kept_changed: Callable[[], bool] | None = None) -> Diff:
+                 kept_changed: Callable[[], bool] | None = None, carried: Carried | None = None) -> Diff:
     """Diff a scan dataset (stages.SCAN_SCHEMA rows) against `table` (a Ray dataset of the
     table's doc_id, content_hash and meta_hash of chunk 0, or None for no table).
 
@@ -365,7 +388,8 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
     (scan and table together) are grouped in one task, more by a hash shuffle (`rows_hint`
     sizes its partitions). `kept_changed` is called once the scan is done (the kept columns'
     types are known then): true when the table's kept columns change, so that every document
-    whose text is unchanged is copied into the new table (`Diff.copy_all`).
+    whose text is unchanged is copied into the new table (`Diff.copy_all`). `carried`: what the
+    shards the run skipped hold, when `scan` and `table` cover the touched documents only.
     """
     import time
 
@@ -381,6 +405,8 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
     scan_rows = scan.map_batches(scan_groups, batch_format="pyarrow", batch_size=None).materialize()
     seconds["scan"] = time.perf_counter() - t
     copy_all = (kept_changed() if kept_changed is not None else False) and not rebuild
+    if copy_all and carried is not None:
+        raise FullScanNeeded("the kept columns change: every document is copied, so every shard is read")
     t = time.perf_counter()
     parts = [scan_rows] + ([old_rows] if old_rows is not None else [])
     totals = _add_up(group_map(
@@ -401,6 +427,8 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
 
     d = _make_diff(totals, plan_dir=plan_dir, storage_options=storage_options, rebuild=rebuild, copy_all=copy_all)
     d.seconds = seconds
+    if carried is not None:
+        carried.add_to(d)
     if copy_all and d.bad_shards:
         # copying the table into the new columns would leave out the documents of unread shards
         raise ShardError(f"input error: {d.bad_shards} shard(s) could not be read; a new set of kept columns "

@@ -12,6 +12,7 @@ class RunCounts:
     """What a run found in the corpus against the table (documents, except `rows_read`)."""
 
     rows_read: int = 0  # input rows read (a bad shard skipped whole counts as one)
+    rows_skipped: int = 0  # rows of shards not read because they did not change (counted as they were)
     new: int = 0
     changed: int = 0
     unchanged: int = 0
