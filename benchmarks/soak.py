@@ -163,7 +163,7 @@ def write_config(path: Path, backend: Backend, model: str, dim: int) -> None:
 
     out = {"db": backend.db, "table": "docs", "max_fragments": 4, "index_min_rows": 300,
            "index_type": "IVF_PQ", "retention_hours": 0, "lease_seconds": LEASE_S,
-           "max_delete_fraction": 0.2}
+           "max_delete_fraction": 0.2, "rebuild": True}  # its model-change nights rebuild on purpose
     if backend.endpoint:
         out["storage_options"] = {"endpoint": backend.endpoint, **KEYS}
     cfg = {"model": {"path": model, "dim": dim}, "batch": {"window_rows": 64},

@@ -51,6 +51,7 @@ _INDEX_FLAGS = {
     "table": "output.table",
     "max_delete_fraction": "output.max_delete_fraction",
     "allow_mass_delete": "output.allow_mass_delete",
+    "rebuild": "output.rebuild",
 }
 
 # list fields given as one comma-separated value (column names have no commas; paths might)
@@ -224,7 +225,7 @@ def _stdout_report(report: dict) -> str:
 
 def _index(args: argparse.Namespace) -> int:
     from gpte_ray.config import load_config
-    from gpte_ray.console import console
+    from gpte_ray.console import console, file_noise_log, noise_log_kept
     from gpte_ray.run.pipeline import run_index
     from gpte_ray.storage import secret_values
     from gpte_ray.store.staging import tidy_after_failure
@@ -241,6 +242,7 @@ def _index(args: argparse.Namespace) -> int:
     except BaseException:
         tidy_after_failure(cfg.output.db, cfg.output.table, existed)
         raise
+    file_noise_log()  # named below where it stays
     line = report.to_json()
     if args.report:
         with open(args.report, "w") as f:
@@ -251,6 +253,8 @@ def _index(args: argparse.Namespace) -> int:
         write_html_report(json.loads(line), args.html)
     if report.report_file:
         print(f"run report: {report.report_file}", file=console())
+    if noise_log_kept():
+        print(f"library output: {noise_log_kept()}", file=console())
     print(_stdout_report(json.loads(line)), flush=True)
     return 0
 
@@ -347,7 +351,7 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpte_ray.console import console, file_noise_log, noise_log, one_line, quiet, unwrap
+    from gpte_ray.console import file_noise_log, noise_log_kept, one_line, quiet, say, unwrap
     from gpte_ray.storage import redact, secret_values
 
     args = _parser().parse_args(argv)
@@ -368,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         file_noise_log()
         cause = unwrap(e)
         msg = one_line(cause)
-        if not _is_user_error(cause) and noise_log():
-            msg += f" (library output: {noise_log()})"
-        print(f"gpte-ray: error: {redact(msg, args.secrets)}", file=console())
+        if not _is_user_error(cause) and noise_log_kept():  # an empty log is removed at exit
+            msg += f" (library output: {noise_log_kept()})"
+        say(f"gpte-ray: error: {redact(msg, args.secrets)}")
         return 2 if _is_user_error(cause) else 1
     finally:
         file_noise_log()

@@ -207,6 +207,10 @@ class OutputConfig(_Strict):
         0.1, ge=0, le=1, description="Refuse runs that would delete more than this share."
     )
     allow_mass_delete: bool = Field(False, description="Override the mass-deletion guard.")
+    rebuild: bool = Field(
+        False, description="Allow a run whose model settings differ from the table's to re-embed every "
+        "document (refused otherwise, naming what changed).",
+    )
     storage_options: dict[str, SecretStr] = Field(
         default_factory=dict, description="Object-store options for an s3:// db."
     )

@@ -16,10 +16,12 @@ import sys
 import tempfile
 from typing import TextIO
 
-__all__ = ["console", "file_noise_log", "noise_log", "one_line", "quiet", "unwrap"]
+__all__ = ["console", "end_line", "file_noise_log", "left_open", "noise_log", "noise_log_kept", "one_line", "quiet",
+           "say", "unwrap"]
 
 _console: TextIO | None = None
 _noise_log: str | None = None
+_open_line: TextIO | None = None  # a stream whose last line (a progress line) has no newline yet
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
@@ -31,6 +33,40 @@ def console() -> TextIO:
 def noise_log() -> str | None:
     """The file that holds the libraries' stderr of this process, when quiet."""
     return _noise_log
+
+
+def noise_log_kept() -> str | None:
+    """The noise log, if it will still be there after this process: it exists and is not empty
+    (an empty one is removed at exit, so a path printed for it would lead nowhere)."""
+    sys.stderr.flush()
+    if _noise_log is not None and os.path.isfile(_noise_log) and os.path.getsize(_noise_log) > 0:
+        return _noise_log
+    return None
+
+
+def left_open(stream: TextIO) -> None:
+    """Record that `stream`'s last line (a progress line rewritten in place) has no newline yet."""
+    global _open_line
+    _open_line = stream
+
+
+def end_line(stream: TextIO | None = None) -> None:
+    """End a line left open (on `stream`, or any), so the next message starts a line of its own."""
+    global _open_line
+    if _open_line is not None and (stream is None or stream is _open_line):
+        try:
+            _open_line.write("\n")
+            _open_line.flush()
+        except (OSError, ValueError):  # closed meanwhile: nothing to end
+            pass
+        _open_line = None
+
+
+def say(line: str) -> None:
+    """One line of gpte-ray's own on the terminal (never inside a progress line)."""
+    out = console()
+    end_line(out)
+    print(line, file=out, flush=True)
 
 
 def quiet(command: str) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from gpte_ray.console import console
+from gpte_ray.console import console, end_line, left_open
 from gpte_ray.report.counts import RunCounts
 
 __all__ = ["Progress", "ProgressCounter", "RunReport", "quarantine_kind"]
@@ -16,7 +17,8 @@ __all__ = ["Progress", "ProgressCounter", "RunReport", "quarantine_kind"]
 class RunReport(RunCounts):
     """One run, as the JSON and HTML reports show it (the counts first, from RunCounts)."""
 
-    run_id: str = ""
+    run_id: str = ""  # this run's own id (never shared with another run)
+    plan_id: str = ""  # the plan's identity: a rerun of the same work has the same one (and resumes it)
     started: str = ""  # UTC, ISO 8601 to the second
     table: str = ""
     model: dict = field(default_factory=dict)  # id, revision, weights hash, dim, precision... (set_model)
@@ -191,26 +193,44 @@ def quarantine_kind(reason: str) -> str:
 
 
 class Progress:
-    """One progress line: rewritten in place on a terminal, plain lines otherwise."""
+    """One progress line: rewritten in place on a terminal, plain lines otherwise.
 
-    def __init__(self, total_docs: int, stream=None, every_s: float = 5.0):
+    Counts are the plan's: documents and chunks staged by an earlier run of the same plan
+    (`resumed`) start the line, as the run report counts them. The ETA divides what is left by
+    the rate of the last `window_s` seconds, which documents finishing in bursts (a long one
+    is done at its last chunk) move far less than a rate since the start or since the last line.
+    """
+
+    def __init__(self, total_docs: int, stream=None, every_s: float = 5.0, resumed: tuple[int, int] = (0, 0),
+                 window_s: float = 60.0):
         self.total = total_docs
         self.stream = stream or console()  # the terminal, also when the CLI silences libraries
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
         self.last = 0.0
         self.every = every_s if not self.tty else 0.2
-        self.docs = self.rows = self.tokens = 0
+        self.resumed = resumed  # (documents, chunks) staged before this run
+        self.docs, self.rows, self.tokens = *resumed, 0
         self.printed: tuple[int, int] | None = None
         self.quiet_s = 30.0  # longest gap between two lines of a log
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque([(self.start, resumed[0])])  # (time, documents)
 
     def update(self, docs: int, rows: int, tokens: int) -> list[float]:
-        """Set the totals so far; returns the timeline point [seconds, docs, tokens]."""
-        self.docs, self.rows, self.tokens = docs, rows, tokens
+        """Set this run's totals so far; returns the timeline point [seconds, docs, tokens]."""
+        self.docs, self.rows, self.tokens = self.resumed[0] + docs, self.resumed[1] + rows, tokens
         now = time.perf_counter()
+        self.samples.append((now, self.docs))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()  # keep one sample at least window_s old
         point = [round(now - self.start, 3), self.docs, self.tokens]
         self._print(now)
         return point
+
+    def rate(self, now: float) -> float:
+        """Documents per second over the last window_s seconds (since the start, before that)."""
+        t0, d0 = self.samples[0]
+        return (self.docs - d0) / max(now - t0, 1e-9)
 
     def _print(self, now: float) -> None:
         if now - self.last < self.every and self.docs < self.total:
@@ -219,7 +239,7 @@ class Progress:
             return  # a log gets a line when something moved, and a heartbeat while nothing does
         self.last, self.printed = now, (self.docs, self.rows)
         elapsed = max(now - self.start, 1e-9)
-        rate = self.docs / elapsed
+        rate = self.rate(now)
         eta = f"{(self.total - self.docs) / rate:.0f}s" if rate > 0 else "?"
         line = (
             f"embedded {self.docs}/{self.total} docs ({self.rows} chunks) "
@@ -227,8 +247,9 @@ class Progress:
         )
         if self.tty:
             self.stream.write("\r" + line.ljust(100))
+            left_open(self.stream)  # a message printed meanwhile starts a line of its own
             if self.docs >= self.total:
-                self.stream.write("\n")
+                end_line(self.stream)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()

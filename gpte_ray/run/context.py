@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -14,7 +16,13 @@ from gpte_ray.run.resume import StagedState
 from gpte_ray.store.lock import TableLock
 from gpte_ray.store.table import TableStore
 
-__all__ = ["RunContext"]
+__all__ = ["RunContext", "new_run_id"]
+
+
+def new_run_id() -> str:
+    """This run's own id: its UTC start and random digits, so ids sort by time and never repeat
+    (two runs with the same work share a plan id, never a run id)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -38,7 +46,10 @@ class RunContext:
     kept_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     calibration: dict | None = None  # int8 ranges
     schema: pa.Schema | None = None  # the table's schema after this run
-    run_id: str = ""
+    run_id: str = field(default_factory=new_run_id)  # reports, quarantine file, lease, run tag
+    # the plan's identity (table version, fingerprint, diff): staging and commit claims are kept
+    # under it, so a rerun of the same work resumes what an earlier run staged
+    plan_id: str = ""
     state: StagedState | None = None  # what is staged for the commit
     dataset: object = None  # the table after the commit (and upkeep)
 

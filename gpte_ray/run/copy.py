@@ -40,7 +40,7 @@ def copy_pass(ctx: RunContext, state: StagedState) -> None:
     values (one Ray task per shard); counts the rows in the report's chunks_copied."""
     import ray
 
-    job = CopyJob(cfg=ctx.cfg.input, store=ctx.store, writer=StagingWriter(ctx.store, ctx.schema, ctx.run_id,
+    job = CopyJob(cfg=ctx.cfg.input, store=ctx.store, writer=StagingWriter(ctx.store, ctx.schema, ctx.plan_id,
                                                                             ctx.overwrite),
                   plan_dir=state.plan_dir, read_version=ctx.read_version,
                   skip=read_skip(state.skip_dir, ctx.store.storage_options))

@@ -8,12 +8,14 @@ import threading
 import time
 
 from gpte_ray.config import JobConfig
+from gpte_ray.console import say
 from gpte_ray.report.run_report import Progress, ProgressCounter, RunReport
 from gpte_ray.run.cluster import user_error
 from gpte_ray.run.context import RunContext
 from gpte_ray.run.resume import StagedState, read_skip, staged_state
 from gpte_ray.run.stages import LENGTH_EDGES, EmbedOptions, EmbedStage, TokenizeStage, WindowWriter, read_planned
 from gpte_ray.storage import join
+from gpte_ray.store.lock import TableLock
 from gpte_ray.store.staging import StagingWriter
 from gpte_ray.store.table import kept_fields
 
@@ -42,10 +44,13 @@ def stage(ctx: RunContext) -> None:
     if store.missing_files(state.fragments):
         # staged for a table folder that was deleted since: its fragments can never be committed
         log.warning("run %s: staged data files are gone; embedding again", ctx.run_id)
-        store.drop_staging(ctx.run_id)
+        store.drop_staging(ctx.plan_id)
         state = staged(ctx, 0)
     report.stage_seconds["resume_state"] = time.perf_counter() - t
     report.chunks_resumed = state.chunks
+    if state.chunks:
+        say(f"gpte-ray: resuming {state.chunks} staged chunks ({diff.embed - state.todo} documents) of an "
+            f"earlier run of this plan; {state.todo} documents left to embed")
     t = time.perf_counter()
     state = stage_rest(ctx, state, embed_pass)
     report.stage_seconds["embed"] = time.perf_counter() - t
@@ -67,7 +72,7 @@ def staged(ctx: RunContext, attempt: int, copies: bool = False) -> StagedState:
     diff = ctx.diff
     plan_dir, planned, shards = (diff.meta_dir, diff.metadata_updated, diff.meta_shards) if copies else \
         (diff.plan_dir, diff.embed, diff.shards)
-    state = staged_state(ctx.store.staging.run_dir(ctx.run_id), ctx.store.storage_options, plan_dir=plan_dir,
+    state = staged_state(ctx.store.staging.run_dir(ctx.plan_id), ctx.store.storage_options, plan_dir=plan_dir,
                          planned=planned, planned_shards=shards,
                          out_dir=join(diff.plan_dir, f"{'copy-todo' if copies else 'todo'}-{attempt}"),
                          pins=set(ctx.pins.values()))
@@ -99,7 +104,8 @@ def embed_pass(ctx: RunContext, state: StagedState) -> None:
 
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     ds = _pipeline(ctx, state, counter)
-    progress = Progress(state.todo)
+    # the plan's documents and chunks, those staged by an earlier run included (as the report counts them)
+    progress = Progress(ctx.diff.embed, resumed=(ctx.diff.embed - state.todo, state.chunks))
     done = threading.Event()
 
     def poll() -> None:
@@ -109,7 +115,7 @@ def embed_pass(ctx: RunContext, state: StagedState) -> None:
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        actors = _collect(ds, ctx.report)
+        actors = _collect(ds, ctx.report, ctx.lock)
     finally:
         done.set()
         poller.join()
@@ -130,7 +136,7 @@ def _pipeline(ctx: RunContext, state: StagedState, counter):
     items = [{"shard": s, "pin": ctx.pins[s]} for s in state.shards]
     # chunks already staged, of documents split across windows only: a few per window
     skip = read_skip(state.skip_dir, store.storage_options)
-    writer = WindowWriter(StagingWriter(store, ctx.schema, ctx.run_id, ctx.overwrite))
+    writer = WindowWriter(StagingWriter(store, ctx.schema, ctx.plan_id, ctx.overwrite))
     embed_resources = {"num_cpus": r.cpus_per_actor}
     if ctx.device == "cuda" or r.fake_gpus:
         embed_resources["num_gpus"] = r.gpus_per_actor
@@ -153,11 +159,14 @@ def _pipeline(ctx: RunContext, state: StagedState, counter):
     )
 
 
-def _collect(ds, report: RunReport) -> dict[str, dict]:
+def _collect(ds, report: RunReport, lock: TableLock) -> dict[str, dict]:
     """Drive the pipeline; sum the writers' per-window figures into the report. Returns each
-    embed actor's latest cumulative figures, by actor id."""
+    embed actor's latest cumulative figures, by actor id. Stops at the first window after the
+    lease was lost (a run paused past it wakes up): its work could never be committed."""
     actors: dict[str, dict] = {}
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if lock.lost_to is not None:
+            lock.check()  # raises LockLostError
         for row in out.to_pylist():
             last = actors.get(row["actor"])
             if last is None or row["actor_held_s"] > last["actor_held_s"]:

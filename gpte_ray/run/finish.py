@@ -23,25 +23,26 @@ log = logging.getLogger("gpte_ray")
 
 def commit(ctx: RunContext) -> None:
     """Commit what is staged as one Lance transaction on the planned version, unless nothing changed."""
-    diff, store, report, run_id = ctx.diff, ctx.store, ctx.report, ctx.run_id
+    diff, store, report, plan_id = ctx.diff, ctx.store, ctx.report, ctx.plan_id
     t = time.perf_counter()
     ctx.dataset = ctx.current
     if diff.embed or diff.replaced or diff.overwrite or ctx.current is None:
-        plan = CommitPlan(run_id=run_id, read_version=ctx.read_version, overwrite=ctx.overwrite,
+        # claimed under the plan id: a run that took over the same work commits it only once
+        plan = CommitPlan(run_id=plan_id, read_version=ctx.read_version, overwrite=ctx.overwrite,
                           delete_doc_ids=DeleteIds(diff), fragments=ctx.state.fragments,
-                          staged_ids=lambda: staged_ids(store.staging.run_dir(run_id), ctx.state.markers,
+                          staged_ids=lambda: staged_ids(store.staging.run_dir(plan_id), ctx.state.markers,
                                                         store.storage_options))
         latest = store.open()
         if latest is not None and store.committed_run(latest, plan):
-            # a run with the very same work (same version, corpus and model: same run id) that
+            # a run with the very same work (same version, corpus and model: same plan id) that
             # took over while this one was paused has committed it already
-            log.warning("run %s: the same work was already committed by another run", run_id)
+            log.warning("run %s: the same work was already committed by another run", ctx.run_id)
             ctx.dataset = latest
         else:
             try:
                 ctx.dataset = store.commit(plan, ctx.schema, ctx.lock)
             except (FenceError, DuplicateKeyError):
-                store.drop_staging(run_id)  # never committable now: the table moved on without it
+                store.drop_staging(plan_id)  # never committable now: the table moved on without it
                 raise
             report.committed = True
     report.version = ctx.dataset.version if ctx.dataset is not None else None
@@ -53,7 +54,7 @@ def keep_quarantine(ctx: RunContext) -> None:
     if ctx.diff.quarantined and ctx.cfg.output.quarantine:
         uri = join(ctx.store.db, f"{ctx.store.table}.quarantine", f"{ctx.run_id}.parquet")
         ctx.report.quarantine_file = ctx.diff.write_quarantine(uri, ctx.run_id)
-    ctx.store.drop_staging(ctx.run_id)
+    ctx.store.drop_staging(ctx.plan_id)
 
 
 def upkeep(ctx: RunContext) -> None:

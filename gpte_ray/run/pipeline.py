@@ -2,9 +2,10 @@
 
 The driver holds counts and what the one commit needs: ids, hashes and texts stay on the
 cluster and in staging files. Work is staged as it completes (a Lance fragment plus a marker
-per window, under a run id derived from the table version, the model fingerprint and the
-diff), so a run killed at any point resumes where it stopped, and a run that already
-committed is never committed twice.
+per window, under a plan id derived from the table version, the model fingerprint and the
+diff), so a run killed at any point resumes where it stopped, and a plan that already
+committed is never committed twice. Each run also has its own run id (its reports, quarantine
+file and lease), which no other run shares.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from datetime import datetime, timezone
 
 from gpte_ray.config import ConfigError, JobConfig
+from gpte_ray.console import one_line, say, unwrap
 from gpte_ray.input.pins import ShardChangedError
 from gpte_ray.input.preflight import preflight
 from gpte_ray.model.spec import resolve_model
@@ -24,6 +26,7 @@ from gpte_ray.run.context import RunContext
 from gpte_ray.run.embed import stage
 from gpte_ray.run.finish import commit, keep_quarantine, upkeep, write_report
 from gpte_ray.run.planning import calibrate, name_run, open_table, plan
+from gpte_ray.run.rebuild import check_rebuild
 from gpte_ray.storage import lance_options
 from gpte_ray.store.lock import FenceError, LockLostError, TableLock
 from gpte_ray.store.table import TableStore
@@ -38,7 +41,7 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     t0 = time.perf_counter()
     ctx = start(cfg, num_cpus)  # the model, the table name, the shards and their columns: before Ray
     join_cluster(ctx, ray_address, num_cpus)
-    ctx.lock.acquire(run_id="planning")
+    ctx.lock.acquire(run_id=ctx.run_id)
     try:
         locked(ctx)
     finally:
@@ -51,14 +54,22 @@ def start(cfg: JobConfig, num_cpus: int | None) -> RunContext:
     """The run's context, from checks that need no cluster (a second, not a cluster start)."""
     if num_cpus is not None and num_cpus < 1:
         raise ConfigError(f"config error: --num-cpus: {num_cpus} (a local Ray needs at least 1 CPU)")
+    if cfg.model.revision and cfg.model.path is None:
+        raise ConfigError("config error: model.revision (--revision): the packaged default model has one "
+                          "revision; give --model <hub id> with --revision to pin a hub commit")
     report = RunReport(table=cfg.output.table, started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     opts = lance_options(cfg.output.storage_options, cfg.output.db)
     store = TableStore(cfg.output.db, cfg.output.table, opts)  # validates the table name
     spec = resolve_model(cfg.model)
     report.set_model(spec.fingerprint())
+    rebuild = check_rebuild(cfg, store, spec)  # refused (or announced) before a cluster start
+    if rebuild:
+        say(f"gpte-ray: {rebuild}")
     shards = preflight(cfg)  # the user's columns and template
     lock = TableLock(cfg.output.db, cfg.output.table, opts, lease_s=cfg.output.lease_seconds)
-    return RunContext(cfg=cfg, spec=spec, shards=shards, store=store, lock=lock, report=report)
+    ctx = RunContext(cfg=cfg, spec=spec, shards=shards, store=store, lock=lock, report=report)
+    report.run_id = ctx.run_id
+    return ctx
 
 
 def join_cluster(ctx: RunContext, ray_address: str | None, num_cpus: int | None) -> None:
@@ -75,18 +86,35 @@ def locked(ctx: RunContext) -> None:
     with it whether it succeeds or fails (a rerun plans afresh)."""
     ctx.plan_dir = new_plan_dir(ctx.store.staging.plans)
     try:
-        drop_old_plans(ctx.store.staging.plans, ctx.store.storage_options)
-        plan_and_stage(ctx)
-        commit(ctx)
-        keep_quarantine(ctx)
-        upkeep(ctx)
+        try:
+            drop_old_plans(ctx.store.staging.plans, ctx.store.storage_options)
+            plan_and_stage(ctx)
+            commit(ctx)
+            finish(ctx)
+        except BaseException as e:  # Ctrl-C too
+            failed(ctx, e)
+            raise
+    finally:
         try:
             drop_plan(ctx.plan_dir, ctx.store.storage_options)
-        except OSError as e:  # the night is done; a plan left behind goes after PLAN_TTL_S
+        except OSError as e:  # a plan left behind goes after PLAN_TTL_S
             log.warning("run %s: could not delete its plan folder: %s", ctx.run_id, e)
-    except BaseException as e:  # Ctrl-C too
-        failed(ctx, e)
-        raise
+
+
+def finish(ctx: RunContext) -> None:
+    """The quarantine file and upkeep. Once the commit has landed, a failure here (upkeep
+    refused after a lost lease, a late compaction conflict) no longer fails the run: it says
+    what it committed, keeps its report, and the next run repeats the upkeep."""
+    try:
+        keep_quarantine(ctx)
+        upkeep(ctx)
+    except Exception as e:  # noqa: BLE001 - the table is committed and exact; upkeep is repeatable
+        if not ctx.report.committed:
+            raise
+        why = one_line(unwrap(e))
+        ctx.report.upkeep = {"error": why}
+        say(f"gpte-ray: run {ctx.run_id} committed version {ctx.report.version}, but its upkeep did not finish "
+            f"({why}); the next run repeats it")
 
 
 def plan_and_stage(ctx: RunContext) -> None:
@@ -112,24 +140,20 @@ def plan_and_stage(ctx: RunContext) -> None:
 
 def fresh_report(old: RunReport) -> RunReport:
     """A new report for a run that plans again, with what was known before planning."""
-    report = RunReport(table=old.table, started=old.started)
+    report = RunReport(table=old.table, started=old.started, run_id=old.run_id)
     report.model, report.device = old.model, old.device
     return report
 
 
 def failed(ctx: RunContext, e: BaseException) -> None:
-    """After a failure: say so if the lease was lost meanwhile; drop this run's plan folder."""
+    """After a failure: if the lease was lost meanwhile, say so, with the error it caused."""
     # a run that lost its lease (paused past it) may fail on files the new holder has
-    # cleaned up: say what happened, not which file was missing
+    # cleaned up: the lost lease is the news, the error it caused is kept beside it
+    if not isinstance(e, Exception) or isinstance(e, FenceError):
+        return
     try:
         ctx.lock.check()
     except LockLostError as lost:
-        if isinstance(e, Exception) and not isinstance(e, FenceError):
-            raise lost from None
-        return
+        raise LockLostError(f"{lost} (the error it caused: {one_line(unwrap(e))})") from None
     except OSError:
         return
-    try:
-        drop_plan(ctx.plan_dir, ctx.store.storage_options)
-    except OSError:
-        pass

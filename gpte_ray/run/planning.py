@@ -23,6 +23,7 @@ from gpte_ray.plan.kept import resolve_kept
 from gpte_ray.run.cluster import user_error
 from gpte_ray.run.context import RunContext
 from gpte_ray.run.embed import embed_options
+from gpte_ray.run.rebuild import check_rebuild
 from gpte_ray.run.stages import EmbedStage, TokenizeStage, scan_shard
 from gpte_ray.storage import join
 from gpte_ray.store.table import kept_fields, table_schema
@@ -36,6 +37,8 @@ def open_table(ctx: RunContext) -> None:
     """The table at the version this run plans on; refuse a store_text change on it."""
     current = ctx.current = ctx.store.open()
     ctx.rebuild = current is not None and ctx.store.fingerprint(current) != ctx.spec.fingerprint()
+    if ctx.rebuild:
+        check_rebuild(ctx.cfg, ctx.store, ctx.spec, current)  # the table may have changed since start
     ctx.report.version_before = ctx.read_version
     store_text = ctx.cfg.output.store_text
     if current is not None and not ctx.rebuild and ("text" in current.schema.names) != store_text:
@@ -160,12 +163,13 @@ def _calibrate_on_cluster(ctx: RunContext) -> dict:
 
 
 def name_run(ctx: RunContext) -> None:
-    """The table's schema and the run id (the plan's identity); staging of other plans goes."""
+    """The table's schema and the plan id (the plan's identity, under which its work is staged
+    and claimed); staging of other plans goes."""
     ctx.schema = table_schema(ctx.spec, ctx.cfg.output.store_text, ctx.calibration, ctx.kept_schema)
     key = f"{ctx.read_version}|{ctx.spec.fingerprint_digest()}|{ctx.diff.digest()}|{ctx.cfg.output.store_text}"
     if len(ctx.kept_schema):
         key += f"|{ctx.kept_schema}"
-    ctx.run_id = ctx.report.run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
-    ctx.lock.relabel(ctx.run_id)
-    for stale in ctx.store.stale_staging(keep=ctx.run_id):
+    ctx.plan_id = ctx.report.plan_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+    ctx.lock.check()  # other plans' staging is dropped only by the lease's holder
+    for stale in ctx.store.stale_staging(keep=ctx.plan_id):
         ctx.store.drop_staging(stale)  # staged under another table version or corpus: never committable

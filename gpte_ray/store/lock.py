@@ -13,8 +13,13 @@ above the version the run planned against (so Lance never silently rebases this 
 concurrent one), the lease is still this run's, and the run wins an exclusive claim on that
 version number (an O_EXCL create on disk, a conditional PUT `If-None-Match: *` on S3). Two
 runs can therefore never both commit on top of the same version, whatever the clocks, pauses
-or network do. The claims also record which run made each version, which no Lance operation
+or network do. The claims also record which plan made each version, which no Lance operation
 (compaction, index remaps, cleanup, tag pruning) can rewrite.
+
+A claim blocks its version only while its maker might still write it: once the maker's commit
+has ended (it leaves a `.done` file beside its claim) or its process is gone (same host), a
+claim whose version is not in the table (its commit failed, or the table folder was deleted
+since) is superseded at once; any other claim only after STALE_CLAIM_S.
 """
 
 from __future__ import annotations
@@ -225,10 +230,11 @@ class Fence:
     def __init__(self, db: str, table: str, storage_options: dict | None, lock: TableLock | None,
                  read_version: int | None, run_id: str):
         self.uri = claims_uri(db, table)
+        self.table_uri = join(db.rstrip("/"), f"{table}.lance")
         self.options = storage_options
         self.lock = lock
         self.expected = (read_version or 0) + 1
-        self.run_id = run_id
+        self.run_id = run_id  # the plan's id: a run that took over the same work shares it
         self.token = lock.token if lock is not None else uuid.uuid4().hex
         self.error: FenceError | None = None
 
@@ -239,32 +245,39 @@ class Fence:
                 self.lock.check()
             if version != self.expected:
                 raise moved(self.expected - 1, version - 1)
-            self._claim(version)
+            claim = self._claim(version)
         except FenceError as e:
             self.error = e
             raise
-        yield
+        try:
+            yield
+        finally:  # Lance has written the version, or never will from this commit
+            _mark_done(claim, self.options)
 
-    def _claim(self, version: int) -> None:
-        # A claim left by a run that died inside its commit would block the version forever:
-        # one older than STALE_CLAIM_S is superseded by the next attempt number, itself taken
-        # exclusively, so two runs taking over at once still cannot both win.
-        body = {"run_id": self.run_id, "token": self.token, "time": time.time()}
+    def _claim(self, version: int) -> str:
+        """Claim `version`; returns the claim's uri. A claim whose maker can no longer write its
+        version is superseded by the next attempt number, itself taken exclusively, so two runs
+        taking over at once still cannot both win."""
+        body = {"run_id": self.run_id, "run": self.lock.run_id if self.lock is not None else None,
+                "token": self.token, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
         for attempt in range(1000):
             uri = join(self.uri, f"{version:020d}.{attempt}.json")
             if create_exclusive(uri, json.dumps(body).encode(), self.options):
-                return
+                return uri
             held = _read_claim(uri, self.options)
             if held is _MISSING:  # deleted between the create and the read: never by this job
                 raise TableMovedError(f"the claim on version {version} of this table vanished; nothing was "
                                       "committed: run again")
             if held is not None and held.get("run_id") == self.run_id:
-                return  # this run's own claim (a retried commit of the same work)
+                return uri  # this run's own claim (a retried commit of the same work)
+            if _ended(uri, held, self.options) and not _has_version(self.table_uri, version, self.options):
+                continue  # its commit failed, or its table folder was deleted since
             # a claim that cannot be read (being written, or the store failed to answer) is not
             # a stale one: its age then comes from the store's own time for the file
             age = time.time() - held.get("time", 0) if held is not None else _age(uri, self.options)
             if age is None or age < STALE_CLAIM_S:
-                who = held.get("run_id") if held is not None else "unknown: its claim cannot be read yet"
+                who = (held.get("run") or held.get("run_id")) if held is not None else \
+                    "unknown: its claim cannot be read yet"
                 raise TableMovedError(
                     f"another run ({who}) is committing version {version} of this table; "
                     "nothing was committed: run again"
@@ -293,6 +306,48 @@ def _read_claim(uri: str, storage_options: dict | None, tries: int = 3):
             if i + 1 < tries:
                 time.sleep(0.2 * (i + 1))
     return None
+
+
+def _mark_done(claim: str, storage_options: dict | None) -> None:
+    """Say beside a claim that its commit has ended (best effort: without it, the claim is
+    judged by its maker's process, then by its age)."""
+    try:
+        create_exclusive(claim.removesuffix(".json") + ".done", json.dumps({"time": time.time()}).encode(),
+                         storage_options)
+    except Exception:  # noqa: BLE001 - the commit's own outcome matters, not this note
+        pass
+
+
+def _ended(claim: str, held: dict | None, storage_options: dict | None) -> bool:
+    """Whether a claim's maker can no longer write its version: its commit ended (a `.done`
+    beside the claim), or its process is gone (a dead pid on this host)."""
+    if _read_claim(claim.removesuffix(".json") + ".done", storage_options) is not _MISSING:
+        return True
+    if held is None or held.get("host") != socket.gethostname() or not held.get("pid"):
+        return False
+    return not _pid_alive(int(held["pid"]))
+
+
+_U64_MAX = 2**64 - 1
+
+
+def _has_version(table_uri: str, version: int, storage_options: dict | None) -> bool:
+    """Whether the table holds `version`'s manifest (True when it cannot tell: then the claim
+    blocks). Read from the file listing: Lance cannot be called back from inside its commit."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(join(table_uri, "_versions"), storage_options)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return True
+    for info in infos:
+        stem = info.base_name.removesuffix(".manifest")
+        if stem.isdigit() and info.base_name.endswith(".manifest"):
+            n = int(stem)  # Lance's V2 names count down from u64::MAX; legacy names are the version
+            if (_U64_MAX - n if n > _U64_MAX // 2 else n) == version:
+                return True
+    return False
 
 
 def _age(uri: str, storage_options: dict | None) -> float | None:

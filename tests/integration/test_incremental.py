@@ -87,7 +87,7 @@ def test_mass_deletion_guard_and_model_change(ray_session, tmp_path, days):
         run_index(_cfg(day1[:1], db))  # two of three shards "vanished"
     assert lance.dataset(f"{db}/docs.lance").version == first.version
 
-    rebuilt = run_index(_cfg(day1, db, **{"model.dim": 128}))
+    rebuilt = run_index(_cfg(day1, db, **{"model.dim": 128, "output.rebuild": True}))
     assert rebuilt.rebuild and rebuilt.new == 90 and rebuilt.chunks_embedded >= 90
     ds = lance.dataset(f"{db}/docs.lance")
     assert ds.schema.field("vector").type.list_size == 128

@@ -86,9 +86,9 @@ def test_a_model_change_does_not_skip_the_mass_delete_guard(ray_session, tmp_pat
     run_index(_cfg(_write(str(tmp_path / "a"), docs), db))
     cut = _write(str(tmp_path / "b"), docs[:10])
     with pytest.raises(MassDeleteError, match="refusing to delete 30 of 40"):
-        run_index(_cfg(cut, db, **{"model.dim": 128}))
+        run_index(_cfg(cut, db, **{"model.dim": 128, "output.rebuild": True}))
     assert len(_docs_in_table(db)) == 40
-    report = run_index(_cfg(cut, db, **{"model.dim": 128, "output.allow_mass_delete": True}))
+    report = run_index(_cfg(cut, db, **{"model.dim": 128, "output.allow_mass_delete": True, "output.rebuild": True}))
     assert report.rebuild and report.deleted == 30 and len(_docs_in_table(db)) == 10
 
 
@@ -147,7 +147,7 @@ def test_staged_work_of_a_deleted_table_is_embedded_again(ray_session, tmp_path,
     assert len(runs) == 1 and os.listdir(f"{db}/_gpte_staging/docs/runs/{runs[0]}")
     shutil.rmtree(f"{db}/docs.lance")
     report = run_index(cfg)
-    assert report.run_id == runs[0] and report.committed and report.chunks_resumed == 0
+    assert report.plan_id == runs[0] and report.committed and report.chunks_resumed == 0
     assert _docs_in_table(db) == {d["id"]: content_hash(d["text"]) for d in docs}
     assert run_index(cfg).committed is False  # and the next night is a no-op
 

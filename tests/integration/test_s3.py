@@ -73,7 +73,7 @@ def test_s3_to_s3_run_search_and_exactly_once(ray_session, moto_endpoint, varied
     version, rows, ds = _count(db, endpoint)
     assert rows == report.chunks_written and version == report.version
     assert len(ds.get_fragments()) <= 16
-    assert any(t.transaction_properties.get("gpte_ray.run_id") == report.run_id
+    assert any(t.transaction_properties.get("gpte_ray.run_id") == report.plan_id
                for t in ds.get_transactions(5) if t is not None)
     assert f"run-{report.run_id}" in ds.tags.list()
 
@@ -82,7 +82,7 @@ def test_s3_to_s3_run_search_and_exactly_once(ray_session, moto_endpoint, varied
                        {"aws_endpoint": endpoint, "allow_http": "true", "aws_region": "us-east-1",
                         "aws_access_key_id": "testing", "aws_secret_access_key": "testing"})
     frags = [f.metadata for f in ds.get_fragments()]
-    store.commit(CommitPlan(run_id=report.run_id, read_version=report.version_before, overwrite=False,
+    store.commit(CommitPlan(run_id=report.plan_id, read_version=report.version_before, overwrite=False,
                             fragments=frags), ds.schema)
     assert _count(db, endpoint)[:2] == (version, rows)
 

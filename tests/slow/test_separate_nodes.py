@@ -84,6 +84,7 @@ def index(model, table):
         "model.path": model, "model.long_documents": "truncate",
         "resources.fake_gpus": True, "resources.min_actors": 2, "resources.max_actors": 2,
         "resources.torch_threads": 1, "batch.window_rows": 2, "resources.cpus_per_actor": 0.5,
+        "output.rebuild": True,  # the model changed in S3 on purpose between two runs
     })
     return json.loads(pipeline.run_index(cfg, ray_address=cluster.address).to_json())
 

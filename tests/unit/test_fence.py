@@ -237,10 +237,9 @@ def test_the_fence_refuses_what_the_pre_check_cannot_see(store):
     v = store.open().version
     first = Fence(store.db, store.table, None, None, v, "f" * 16)
     second = Fence(store.db, store.table, None, None, v, "e" * 16)
-    with first(v + 1):
-        pass
-    with pytest.raises(TableMovedError, match="is committing version"), second(v + 1):
-        pass
+    with first(v + 1):  # inside the first's commit, the second is refused
+        with pytest.raises(TableMovedError, match="is committing version"), second(v + 1):
+            pass
     with pytest.raises(TableMovedError, match="changed while this run worked"), second(v + 2):
         pass
     with first(v + 1):  # the same run again (a retried commit) keeps its own claim
@@ -264,3 +263,51 @@ def test_a_lease_released_by_the_run_that_took_it_over_is_not_taken_back(store):
     with pytest.raises(LockLostError, match="released the table since"):
         a.check()
     a.release()
+
+
+def test_a_claim_for_a_version_whose_table_was_deleted_does_not_block(store):
+    """The fixture's run claimed version 1 and committed; then the table folder was deleted (an
+    operator, a lifecycle rule). The rerun plans on no table and needs version 1 again: the old
+    claim's commit has ended, and its version is gone, so it never blocks."""
+    import shutil
+
+    from gpte_ray.store.lock import claim_of
+
+    shutil.rmtree(store.uri)
+    assert store.open() is None
+    store.commit(CommitPlan("b" * 16, None, True, fragments=_stage(store, ["x"], overwrite=True)), _schema())
+    assert _keys(store) == [("x", 0)] and claim_of(store.db, store.table, 1, None) == "b" * 16
+
+
+def _foreign_claim(store: TableStore, version: int, pid: int) -> None:
+    """A claim made by another process on this host that never finished its commit."""
+    import json
+    import os
+    import socket
+
+    from gpte_ray.store.lock import claims_uri
+
+    body = {"run_id": "c" * 16, "run": "their-run", "token": "t", "time": time.time(),
+            "host": socket.gethostname(), "pid": pid}
+    path = os.path.join(claims_uri(store.db, store.table), f"{version:020d}.0.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(body, f)
+
+
+def test_a_claim_whose_maker_may_still_commit_blocks(tmp_path):
+    """A live process's claim (paused inside its commit?) blocks its version even when the
+    table folder is gone; once that process is dead, the claim no longer blocks."""
+    import os
+    import subprocess
+    import sys
+
+    store = TableStore(str(tmp_path / "db"), "docs")
+    _foreign_claim(store, 1, os.getppid())  # alive
+    plan = CommitPlan("d" * 16, None, True, fragments=_stage(store, ["x"], overwrite=True))
+    with pytest.raises(TableMovedError, match=r"another run \(their-run\) is committing version 1"):
+        store.commit(plan, _schema())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _foreign_claim(store, 1, int(gone.stdout))  # its process has exited
+    store.commit(plan, _schema())
+    assert _keys(store) == [("x", 0)]
