@@ -125,6 +125,30 @@ def _comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _config_only_help() -> str:
+    """The config fields that have no flag (set them in the --config file)."""
+    from gpte_ray.config import JobConfig
+
+    flagged = set(_INDEX_FLAGS.values())
+    keys = [f"{section}.{name}" for section, info in JobConfig.model_fields.items()
+            for name in info.annotation.model_fields if f"{section}.{name}" not in flagged]
+    return "only in the config file (--config, see configs/example.yaml): " + ", ".join(keys)
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    """Exit 2 with one line for arguments the command does not take, naming the closest flag."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+    word = extra[0].split("=", 1)[0]
+    if not word.startswith("-"):
+        parser.exit(2, f"gpte-ray {command}: error: unexpected argument {word!r}; see gpte-ray {command} --help\n")
+    close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    parser.exit(2, f"gpte-ray {command}: error: unknown flag {word}{hint}; see gpte-ray {command} --help\n")
+
+
 def _verbose_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Ray's and the model libraries' own output on stderr (default: off, kept in a log)")
@@ -137,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="make a table reflect a corpus (first run or incremental)",
                         description="Make the table reflect the corpus: embed new and changed documents, "
                         "delete vanished ones, skip the rest; prints the run report (JSON) as the last line.")
+    ix.epilog = _config_only_help()
     ix.add_argument("--config", help=_CONFIG_HELP)
     for flag, key in _INDEX_FLAGS.items():
         _add_config_flag(ix, flag, key)
@@ -260,9 +285,12 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from gpte_ray.config import ConfigError
     from gpte_ray.console import console
     from gpte_ray.demo.corpus import docstring_docs, write_shards
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"config error: --out: {args.out} is a file; give a folder (made if missing)")
     corpus = os.path.join(args.out, "corpus")
     db = os.path.join(args.out, "db")
     if not os.path.isdir(corpus):
@@ -354,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     from gpte_ray.console import file_noise_log, noise_log_kept, one_line, quiet, say, unwrap
     from gpte_ray.storage import redact, secret_values
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unknown_flags(parser, args.command, extra)
     args.secrets = secret_values()
     if not args.verbose:
         quiet(args.command)

@@ -6,6 +6,8 @@ environment variables: credentials are resolved in `storage.py` at the point of 
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,8 +201,7 @@ class ResourceConfig(_Strict):
 class OutputConfig(_Strict):
     db: str = Field("./gpte_db", description="LanceDB URI: a local folder or s3://bucket/prefix.")
     table: str = Field(
-        "docs", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$",
-        description="Table name: letters, digits, '_', '-', '.', not starting with '.'.",
+        "docs", description="Table name: letters, digits, '_', '-', '.', not starting with '.'.",
     )
     store_text: bool = Field(True, description="Store each chunk's text in the table.")
     max_delete_fraction: float = Field(
@@ -230,6 +231,15 @@ class OutputConfig(_Strict):
     retention_hours: float = Field(
         168, ge=0, description="Keep old table versions (and run tags) this long, then clean up."
     )
+
+
+    @field_validator("table")
+    @classmethod
+    def _table_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}", name):
+            raise ValueError(f"{name!r} is not a valid table name: use letters, digits, '_', '-' and '.', "
+                             "not starting with '.', at most 128 characters")
+        return name
 
 
 class ReportConfig(_Strict):
@@ -271,6 +281,27 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _relative_to(value: Any, folder: Path, explicit_only: bool = False) -> Any:
+    """A local relative path read from a config file, made relative to the file's folder
+    (`explicit_only`: only ./ and ../ paths, as a hub id looks relative too)."""
+    if not isinstance(value, str) or "://" in value or os.path.isabs(value) or value.startswith("~"):
+        return value
+    if explicit_only and not value.startswith(("./", "../")):
+        return value
+    return str(folder / value)
+
+
+def _resolve_paths(tree: dict[str, Any], folder: Path) -> None:
+    """Local paths in a config file name files beside it, wherever the job is started from."""
+    inp, out, model = (tree.get(k) if isinstance(tree.get(k), dict) else {} for k in ("input", "output", "model"))
+    if isinstance(inp.get("paths"), list):
+        inp["paths"] = [_relative_to(p, folder) for p in inp["paths"]]
+    if "db" in out:
+        out["db"] = _relative_to(out["db"], folder)
+    if "path" in model:
+        model["path"] = _relative_to(model["path"], folder, explicit_only=True)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
     """Build the config from an optional YAML file plus dotted-key overrides (CLI flags)."""
     tree: dict[str, Any] = {}
@@ -285,6 +316,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config error: {path}: invalid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config error: {path}: top level must be a mapping")
+        _resolve_paths(tree, Path(path).resolve().parent)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_path(tree, key, value)

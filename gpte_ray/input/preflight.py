@@ -14,7 +14,7 @@ import string
 import pyarrow as pa
 
 from gpte_ray.config import ConfigError, InputConfig, JobConfig
-from gpte_ray.input.sources import ShardError, check_columns, list_shards, needed_columns, shard_format
+from gpte_ray.input.sources import ShardError, check_columns, list_shards, missing_kept, needed_columns, shard_format
 from gpte_ray.storage import filesystem
 
 __all__ = [
@@ -83,6 +83,9 @@ def check_first_shard(uri: str, cfg: InputConfig) -> None:
     seen = _json_keys(fs, path)
     if not seen:
         return
+    for column in cfg.keep_columns:  # a typo costs a second here, not a cluster start
+        if column not in seen and not _mentions(fs, path, column):
+            raise ShardError(missing_kept(uri, column, list(seen)))
     # one object may lack a column (that row is quarantined); a column that none of the first
     # objects has is a wrong name. A template field may be optional, but not all of them.
     needed = needed_columns(cfg)
@@ -101,6 +104,33 @@ def _check_names(uri: str, names: list[str], cfg: InputConfig) -> None:
         raise ShardError(
             f"input error: {uri}: missing column {missing[0]!r} ({flag}; the shard has: {', '.join(names)})"
         )
+
+
+_SCAN_BYTES = 64 << 20  # how much of a JSONL first shard is searched for a kept column's name
+
+
+def _mentions(fs, path: str, key: str) -> bool:
+    """Whether a JSONL shard may hold `key` as a field: its quoted name appears in the text,
+    or the shard is too long (or unreadable) to tell from here (the job checks it whole)."""
+    import gzip
+    import io
+
+    needles = {json.dumps(key).encode(), json.dumps(key, ensure_ascii=False).encode()}
+    keep = max(map(len, needles)) - 1
+    tail, read = b"", 0
+    try:
+        raw = fs.open_input_stream(path, compression=None)
+        with gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else io.BufferedReader(raw) as stream:
+            while block := stream.read(1 << 20):
+                text = tail + block
+                if any(n in text for n in needles):
+                    return True
+                tail, read = text[-keep:], read + len(block)
+                if read >= _SCAN_BYTES:
+                    return True
+    except (OSError, EOFError, ValueError):
+        return True
+    return False
 
 
 def _json_keys(fs, path: str) -> dict[str, None]:

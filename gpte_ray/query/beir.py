@@ -24,14 +24,21 @@ def _opened(path: str, newline: str | None):
 def load_queries(path: str) -> dict[str, str]:
     """queries.jsonl -> {query_id: text}, in file order."""
     out: dict[str, str] = {}
+    first: dict[str, int] = {}  # query id -> its line
     with _opened(path, newline=None) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                out[str(row["_id"])] = str(row["text"])
+                qid = str(row["_id"])
+                if qid in first:  # a second text would silently replace the first one's
+                    raise ConfigError(f"input error: {path}:{n}: query id {qid!r} is also on line {first[qid]}; "
+                                      "query ids must be unique")
+                out[qid], first[qid] = str(row["text"]), n
             except (ValueError, KeyError, TypeError) as e:
+                if isinstance(e, ConfigError):
+                    raise
                 msg = f"input error: {path}:{n}: not a query line with _id and text ({e})"
                 raise ConfigError(msg) from None
     return out

@@ -11,7 +11,7 @@ from gpte_ray.input.pins import ShardChangedError
 from gpte_ray.input.sources import ShardError
 from gpte_ray.model.spec import ModelSpec
 
-__all__ = ["check_fits", "check_room", "choose_device", "connect_ray", "is_local", "user_error"]
+__all__ = ["check_fits", "check_reachable", "check_room", "choose_device", "connect_ray", "is_local", "user_error"]
 
 def is_local(address: str | None) -> bool:
     """Whether `address` asks for a private local Ray (started by this process)."""
@@ -34,11 +34,33 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     else:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     import ray.data
 
     # our own progress line counts rows; Ray's per-operator bars would interleave with it
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """One line when nothing answers at a cluster address (ray.init retries for minutes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address == "auto":  # the address of a cluster started on this machine, read by Ray
+        return
+    try:
+        parts = urlsplit(address if "://" in address else f"gcs://{address}")
+        host, port = parts.hostname, parts.port or (10001 if parts.scheme == "ray" else 6379)
+    except ValueError:
+        return  # Ray's own message is better than a guess
+    if host is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"config error: --ray-address {address}: nothing answers at {host}:{port} "
+                          f"({e.strerror or e}); start the cluster, or check the address") from None
 
 
 def choose_device(cfg: JobConfig, local: bool = False) -> str:
