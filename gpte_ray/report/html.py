@@ -544,6 +544,29 @@ def _summary(r: dict) -> str:
             f'<div class="cards">{cards_work}</div></section>')
 
 
+def _versions_note(r: dict) -> str:
+    """Which versions the run made: its one commit, then upkeep's, which change no row."""
+    before, after, committed = r.get("version_before"), r.get("version"), r.get("committed")
+    if after is None:
+        return ""
+    made = (before or 0) + 1 if committed else None
+    said = [f"this run's one commit made version {made}" if committed else "this run committed nothing (no change)"]
+    start = made if committed else before
+    if start is not None and after > start:
+        said.append(f"upkeep then made {after - start} more (up to {after}), which change no row: "
+                    "index updates, compaction, cleanup")
+    upkeep = r.get("upkeep") if isinstance(r.get("upkeep"), dict) else {}
+    if upkeep.get("error"):
+        said.append(f"upkeep did not finish ({upkeep['error']}); the next run repeats it")
+    return f'<p class="note">Versions: {_e("; ".join(said))}.</p>'
+
+
+STAGES_NOTE = ('<p class="note"><code>embed</code> is the whole embed pass: reading the planned rows, '
+               "tokenizing, starting the actors and loading the model, the forward, writing fragments and "
+               "markers. <code>embed_compute</code> is the forward alone, summed over the embed actors; "
+               "the cost section splits the actors' time (load, forward, waiting for input).</p>")
+
+
 def _details(r: dict) -> str:
     """The counts that are usually zero, and what upkeep did, when there is any of either."""
     keys = ("bad_shards", "truncated", "oom_retries", "min_token_budget", "chunks_embedded", "chunks_resumed",
@@ -599,14 +622,16 @@ def render_html_report(report: dict) -> str:
 <body><main>
 <h1>Run report · table <code>{_e(table)}</code></h1>
 {_model_line(r.get("model"))}
-<p class="meta">run <code>{_e(r.get("run_id") or "?")}</code> · device {_e(r.get("device") or "?")} ·
+<p class="meta">run <code>{_e(r.get("run_id") or "?")}</code> (plan <code>{_e(r.get("plan_id") or "?")}</code>) ·
+ device {_e(r.get("device") or "?")} ·
  version {version} ({committed}){" · full rebuild" if r.get("rebuild") else ""} ·
  {_num(r.get("seconds"))} s</p>
+{_versions_note(r)}
 {_summary(r)}
 {_quarantine_section(r)}
 {_cost_section(r)}
 {_trend_section(r)}
-<section><h2>Stage times</h2>{stages_svg(r.get("stage_seconds"))}</section>
+<section><h2>Stage times</h2>{STAGES_NOTE}{stages_svg(r.get("stage_seconds"))}</section>
 <section><h2>Lengths of the chunks embedded in this run (tokens)</h2>{_hist_note(hist)}{histogram_svg(hist)}</section>
 <section><h2>Micro-batch fill per length bucket</h2>{_bucket_note(buckets)}{buckets_svg(buckets)}</section>
 <section><h2>Throughput over the run</h2>{timeline_note}{timeline_svgs(r.get("timeline"), r.get("tokens_per_s"))}

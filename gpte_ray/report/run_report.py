@@ -197,8 +197,9 @@ class Progress:
 
     Counts are the plan's: documents and chunks staged by an earlier run of the same plan
     (`resumed`) start the line, as the run report counts them. The ETA divides what is left by
-    the rate of the last `window_s` seconds, which documents finishing in bursts (a long one
-    is done at its last chunk) move far less than a rate since the start or since the last line.
+    the rate of this run over its last `window_s` seconds or half its time, whichever is longer:
+    documents finish in bursts (a long one is done at its last chunk), which move such a rate
+    far less than one since the last line, and resumed documents never inflate it.
     """
 
     def __init__(self, total_docs: int, stream=None, every_s: float = 5.0, resumed: tuple[int, int] = (0, 0),
@@ -221,14 +222,16 @@ class Progress:
         self.docs, self.rows, self.tokens = self.resumed[0] + docs, self.resumed[1] + rows, tokens
         now = time.perf_counter()
         self.samples.append((now, self.docs))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
-            self.samples.popleft()  # keep one sample at least window_s old
+        # the window grows with the run (half of it), so bursts average out on long runs too
+        window = max(self.window_s, (now - self.start) / 2)
+        while len(self.samples) > 2 and now - self.samples[1][0] >= window:
+            self.samples.popleft()  # keep one sample at least a window old
         point = [round(now - self.start, 3), self.docs, self.tokens]
         self._print(now)
         return point
 
     def rate(self, now: float) -> float:
-        """Documents per second over the last window_s seconds (since the start, before that)."""
+        """Documents per second over the last window (since the start, before a window has passed)."""
         t0, d0 = self.samples[0]
         return (self.docs - d0) / max(now - t0, 1e-9)
 

@@ -56,3 +56,34 @@ def test_progress_line_at_once_then_steady(monkeypatch):
     assert at(37.0, 1, 3) == 3  # ...until 30 s have passed: a heartbeat
     assert at(38.0, 10, 12) == 4  # done: always printed
     assert out.getvalue().splitlines()[-1].startswith("embedded 10/10 docs (12 chunks)")
+
+
+def test_progress_counts_the_plan_with_resumed_work_and_keeps_a_steady_eta(monkeypatch):
+    """A resumed run starts at what was staged (as its report counts), and documents that
+    finish in bursts (100 every 20 s: 5 per second) give an ETA near the truth, not a swing."""
+    now = [100.0]
+    monkeypatch.setattr(report_module.time, "perf_counter", lambda: now[0])
+    out = io.StringIO()
+    p = Progress(4400, stream=out, resumed=(400, 900))
+    now[0] = 100.5
+    p.update(0, 0, 0)
+    assert out.getvalue().splitlines()[0].startswith("embedded 400/4400 docs (900 chunks)")
+    etas = []
+    for t in range(2, 800, 2):
+        now[0] = 100.0 + t
+        done = 100 * (t // 20)
+        p.update(done, 2 * done, 0)
+        if t >= 120 and p.docs < p.total:
+            etas.append((p.total - p.docs) / p.rate(now[0]) / ((p.total - p.docs) / 5.0))
+    assert 0.8 < min(etas) and max(etas) < 1.25, (min(etas), max(etas))
+
+
+def test_the_report_says_which_versions_the_run_made():
+    from gpte_ray.report.html import _versions_note, render_html_report
+
+    note = _versions_note({"version_before": 3, "version": 5, "committed": True})
+    assert "commit made version 4" in note and "upkeep then made 1 more (up to 5), which change no row" in note
+    assert "committed nothing" in _versions_note({"version_before": 5, "version": 5, "committed": False})
+    page = render_html_report({"version_before": 3, "version": 5, "committed": True,
+                               "stage_seconds": {"embed": 28.8, "embed_compute": 2.6}})
+    assert "<code>embed_compute</code> is the forward alone" in page and "made version 4" in page
