@@ -16,6 +16,15 @@ cleanup happen again and again. Faults, on seeded random nights:
               commits what it planned on, then the night is run again (the cron retry)
   late-lease  (S3) the first run's lease PUT lands 2 s late, while a second run starts
   s3-faults   (S3) 2% of requests answered 503 SlowDown
+Nights without a fault update one folder in place, so shards a night did not change are skipped
+(issue 23); some of them, instead of random changes, play shard events:
+  append        a new shard of new documents
+  rewrite       a few documents of one shard edited
+  touch         a shard's mtime moves, its bytes do not
+  delete-shard  a shard and its documents gone (the mass-delete guard counts them)
+  move          documents moved between two shards, texts unchanged
+  inplace       one document edited keeping its shard's size and mtime, then a full scan, which
+                must name that shard in the report (shards_changed_in_place)
 
 After EVERY night: the table holds exactly the night's documents (same (doc_id, chunk) keys and
 content hashes), no duplicate key, every vector within 1e-5 of sentence-transformers' `encode` of
@@ -53,6 +62,7 @@ from tests.slow._local_ray import LocalHead, free_port, ray_env  # noqa: E402
 
 KINDS = ("kill", "concurrent", "pause", "rewrite")
 S3_KINDS = ("late-lease", "s3-faults")
+SHARD_EVENTS = ("append", "rewrite", "touch", "delete-shard", "move", "inplace")
 LEASE_S = 4
 KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region": "us-east-1"}
 
@@ -91,19 +101,29 @@ class Corpus:
     WORDS = ("lance ray table vector index night shard embed model token chunk query cluster "
              "driver worker commit fence lease arrow batch window").split()
 
-    def __init__(self, rng: random.Random, n: int):
+    def __init__(self, rng: random.Random, n: int, per_shard: int = 250):
         self.rng = rng
+        self.per_shard = per_shard
         self.next_id = 0
         self.docs: dict[str, str] = {}
+        self.shard_of: dict[str, int] = {}  # documents keep their shard: a night rewrites only the shards it changes
         for _ in range(n):
             self._add()
 
     def _text(self) -> str:
         return " ".join(self.rng.choice(self.WORDS) for _ in range(self.rng.randint(5, 40)))
 
-    def _add(self) -> None:
-        self.docs[f"doc-{self.next_id:07d}"] = self._text()
+    def _add(self, shard: int | None = None) -> None:
+        doc = f"doc-{self.next_id:07d}"
+        self.docs[doc] = self._text()
+        if shard is None:
+            last = max(self.shard_of.values(), default=0)
+            shard = last if sum(s == last for s in self.shard_of.values()) < self.per_shard else last + 1
+        self.shard_of[doc] = shard
         self.next_id += 1
+
+    def _delete(self, doc: str) -> None:
+        del self.docs[doc], self.shard_of[doc]
 
     def mutate(self) -> dict[str, int]:
         k = max(1, int(len(self.docs) * self.rng.uniform(0.005, 0.05) / 3))
@@ -111,22 +131,82 @@ class Corpus:
         for d in self.rng.sample(ids, k):
             self.docs[d] = self._text() + " (edited)"
         for d in self.rng.sample(sorted(self.docs), k):
-            del self.docs[d]
+            self._delete(d)
         for _ in range(k):
             self._add()
         return {"edited": k, "deleted": k, "added": k}
 
-    def write(self, folder: Path, per_shard: int = 250) -> None:
-        """Parquet shards, plus two bad rows every night (an empty text and a duplicate id,
-        both quarantined): the duplicate lies in the last shard, so the real document wins."""
-        folder.mkdir(parents=True)
-        rows = [{"id": k, "text": v} for k, v in sorted(self.docs.items())]
-        rows.insert(len(rows) // 2, {"id": "bad-empty", "text": ""})
-        rows.append({"id": rows[0]["id"], "text": "a later duplicate of the first id"})
+    def shards(self) -> list[int]:
+        return sorted(set(self.shard_of.values()))
+
+    def shard_event(self, kind: str) -> None:
+        """Change the corpus the way one shard event does (`touch` and `inplace` act on the
+        written files instead: see `after_write`)."""
+        shards = self.shards()
+        if kind == "append":  # a new shard of new documents
+            new = shards[-1] + 1
+            for _ in range(max(5, self.per_shard // 4)):
+                self._add(new)
+        elif kind == "rewrite":  # a few documents of one shard edited
+            s = self.rng.choice(shards)
+            for d in [d for d, x in sorted(self.shard_of.items()) if x == s][:3]:
+                self.docs[d] = self._text() + " (rewritten)"
+        elif kind == "delete-shard":  # the smallest shard and its documents gone
+            s = min(shards[1:] or shards, key=lambda x: sum(v == x for v in self.shard_of.values()))
+            for d in [d for d, x in self.shard_of.items() if x == s]:
+                self._delete(d)
+        elif kind == "move":  # documents moved between two shards, texts unchanged
+            a, b = self.rng.sample(shards, 2) if len(shards) > 1 else (shards[0], shards[0] + 1)
+            for d in [d for d, x in sorted(self.shard_of.items()) if x == a][:5]:
+                self.shard_of[d] = b
+
+    def after_write(self, kind: str, folder: Path) -> Path | None:
+        """`touch`: a shard's mtime moves, its bytes do not. `inplace`: one document of a shard
+        edited keeping the file's size (same length) and its mtime: only a full scan sees it."""
+        path = folder / f"part-{self.rng.choice(self.shards()[1:] or self.shards()):05d}.parquet"
+        st = path.stat()
+        if kind == "touch":
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            return path
+        if kind != "inplace":
+            return None
+        doc = next(d for d, x in sorted(self.shard_of.items()) if x == int(path.stem.split("-")[1]))
+        self.docs[doc] = self.docs[doc].swapcase()  # same length, other content
+        self.write(folder)
+        assert path.stat().st_size == st.st_size, "an in-place edit must keep the size"
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return path
+
+    def write(self, folder: Path) -> None:
+        """Parquet shards, one per shard of the documents, plus two bad rows every night (an
+        empty text in the first shard and a duplicate id in the last, both quarantined: the
+        real document wins). Only the shards whose bytes change are written, so a shard a night
+        did not touch keeps its file (and its fingerprint). Written uncompressed, without
+        dictionaries or statistics, so that a same-length edit keeps a shard's size."""
+        folder.mkdir(parents=True, exist_ok=True)
+        shards = self.shards()
+        rows: dict[int, list[dict]] = {s: [] for s in shards}
+        for d in sorted(self.docs):
+            rows[self.shard_of[d]].append({"id": d, "text": self.docs[d]})
+        rows[shards[0]].insert(len(rows[shards[0]]) // 2, {"id": "bad-empty", "text": ""})
+        first = min(self.docs)
+        rows[shards[-1]].append({"id": first, "text": "a later duplicate of the first id"})
         schema = pa.schema([("id", pa.string()), ("text", pa.string())])
-        for i in range(0, len(rows), per_shard):
-            pq.write_table(pa.Table.from_pylist(rows[i:i + per_shard], schema=schema),
-                           folder / f"part-{i // per_shard:05d}.parquet")
+        keep = set()
+        for s, shard_rows in rows.items():
+            path = folder / f"part-{s:05d}.parquet"
+            keep.add(path.name)
+            buf = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(shard_rows, schema=schema), buf, compression="none",
+                           use_dictionary=False, write_statistics=False)
+            data = buf.getvalue().to_pybytes()
+            if not path.exists() or path.read_bytes() != data:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+        for old in folder.glob("*.parquet"):
+            if old.name not in keep:
+                old.unlink()
 
 
 class Backend:
@@ -158,7 +238,7 @@ class Backend:
         return [i.path for i in infos if i.is_file]
 
 
-def write_config(path: Path, backend: Backend, model: str, dim: int) -> None:
+def write_config(path: Path, backend: Backend, model: str, dim: int, full_scan: bool = False) -> None:
     import yaml
 
     out = {"db": backend.db, "table": "docs", "max_fragments": 4, "index_min_rows": 300,
@@ -166,7 +246,7 @@ def write_config(path: Path, backend: Backend, model: str, dim: int) -> None:
            "max_delete_fraction": 0.2, "rebuild": True}  # its model-change nights rebuild on purpose
     if backend.endpoint:
         out["storage_options"] = {"endpoint": backend.endpoint, **KEYS}
-    cfg = {"model": {"path": model, "dim": dim}, "batch": {"window_rows": 64},
+    cfg = {"model": {"path": model, "dim": dim}, "batch": {"window_rows": 64}, "input": {"full_scan": full_scan},
            "resources": {"cpus_per_actor": 0.5, "tokenize_cpus": 0.25, "read_cpus": 0.25}, "output": out}
     path.write_text(yaml.safe_dump(cfg))
 
@@ -178,11 +258,13 @@ class Soak:
         self.work = Path(tempfile.mkdtemp(prefix="soak-"))
         self.model = tiny_st_model(str(self.work / "model"))
         self.ref = Reference(self.model)
-        self.corpus = Corpus(self.rng, args.docs)
+        self.corpus = Corpus(self.rng, args.docs, args.per_shard)
         self.summary = {"seed": args.seed, "nights": 0, "faults": {k: 0 for k in KINDS + S3_KINDS},
                         "fault_nights": [], "compactions": 0, "index_created": 0, "index_updates": 0,
                         "rebuilds": 0, "cleanup_bytes": 0, "committed_runs": 0,
-                        "refused_runs": {}, "seconds": 0.0}
+                        "refused_runs": {}, "seconds": 0.0,
+                        "shard_events": {k: 0 for k in SHARD_EVENTS}, "shards_read": 0, "shards_skipped": 0,
+                        "in_place_found": 0}
         self.head = None
         self.moto = None
         self.proxy = None
@@ -235,14 +317,22 @@ class Soak:
             return None
 
     # ---- one night ----------------------------------------------------------------------
-    def night(self, n: int, backend: Backend, kind: str | None, dim: int) -> None:
+    def night(self, n: int, backend: Backend, kind: str | None, dim: int, events: tuple[str, ...] = ()) -> None:
         t0 = time.time()
-        folder = self.work / "corpus" / f"night-{n:03d}"
-        if n:
+        # a night without a fault updates one folder in place (shards it did not change keep their
+        # files, and are skipped); a fault night plays in a folder of its own
+        stable = kind is None
+        where = "s3" if backend.endpoint else "local"
+        folder = self.work / "corpus" / (f"live-{where}" if stable else f"night-{n:03d}")
+        if n and events:
+            for event in events:
+                self.corpus.shard_event(event)
+        elif n:
             self.corpus.mutate()
         self.corpus.write(folder)
+        edited = {e: self.corpus.after_write(e, folder) for e in events}
         cfg = self.work / f"job-{n}.yaml"
-        write_config(cfg, backend, self.model, dim)
+        write_config(cfg, backend, self.model, dim, full_scan="inplace" in events)
         before = self.table_docs(backend)
         report = None
         if kind == "kill":
@@ -327,12 +417,22 @@ class Soak:
                 self.proxy.fault = lambda method, path, i: None
                 self.summary["faults"]["s3-faults"] += self.proxy.injected - injected > 0
         self.check(n, backend, before, report, dim)
-        shutil.rmtree(folder)
+        for event in events:
+            self.summary["shard_events"][event] += 1
+        if "inplace" in events:  # the full scan says which shard changed behind its fingerprint
+            assert report["shards_changed_in_place"] == [str(edited["inplace"])], report["shards_changed_in_place"]
+            self.summary["in_place_found"] += 1
+        self.summary["shards_read"] += report["shards_read"]
+        self.summary["shards_skipped"] += report["shards_skipped"]
+        if not stable:
+            shutil.rmtree(folder)
         self.summary["nights"] += 1
         self.summary["seconds"] += time.time() - t0
         if kind:
             self.summary["fault_nights"].append([n, kind])
         print(json.dumps({"night": n, "backend": "s3" if backend.endpoint else "local", "fault": kind,
+                          "shard_events": list(events), "shards_read": report["shards_read"],
+                          "shards_skipped": report["shards_skipped"],
                           "dim": dim, "docs": len(self.corpus.docs), "new": report["new"],
                           "changed": report["changed"], "deleted": report["deleted"],
                           "upkeep": {k: v for k, v in report.get("upkeep", {}).items()
@@ -395,8 +495,10 @@ class Soak:
         exp = {"new": exp_new, "changed": exp_changed,
                "unchanged": len(want) - exp_new - exp_changed,
                "deleted": sum(d not in want for d in before), "quarantined": 2,
-               "rows_read": len(want) + 2}
-        got_counts = {k: report[k] for k in exp}
+               "rows": len(want) + 2}
+        # every row is read, or in a shard skipped because it did not change
+        got_counts = {k: report[k] for k in exp if k != "rows"}
+        got_counts["rows"] = report["rows_read"] + report["rows_skipped"]
         if not report["committed"] and before == want:
             exp.update(new=0, changed=0, unchanged=len(want), deleted=0)
         assert got_counts == exp, f"{where}: report counts {got_counts} != diff {exp}"
@@ -414,6 +516,15 @@ class Soak:
     def schedule(self, nights: int, kinds: tuple[str, ...], per_kind: int) -> dict[int, str]:
         slots = self.rng.sample(range(1, nights), min(nights - 1, per_kind * len(kinds)))
         return {night: kinds[i % len(kinds)] for i, night in enumerate(slots)}
+
+    def shard_events(self, nights: int, faults: dict[int, str]) -> dict[int, tuple[str, ...]]:
+        """Local nights -> shard events: `--shard-events` ("4:append+touch,5:inplace"), else one
+        random event on every other night without a fault (each kind in turn)."""
+        if self.args.shard_events is not None:
+            return {int(night): tuple(kinds.split("+")) for night, kinds in
+                    (item.split(":") for item in filter(None, self.args.shard_events.split(",")))}
+        free = [n for n in range(1, nights) if n not in faults][::2]
+        return {n: (SHARD_EVENTS[i % len(SHARD_EVENTS)],) for i, n in enumerate(free)}
 
     def run(self) -> dict:
         from moto.server import ThreadedMotoServer
@@ -444,11 +555,12 @@ class Soak:
                     where, night, kind = item.split(":")
                     (faults if where == "local" else s3_faults)[int(night)] = kind
             dim = 32
+            events = self.shard_events(len(plan) - self.args.s3_nights, faults)
             for i, (backend, n) in enumerate(plan):
                 kind = faults.get(n) if backend is local else s3_faults.get(n)
                 if n and n % self.args.model_change_every == 0:
                     dim = 24 if dim == 32 else 32  # a model change: the table is rebuilt
-                self.night(i, backend, kind, dim)
+                self.night(i, backend, kind, dim, events.get(n, ()) if backend is local and kind is None else ())
         finally:
             self.proxy.__exit__()
             self.moto.stop()
@@ -468,6 +580,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--s3-kinds", default=",".join(KINDS + S3_KINDS), help="fault kinds on S3 nights, one each")
     p.add_argument("--model-change-every", type=int, default=12)
     p.add_argument("--faults", help='explicit faults instead of random ones: "local:1:pause,s3:1:late-lease"')
+    p.add_argument("--per-shard", type=int, default=250, help="documents per shard")
+    p.add_argument("--shard-events", help='explicit shard events on local nights: "4:append+touch+move,5:inplace"')
     p.add_argument("--out", help="write the summary JSON here too")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -29,6 +29,7 @@ _INDEX_FLAGS = {
     "format": "input.format",
     "keep_columns": "input.keep_columns",
     "skip_bad_shards": "input.skip_bad_shards",
+    "full_scan": "input.full_scan",
     "model": "model.path",
     "revision": "model.revision",
     "pooling": "model.pooling",

@@ -70,9 +70,18 @@ class InputConfig(_Strict):
     skip_bad_shards: bool = Field(
         False, description="Quarantine unreadable shards instead of failing the run."
     )
+    full_scan: bool = Field(
+        False, description="Read every shard, also those whose fingerprint (size and mtime, or ETag) is "
+        "unchanged since the table's last commit (finds edits that kept both).",
+    )
+    full_scan_every: int = Field(
+        7, ge=1, description="Read every shard once in this many runs (1: every run); the others read "
+        "only new and changed shards.",
+    )
     storage_options: dict[str, SecretStr] = Field(
         default_factory=dict,
-        description="Object-store options for s3:// inputs (endpoint, region, keys).",
+        description="Object-store options for s3:// and other fsspec inputs (S3: endpoint, region, keys, "
+        "profile, anon, requester_pays; other schemes: their fsspec filesystem's arguments).",
     )
 
     @field_validator("keep_columns")
@@ -190,6 +199,10 @@ class ResourceConfig(_Strict):
         "wait for input (the report's cost.embed_input_wait_seconds).",
     )
     read_cpus: float = Field(0.5, gt=0, description="CPUs per read task.")
+    one_task_rows: int = Field(
+        300_000, gt=0, description="Planning groups up to this many rows in one Ray task, more by a Ray Data "
+        "shuffle over the cluster.",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> ResourceConfig:

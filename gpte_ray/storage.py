@@ -1,8 +1,14 @@
 """Object storage: filesystems for shards and staging, Lance storage options, secret redaction.
 
+Local paths and `s3://` are read by pyarrow's own filesystems (its native S3 client is the
+fastest); any other fsspec URL (`gs://`, `az://`, `hf://`, `https://`, `memory://`) through
+fsspec, wrapped as a pyarrow filesystem, so every reader takes the same path. `fsspec_fs`
+gives the fsspec filesystem itself (s3fs for `s3://`), whose listings carry each object's size
+and ETag: the shards' fingerprints, without a request per shard.
+
 Credentials come from the config or the standard AWS environment variables, at the point of
-use. They are passed to pyarrow and Lance and nowhere else: `redact` scrubs them from any
-text that leaves the process (errors, logs, reports).
+use. They are passed to pyarrow, fsspec and Lance and nowhere else: `redact` scrubs them from
+any text that leaves the process (errors, logs, reports).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from collections.abc import Mapping
 
 from pydantic import SecretStr
 
-__all__ = ["ensure_dir", "filesystem", "is_remote", "join", "lance_options", "redact", "s3_client", "secret_values"]
+__all__ = ["ensure_dir", "filesystem", "fsspec_fs", "is_remote", "join", "lance_options", "redact", "s3_client",
+           "s3fs_options", "secret_values", "with_scheme"]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 _SECRET_KEYS = re.compile(r"(secret|token|password|access_key|key_id)", re.I)
@@ -60,12 +67,72 @@ def lance_options(options: Mapping[str, SecretStr | str], uri: str) -> dict[str,
     return opts
 
 
+def with_scheme(uri: str, path: str) -> str:
+    """A path inside `uri`'s filesystem (as `filesystem` gives it) as a URI of the same scheme."""
+    if not is_remote(uri):
+        return path
+    scheme = uri.split("://", 1)[0]
+    return f"{scheme}://{path.lstrip('/') if scheme != 'memory' else path}"
+
+
+def _flag(value: str | None) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def s3fs_options(options: Mapping[str, SecretStr | str] | None) -> dict:
+    """s3fs's keyword arguments from the config's storage options, in the names s3fs users know
+    (`profile`, `anon`, `requester_pays`, `endpoint_url`, `key`, `secret`, `token`) or the ones
+    Lance takes (`endpoint`, `region`, `aws_access_key_id`, ...), then the AWS environment."""
+    opts = _plain(options or {})
+    endpoint = opts.get("endpoint_url") or opts.get("endpoint") or opts.get("aws_endpoint") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    region = opts.get("region") or opts.get("aws_region") or os.environ.get("AWS_REGION") \
+        or os.environ.get("AWS_DEFAULT_REGION")
+    out: dict = {"anon": _flag(opts.get("anon") or opts.get("anonymous")),
+                 "requester_pays": _flag(opts.get("requester_pays")),
+                 "client_kwargs": {"region_name": region} if region else {}}
+    if endpoint:
+        out["endpoint_url"] = endpoint
+    if opts.get("profile"):
+        out["profile"] = opts["profile"]
+    for ours, theirs in (("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"),
+                         ("token", "aws_session_token")):
+        if opts.get(ours) or opts.get(theirs):
+            out[ours] = opts.get(ours) or opts.get(theirs)
+    return out
+
+
+def fsspec_fs(uri: str, options: Mapping[str, SecretStr | str] | None = None):
+    """(fsspec filesystem, path inside it) for a remote URI: s3fs for s3://, else fsspec's own
+    implementation of the scheme, given the storage options as keyword arguments."""
+    import fsspec
+
+    scheme = uri.split("://", 1)[0]
+    if scheme == "s3":
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**s3fs_options(options))
+    else:
+        fs = fsspec.filesystem(scheme, **_plain(options or {}))
+    return fs, fs._strip_protocol(uri)
+
+
+def _needs_s3fs(options: Mapping[str, SecretStr | str] | None) -> bool:
+    """Options pyarrow's native S3 client does not take: then s3fs reads too."""
+    opts = options or {}
+    return any(opts.get(k) for k in ("profile", "requester_pays"))
+
+
 def filesystem(uri: str, options: Mapping[str, SecretStr | str] | None = None):
-    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
+    """(pyarrow filesystem, path inside it) for a local path, an s3:// URI (pyarrow's native S3,
+    or s3fs for options it lacks) or any other fsspec URL (fsspec behind a pyarrow filesystem)."""
     import pyarrow.fs as pafs
 
-    if not uri.startswith("s3://"):
+    if not is_remote(uri):
         return pafs.LocalFileSystem(), local_path(uri)
+    if not uri.startswith("s3://") or _needs_s3fs(options):
+        fs, path = fsspec_fs(uri, options)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
     opts = lance_options(options or {}, uri) or {}
     endpoint = opts.get("aws_endpoint")
     kwargs: dict = {"region": opts.get("aws_region", "us-east-1")}
@@ -78,6 +145,8 @@ def filesystem(uri: str, options: Mapping[str, SecretStr | str] | None = None):
             secret_key=opts.get("aws_secret_access_key"),
             session_token=opts.get("aws_session_token"),
         )
+    if _flag(_plain(options or {}).get("anon") or _plain(options or {}).get("anonymous")):
+        kwargs["anonymous"] = True
     fs = pafs.S3FileSystem(
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8), **kwargs
     )
@@ -88,18 +157,27 @@ def s3_client(uri: str, storage_options: Mapping[str, SecretStr | str] | None = 
     """A boto3 S3 client with the same endpoint, region and credentials as `filesystem`: for the
     requests pyarrow does not make (conditional PUTs and GETs, object heads)."""
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
     opts = lance_options(storage_options or {}, uri) or {}
-    return boto3.client(
+    plain = _plain(storage_options or {})
+    anon = _flag(plain.get("anon") or plain.get("anonymous"))
+    session = boto3.Session(profile_name=plain["profile"]) if plain.get("profile") else boto3
+    client = session.client(
         "s3",
         endpoint_url=opts.get("aws_endpoint"),
         region_name=opts.get("aws_region", "us-east-1"),
         aws_access_key_id=opts.get("aws_access_key_id"),
         aws_secret_access_key=opts.get("aws_secret_access_key"),
         aws_session_token=opts.get("aws_session_token"),
-        config=Config(retries={"max_attempts": 8, "mode": "standard"}),
+        config=Config(retries={"max_attempts": 8, "mode": "standard"}, signature_version=UNSIGNED if anon else None),
     )
+    if _flag(plain.get("requester_pays")):  # the reader pays for the shards' GETs and HEADs
+        for op in ("GetObject", "HeadObject"):
+            client.meta.events.register(f"before-parameter-build.s3.{op}",
+                                        lambda params, **_: params.setdefault("RequestPayer", "requester"))
+    return client
 
 
 def ensure_dir(fs, path: str) -> None:

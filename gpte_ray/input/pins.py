@@ -29,10 +29,10 @@ import pyarrow.compute as pc
 
 from gpte_ray.config import InputConfig
 from gpte_ray.input.sources import ShardError, read_prepared
-from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path, s3_client
+from gpte_ray.storage import ensure_dir, filesystem, fsspec_fs, is_remote, join, local_path, s3_client, with_scheme
 
-__all__ = ["Pin", "ShardChangedError", "check_pin", "open_pinned", "read_pinned", "read_pins", "same_fingerprint",
-           "scan_pinned", "take_pin", "take_pins", "write_pin"]
+__all__ = ["Pin", "ShardChangedError", "check_pin", "open_pinned", "pin_of", "read_pinned", "read_pins",
+           "same_fingerprint", "scan_pinned", "take_pin", "take_pins", "write_pin"]
 
 # bytes per ranged GET of a pinned S3 read (Parquet row groups and JSONL streams alike)
 S3_BLOCK = 8 << 20
@@ -98,9 +98,36 @@ def take_pin(uri: str, storage_options: dict | None) -> Pin:
         except ClientError as e:
             raise ShardError(f"input error: {uri}: unreadable ({e.response.get('Error', {}).get('Code', e)})") from None
         return Pin(uri, size=head.get("ContentLength"), etag=head.get("ETag"), version_id=head.get("VersionId"))
-    fs, path = filesystem(uri, storage_options)
-    info = fs.get_file_info(path)
-    return Pin(uri, size=info.size, mtime_ns=info.mtime_ns)
+    fs, path = fsspec_fs(uri, storage_options)
+    try:
+        return pin_of(uri, fs.info(path))
+    except OSError as e:  # FileNotFoundError too
+        raise ShardError(f"input error: {uri}: unreadable ({e})") from None
+
+
+def pin_of(uri: str, info: dict) -> Pin:
+    """A fingerprint from an fsspec listing entry or `info` (s3fs, gcsfs, adlfs, the HF hub,
+    memory): size, the ETag or content hash the store keeps, and the modification time."""
+    etag = next((info[k] for k in ("ETag", "etag", "md5Hash", "blob_id", "content_md5") if info.get(k)), None)
+    version = info.get("VersionId") or info.get("version_id")
+    if uri.startswith("s3://"):  # as a HEAD gives it (take_pin): ETag, size, version id
+        return Pin(uri, size=info.get("size"), etag=etag, version_id=version)
+    stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "created") if info.get(k)),
+                 None)
+    return Pin(uri, size=info.get("size"), mtime_ns=_ns(stamp), etag=etag, version_id=version)
+
+
+def _ns(stamp) -> int | None:
+    """A listing's time (datetime, ISO text or seconds) in nanoseconds."""
+    from datetime import datetime
+
+    if stamp is None:
+        return None
+    if isinstance(stamp, str):
+        stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if isinstance(stamp, datetime):
+        return int(stamp.timestamp() * 1e6) * 1000
+    return int(float(stamp) * 1e6) * 1000
 
 
 def same_fingerprint(a: Pin, b: Pin) -> bool:
@@ -110,15 +137,30 @@ def same_fingerprint(a: Pin, b: Pin) -> bool:
     return a.uri == b.uri and (a.size, a.mtime_ns, a.etag) == (b.size, b.mtime_ns, b.etag) and versions_agree
 
 
-def take_pins(uris: list[str], storage_options: dict | None, threads: int = 16) -> list[Pin]:
+def take_pins(uris: list[str], storage_options: dict | None) -> list[Pin]:
     """Each shard's fingerprint now (rows digests empty), without reading it: a stat per local
-    file, a HEAD per object (in threads)."""
-    from concurrent.futures import ThreadPoolExecutor
+    file; for object stores one fsspec listing per folder (a page of a thousand objects per
+    request on S3). A shard that cannot be fingerprinted gets an empty pin (it is read, and the
+    scan says why)."""
+    listed: dict[str, Pin] = {}
+    remote = sorted({u.rsplit("/", 1)[0] for u in uris if is_remote(u)})
+    for folder in remote:
+        fs, path = fsspec_fs(folder, storage_options)
+        try:
+            entries = fs.ls(path, detail=True)
+        except OSError:
+            continue
+        for info in entries:
+            uri = with_scheme(folder, info["name"])
+            listed[uri] = pin_of(uri, info)
+    return [listed.get(u) or _pin_or_empty(u, storage_options) for u in uris]
 
-    if all(not is_remote(u) for u in uris):
-        return [take_pin(u, storage_options) for u in uris]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda u: take_pin(u, storage_options), uris))
+
+def _pin_or_empty(uri: str, storage_options: dict | None) -> Pin:
+    try:
+        return take_pin(uri, storage_options)
+    except ShardError:
+        return Pin(uri)
 
 
 def check_pin(pin: Pin, storage_options: dict | None) -> None:

@@ -1,4 +1,5 @@
-"""Shards: finding them (dirs, globs, lists, s3://) and reading one as prepared row batches.
+"""Shards: finding them (dirs, globs, lists, s3:// and other fsspec URLs) and reading one as
+prepared row batches.
 
 Reading runs inside Ray tasks, one shard per task, yielding bounded batches so a large shard
 never sits whole in memory. Row positions are the file's own (0-based row or line), so a
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from gpte_ray.config import InputConfig
 from gpte_ray.input.prepare import content_hash, meta_hashes, prepare_rows, template_fields
-from gpte_ray.storage import filesystem, is_remote, local_path
+from gpte_ray.storage import filesystem, is_remote, local_path, with_scheme
 
 META_HASH = "meta_hash"  # PREPARED_SCHEMA's column: rides with the kept values until read_prepared
 
@@ -48,10 +49,6 @@ def shard_format(uri: str, configured: str) -> str:
     if configured != "auto":
         return configured
     return "parquet" if uri.endswith(".parquet") else "jsonl"
-
-
-def _with_scheme(uri: str, path: str) -> str:
-    return f"s3://{path}" if uri.startswith("s3://") else path
 
 
 def list_shards(cfg: InputConfig, exclude: str | None = None) -> list[str]:
@@ -84,7 +81,7 @@ def list_shards(cfg: InputConfig, exclude: str | None = None) -> list[str]:
                 ]
             else:
                 hits = [path]
-        hits = [_with_scheme(uri, h) for h in hits]
+        hits = [with_scheme(uri, h) for h in hits]
         hits = [h for h in hits if skip is None or not h.startswith(skip)]
         if not hits:
             raise ShardError(f"input error: {uri}: matches no shard files")

@@ -28,6 +28,7 @@ from gpte_ray.plan.files import (
     CHANGED,
     DUPS,
     EMBED,
+    EMBED_BLOCKS,
     EMBED_SCHEMA,
     META,
     QUARANTINE,
@@ -36,6 +37,7 @@ from gpte_ray.plan.files import (
     block_name,
     digest_parts,
     ids_from,
+    partition_by_shard,
     read_batches,
     write_file,
 )
@@ -145,8 +147,8 @@ def classify(batch: pa.Table, plan_dir: str, shards: list[str], storage_options:
     copies = winners.filter(meta).sort_by([("shard", "ascending"), ("row", "ascending")])
     changed_ids = pa.table({"doc_id": doc_id}).filter(pc.or_(changed, meta))
     vanished_ids = pa.table({"doc_id": doc_id}).filter(vanished)
-    write_file(emb, join(plan_dir, EMBED), name, storage_options)
-    write_file(copies, join(plan_dir, META, EMBED), name, storage_options)
+    write_file(emb, join(plan_dir, EMBED_BLOCKS), name, storage_options)
+    write_file(copies, join(plan_dir, META, EMBED_BLOCKS), name, storage_options)
     write_file(changed_ids, join(plan_dir, CHANGED), name, storage_options)
     write_file(vanished_ids, join(plan_dir, VANISHED), name, storage_options)
     write_file(pa.table({"gkey": docs["gkey"], "key": key}).filter(dup), join(plan_dir, DUPS), name,
@@ -423,6 +425,8 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
                     for b in losers.iter_batches(batch_size=None, batch_format="pyarrow"))
         assert found == totals["dup_rows"], (found, totals["dup_rows"])
     del scan_rows, old_rows, parts
+    for folder, rows in ((plan_dir, totals["embed"]), (join(plan_dir, META), totals["meta"])):
+        partition_by_shard(join(folder, EMBED_BLOCKS), join(folder, EMBED), rows, storage_options, small_rows)
     seconds["diff"] = time.perf_counter() - t
 
     d = _make_diff(totals, plan_dir=plan_dir, storage_options=storage_options, rebuild=rebuild, copy_all=copy_all)

@@ -4,7 +4,9 @@ A run's plan lives in the table's staging under plan-<unix seconds>-<uuid hex> (
 Worker tasks write one file per block of groups into each part, named by the block's contents
 (`block_name`), so that a retried task overwrites its own output:
 
-  embed/*.parquet       EMBED_SCHEMA: every document to embed
+  embed/<shard>.parquet EMBED_SCHEMA: every document to embed, one file per shard (written per
+                        block of groups to embed-blocks/, then partitioned by `partition_by_shard`),
+                        so a read task reads its own shard's rows only
   meta/embed/*.parquet  EMBED_SCHEMA: documents whose text is unchanged but whose kept columns
                         changed: their rows are copied with the new values, not embedded (a plan
                         folder of its own, so resume.staged_state reads it as it reads the plan)
@@ -34,12 +36,14 @@ from gpte_ray.storage import ensure_dir, filesystem, join
 __all__ = [
     "CHANGED", "DUPS", "EMBED", "EMBED_SCHEMA", "META", "PARTIAL", "PLAN_PREFIX", "PLAN_TTL_S", "QUARANTINE",
     "QUARANTINE_SCHEMA", "SKIP", "VANISHED", "block_name", "calibration_rows", "digest_parts", "drop_old_plans",
-    "drop_plan", "ids_from", "new_plan_dir", "planned_rows", "read_batches", "write_file",
+    "drop_plan", "ids_from", "new_plan_dir", "partition_by_shard", "planned_rows", "read_batches", "write_file",
+    "EMBED_BLOCKS",
 ]
 
 # the parts of a plan folder (see above)
 EMBED, META, CHANGED, VANISHED, DUPS, QUARANTINE = "embed", "meta", "changed", "vanished", "dups", "quarantine"
 PARTIAL, SKIP = "partial", "skip"
+EMBED_BLOCKS = "embed-blocks"  # plan rows as the diff's blocks of groups wrote them, before partition_by_shard
 
 EMBED_SCHEMA = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
                           ("content_hash", pa.string()), ("meta_hash", pa.string())])
@@ -110,14 +114,62 @@ def ids_from(folder: str, storage_options: dict | None, batch_rows: int = 8192) 
             yield b.column(0)
 
 
+def shard_file(folder: str, shard: int) -> str:
+    return join(folder, f"{shard:010d}.parquet")
+
+
 def planned_rows(plan_dir: str, shard: int, storage_options: dict | None) -> pa.Table:
     """The plan's rows of one shard (row, doc_id, content_hash, meta_hash), read in the read
-    task, not on the driver."""
+    task, not on the driver: that shard's file only (the plan is partitioned by shard)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(shard_file(join(plan_dir, EMBED), shard), storage_options)
+    return pq.read_table(path, filesystem=fs, columns=["row", "doc_id", "content_hash", "meta_hash"])
+
+
+def partition_by_shard(src: str, dst: str, rows: int, storage_options: dict | None, small_rows: int) -> None:
+    """The plan rows in folder `src` (one file per block of groups) as one file per shard in
+    `dst` (`shard_file`), sorted by row; `src` goes after. Up to `small_rows` rows in one Ray
+    task, more by a Ray Data groupby on the shard."""
+    import ray
+
+    if rows == 0:
+        return
+    if rows <= small_rows:
+        task = ray.remote(num_cpus=0.5, max_retries=3)(_partition_in_task)
+        ray.get(task.remote(src, dst, storage_options))
+    else:
+        import ray.data
+
+        fs, path = filesystem(src, storage_options)
+        parts = ray.data.read_parquet(path, filesystem=fs).groupby("shard").map_groups(
+            _write_shard, batch_format="pyarrow", fn_kwargs={"dst": dst, "storage_options": storage_options})
+        for _ in parts.iter_batches(batch_size=None):
+            pass
+    fs, path = filesystem(src, storage_options)
+    fs.delete_dir(path)
+
+
+def _write_shard(rows: pa.Table, dst: str, storage_options: dict | None) -> pa.Table:
+    """One shard's plan rows -> its file (a retried task overwrites it)."""
+    import pyarrow.parquet as pq
+
+    rows = rows.select(EMBED_SCHEMA.names).cast(EMBED_SCHEMA).sort_by("row")
+    fs, path = filesystem(shard_file(dst, rows["shard"][0].as_py()), storage_options)
+    ensure_dir(fs, path.rsplit("/", 1)[0])
+    pq.write_table(rows, path, filesystem=fs)
+    return pa.table({"rows": [rows.num_rows]})
+
+
+def _partition_in_task(src: str, dst: str, storage_options: dict | None) -> None:
     import pyarrow.dataset as pads
 
-    fs, path = filesystem(join(plan_dir, EMBED), storage_options)
-    ds = pads.dataset(path, format="parquet", filesystem=fs)
-    return ds.to_table(columns=["row", "doc_id", "content_hash", "meta_hash"], filter=pads.field("shard") == shard)
+    fs, path = filesystem(src, storage_options)
+    t = pads.dataset(path, format="parquet", filesystem=fs).to_table().sort_by([("shard", "ascending")])
+    shards = t["shard"].to_numpy()
+    starts = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist(), len(shards)]
+    for a, b in zip(starts, starts[1:]):
+        _write_shard(t.slice(a, b - a), dst, storage_options)
 
 
 def calibration_rows(plan_dir: str, storage_options: dict | None, k: int) -> dict[int, pa.Table]:

@@ -26,6 +26,11 @@ class RunReport(RunCounts):
     version: int | None = None
     committed: bool = False
     source_rows: int | None = None  # rows in the source files, counted apart from reading them (audit.py)
+    shards_total: int = 0  # shards the input lists
+    shards_read: int = 0  # of which read (new or changed since the table's last commit, or a full scan)
+    shards_skipped: int = 0  # of which not read: unchanged, their documents counted as they were
+    full_scan: str = ""  # why every shard was read ("" when only new and changed ones were)
+    shards_changed_in_place: list[str] = field(default_factory=list)  # edited keeping size and mtime (full scan)
     docs_embedded: int = 0
     chunks_written: int = 0
     chunks_embedded: int = 0  # chunks that went through the model in this run (resumed ones did not)
@@ -61,6 +66,10 @@ class RunReport(RunCounts):
         keep = ("model_id", "revision", "weights_hash", "dim", "precision", "pooling", "normalize",
                 "max_length", "dtype")
         self.model = {k: fingerprint.get(k) for k in keep}
+
+    def set_shards(self, total: int, read: int, skipped: int, full_scan: str) -> None:
+        """How many shards the input lists, were read and were skipped unchanged (and why all were read)."""
+        self.shards_total, self.shards_read, self.shards_skipped, self.full_scan = total, read, skipped, full_scan
 
     def add_quarantine(self, rows: list[dict], shards: list[str], examples: int = 3) -> None:
         """Count quarantined rows by kind of reason, keeping the first few of each as examples."""
@@ -147,10 +156,10 @@ class RunReport(RunCounts):
 
     def finish(self) -> RunReport:
         self._finish_cost()
-        # every row in the files is read, and every row read is new, changed, unchanged,
-        # metadata-updated or quarantined
+        # every row in the files is read (or in a shard skipped unchanged), and every row is new,
+        # changed, unchanged, metadata-updated or quarantined
         accounted = self.new + self.changed + self.unchanged + self.metadata_updated + self.quarantined
-        self.counts_add_up = self.source_rows == self.rows_read == accounted
+        self.counts_add_up = self.source_rows == self.rows_read + self.rows_skipped == accounted
         if self.padded_tokens:
             self.padding_efficiency = round(self.tokens / self.padded_tokens, 4)
         if self.seconds > 0:

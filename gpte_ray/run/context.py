@@ -11,6 +11,7 @@ import pyarrow as pa
 from gpte_ray.config import JobConfig
 from gpte_ray.model.spec import ModelSpec
 from gpte_ray.plan.diff import Diff
+from gpte_ray.plan.shards import ShardChoice
 from gpte_ray.report.run_report import RunReport
 from gpte_ray.run.resume import StagedState
 from gpte_ray.store.lock import TableLock
@@ -42,6 +43,7 @@ class RunContext:
     current: object = None  # the table (LanceDataset) at the version the run plans on, or None
     rebuild: bool = False  # the model fingerprint changed: every document is embedded again
     diff: Diff | None = None
+    shard_choice: ShardChoice | None = None  # the shards read and skipped (plan.shards)
     pins: dict[int, str] = field(default_factory=dict)  # shard -> its scan pin (input.pins.Pin JSON)
     kept_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     calibration: dict | None = None  # int8 ranges

@@ -16,15 +16,16 @@ import pyarrow as pa
 from gpte_ray.config import ConfigError
 from gpte_ray.input.audit import source_rows
 from gpte_ray.input.pins import Pin, pins_dir, read_pinned, read_pins
-from gpte_ray.plan.diff import compute_diff
 from gpte_ray.plan.files import calibration_rows
 from gpte_ray.plan.grouping import SMALL_ROWS
 from gpte_ray.plan.kept import resolve_kept
+from gpte_ray.plan.shards import changed_in_place
 from gpte_ray.run.cluster import user_error
 from gpte_ray.run.context import RunContext
 from gpte_ray.run.embed import embed_options
 from gpte_ray.run.rebuild import check_rebuild
-from gpte_ray.run.stages import EmbedStage, TokenizeStage, scan_shard
+from gpte_ray.run.shards import keep_manifest, manifest_layout, plan_shards
+from gpte_ray.run.stages import SCAN_SCHEMA, EmbedStage, TokenizeStage, scan_shard
 from gpte_ray.storage import join
 from gpte_ray.store.table import kept_fields, table_schema
 
@@ -51,27 +52,31 @@ def open_table(ctx: RunContext) -> None:
 
 
 def plan(ctx: RunContext) -> None:
-    """Scan every shard and diff it against the table; the counts, quarantine and pins."""
+    """Scan the new and changed shards (every shard on a full scan: run.shards) and diff them
+    against the table; the counts, quarantine and pins."""
     cfg, store, report = ctx.cfg, ctx.store, ctx.report
-    # (a rebuild reads the old ids too: the mass-delete guard compares old and new documents)
-    rows_hint = (ctx.current.count_rows() if ctx.current is not None else 0) + 100_000 * len(ctx.shards)
     try:
-        ctx.diff = compute_diff(
-            _scan(ctx), _table_ids(ctx), plan_dir=ctx.plan_dir, shards=ctx.shards,
-            storage_options=store.storage_options, rebuild=ctx.rebuild, rows_hint=rows_hint,
-            max_delete_fraction=cfg.output.max_delete_fraction, allow_mass_delete=cfg.output.allow_mass_delete,
-            kept_changed=lambda: _resolve_kept(ctx))
+        ctx.diff = plan_shards(ctx, _scan, _table_ids, _resolve_kept)
     except Exception as e:
         raise (user_error(e) or e) from None
-    diff = ctx.diff
+    diff, choice = ctx.diff, ctx.shard_choice
     report.stage_seconds.update(diff.seconds)  # table_ids, scan, diff
     report.take_counts(diff)
+    report.set_shards(len(ctx.shards), len(choice.read), len(choice.skipped), choice.why)
     for b in diff.quarantine_batches():  # counted by kind, a few examples kept
         report.add_quarantine(b.select(["shard", "row", "doc_id", "reason"]).to_pylist(), ctx.shards)
     whole = [{"shard": s, "row": -1} for s in sorted(diff.whole_shards())]
-    report.source_rows = source_rows(ctx.shards, cfg.input, whole, cfg.resources.read_cpus)
+    # rows of the shards read, counted apart from the reader; the skipped ones as they were
+    report.source_rows = source_rows(ctx.shards, cfg.input, whole, cfg.resources.read_cpus,
+                                     only=choice.read) + diff.rows_skipped
     # what each shard was when the scan read it: the embed and copy passes read exactly that
-    ctx.pins = {s: p.to_json() for s, p in read_pins(pins_dir(ctx.plan_dir), store.storage_options).items()}
+    # (a skipped shard: its pin in the manifest, which its fingerprint still matches)
+    read = read_pins(pins_dir(ctx.plan_dir), store.storage_options) if choice.read else {}
+    ctx.pins = {i: e["pin"] for i, e in choice.skipped.items()} | {s: p.to_json() for s, p in read.items()}
+    report.shards_changed_in_place = changed_in_place(choice, ctx.shards, read)
+    for uri in report.shards_changed_in_place:
+        log.warning("%s: its contents changed although its size and modification time (or ETag) did not; "
+                    "found by a full scan", uri)
 
 
 def _resolve_kept(ctx: RunContext) -> bool:
@@ -82,15 +87,18 @@ def _resolve_kept(ctx: RunContext) -> bool:
     return changed
 
 
-def _scan(ctx: RunContext):
-    """The manifest pass as a lazy Ray dataset (stages.SCAN_SCHEMA rows); the diff consumes it.
-    The kept columns' types and the pin of each shard go to files in the plan folder."""
+def _scan(ctx: RunContext, positions: list[int]):
+    """The manifest pass over the shards at `positions`, as a lazy Ray dataset
+    (stages.SCAN_SCHEMA rows); the diff consumes it. The kept columns' types, the pin of each
+    shard and its manifest entry go to files in the plan folder, its rows to the manifest's."""
     import ray.data
 
-    items = [{"shard": i, "uri": u} for i, u in enumerate(ctx.shards)]
+    items = [{"shard": i, "uri": ctx.shards[i]} for i in positions]
+    if not items:  # only vanished shards: nothing to read
+        return ray.data.from_arrow(SCAN_SCHEMA.empty_table())
     kwargs = {"cfg": ctx.cfg.input, "types_dir": join(ctx.plan_dir, "kept_types"),
               "storage_options": ctx.store.storage_options, "pins_dir": pins_dir(ctx.plan_dir),
-              "forced_bad": ctx.forced_bad}
+              "forced_bad": ctx.forced_bad, "manifest": manifest_layout(ctx.store)}
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         scan_shard, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow", num_cpus=ctx.cfg.resources.read_cpus)
 
@@ -164,7 +172,7 @@ def _calibrate_on_cluster(ctx: RunContext) -> dict:
 
 def name_run(ctx: RunContext) -> None:
     """The table's schema and the plan id (the plan's identity, under which its work is staged
-    and claimed); staging of other plans goes."""
+    and claimed); staging of other plans goes; the shard manifest of what the run leaves."""
     ctx.schema = table_schema(ctx.spec, ctx.cfg.output.store_text, ctx.calibration, ctx.kept_schema)
     key = f"{ctx.read_version}|{ctx.spec.fingerprint_digest()}|{ctx.diff.digest()}|{ctx.cfg.output.store_text}"
     if len(ctx.kept_schema):
@@ -173,3 +181,5 @@ def name_run(ctx: RunContext) -> None:
     ctx.lock.check()  # other plans' staging is dropped only by the lease's holder
     for stale in ctx.store.stale_staging(keep=ctx.plan_id):
         ctx.store.drop_staging(stale)  # staged under another table version or corpus: never committable
+    # written before the commit it describes, and believed only once that commit is made
+    keep_manifest(ctx)

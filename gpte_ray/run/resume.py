@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gpte_ray.plan.files import EMBED, EMBED_SCHEMA, PARTIAL, SKIP, block_name, read_batches, write_file
+from gpte_ray.plan.files import (
+    EMBED,
+    EMBED_BLOCKS,
+    EMBED_SCHEMA,
+    PARTIAL,
+    SKIP,
+    block_name,
+    partition_by_shard,
+    read_batches,
+    write_file,
+)
 from gpte_ray.plan.grouping import SMALL_ROWS, fits_one_task, group_map
 from gpte_ray.storage import filesystem, join
 from gpte_ray.store.staging import MARKER_SCHEMA, marker_files, marker_footers
@@ -137,6 +147,8 @@ def _left_to_embed(marks: Dataset, n_files: int, storage_options: dict | None, *
         partial += int(pc.sum(b["partial"]).as_py() or 0)
         shards.update(pc.unique(pc.list_flatten(b["shards"])).to_pylist())
     state.shards = sorted(shards)
+    # one file per shard, so each read task reads its own shard's rows only
+    partition_by_shard(join(out_dir, EMBED_BLOCKS), join(out_dir, EMBED), state.todo, storage_options, small_rows)
     if partial:
         if isinstance(marks, list):  # one block, read by one task: one more task, no Ray Data
             import ray
@@ -225,7 +237,7 @@ def _todo(batch: pa.Table, out_dir: str, storage_options: dict | None) -> pa.Tab
                      "content_hash": batch["content_hash"], "meta_hash": batch["meta_hash"]},
                     schema=EMBED_SCHEMA).filter(todo)
     name = block_name(batch["doc_id"])
-    write_file(rows.sort_by([("shard", "ascending"), ("row", "ascending")]), join(out_dir, EMBED), name,
+    write_file(rows.sort_by([("shard", "ascending"), ("row", "ascending")]), join(out_dir, EMBED_BLOCKS), name,
                storage_options)
     write_file(pa.table({"doc_id": batch["doc_id"]}).filter(partial), join(out_dir, PARTIAL), name,
                storage_options)

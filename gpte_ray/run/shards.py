@@ -8,8 +8,7 @@ import time
 
 import pyarrow as pa
 
-from gpte_ray.input.pins import Pin, pins_dir, take_pin
-from gpte_ray.input.sources import ShardError
+from gpte_ray.input.pins import pins_dir, take_pins
 from gpte_ray.plan.diff import Diff, FullScanNeeded, compute_diff
 from gpte_ray.plan.files import drop_plan, new_plan_dir
 from gpte_ray.plan.shards import ShardChoice, carried_all, choose_shards, input_key, read_entries, touched
@@ -72,18 +71,11 @@ def _choose(ctx: RunContext, why: str = "") -> ShardChoice:
     store = ctx.store
     base = load_manifest(store.db, store.table, manifest_layout(store), ctx.read_version, store.storage_options)
     why = why or _full_scan_why(ctx, base)
-    now = [] if why else [_pin_now(u, ctx.cfg.input.storage_options) for u in ctx.shards]
+    now = [] if why else take_pins(ctx.shards, ctx.cfg.input.storage_options)
     choice = choose_shards(ctx.shards, now, base, why)
     log.info("shards: %d read, %d skipped (unchanged), %d vanished%s", len(choice.read), len(choice.skipped),
              len(choice.vanished), f"; full scan: {choice.why}" if choice.full else "")
     return choice
-
-
-def _pin_now(uri: str, storage_options) -> Pin:
-    try:
-        return take_pin(uri, storage_options)
-    except ShardError:
-        return Pin(uri)  # unreadable now: it is read, and the scan says why
 
 
 def _diff(ctx: RunContext, choice: ShardChoice, scan, table_ids, kept_changed) -> Diff:
@@ -92,7 +84,8 @@ def _diff(ctx: RunContext, choice: ShardChoice, scan, table_ids, kept_changed) -
     cfg, store = ctx.cfg, ctx.store
     kwargs = {"plan_dir": ctx.plan_dir, "shards": ctx.shards, "storage_options": store.storage_options,
               "rebuild": ctx.rebuild, "max_delete_fraction": cfg.output.max_delete_fraction,
-              "allow_mass_delete": cfg.output.allow_mass_delete, "kept_changed": lambda: kept_changed(ctx)}
+              "allow_mass_delete": cfg.output.allow_mass_delete, "kept_changed": lambda: kept_changed(ctx),
+              "small_rows": cfg.resources.one_task_rows}
     if choice.full:
         # (a rebuild reads the old ids too: the mass-delete guard compares old and new documents)
         hint = (ctx.current.count_rows() if ctx.current is not None else 0) + 100_000 * len(ctx.shards)
@@ -136,10 +129,8 @@ def keep_manifest(ctx: RunContext) -> None:
     if diff.embed or diff.replaced or diff.overwrite or ctx.current is None:  # the run commits (run.finish)
         name = commit_name((ctx.read_version or 0) + 1, ctx.plan_id)
     else:
-        base_plan = last_commit(store.db, store.table, ctx.read_version, store.storage_options)
-        if base_plan is None:
-            return
-        name = refresh_name(ctx.read_version, base_plan)
+        name = refresh_name(ctx.read_version, last_commit(store.db, store.table, ctx.read_version,
+                                                          store.storage_options))
     write_manifest(layout, name, manifest, store.storage_options)
     if choice.base is not None:
         prune(layout, choice.base, store.storage_options)

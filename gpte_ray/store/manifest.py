@@ -37,8 +37,8 @@ from gpte_ray.storage import ensure_dir, filesystem, join
 from gpte_ray.store.lock import claimed_versions
 
 __all__ = [
-    "MANIFEST_SCHEMA", "SHARD_ROWS_SCHEMA", "Manifest", "ManifestLayout", "believed", "commit_name", "last_commit", "load_manifest",
-    "prune", "read_shard_rows", "refresh_name", "rows_key", "write_manifest", "write_shard_rows",
+    "MANIFEST_SCHEMA", "SHARD_ROWS_SCHEMA", "Manifest", "ManifestLayout", "believed", "commit_name", "last_commit",
+    "load_manifest", "prune", "read_shard_rows", "refresh_name", "rows_key", "write_manifest", "write_shard_rows",
 ]
 
 MANIFEST_SCHEMA = pa.schema([
@@ -53,6 +53,7 @@ SHARD_ROWS_SCHEMA = pa.schema([("row", pa.int64()), ("doc_id", pa.string()), ("c
                                ("reason", pa.string()), ("meta_hash", pa.string())])
 _META = b"gpte_ray.manifest"
 _NAME = re.compile(r"^(\d{20})-(?:c|r-(\d{20}))-([0-9a-f]{16})\.parquet$")
+NO_COMMIT = "0" * 16  # the base of a refresh of a table with no commit claims
 # rows files no manifest names are deleted after this long: a run in flight may still need its own
 ORPHAN_TTL_S = 24 * 3600.0
 
@@ -156,17 +157,19 @@ def _names(layout: ManifestLayout, storage_options: dict | None) -> list[str]:
 
 def believed(names: list[str], claims: dict[int, str], version: int) -> str | None:
     """The manifest that describes the table at `version`, given the commit claims (version ->
-    plan id): the last commit's own, or a later refresh of it; None if there is none."""
+    plan id): the last commit's own, or a later refresh of it; None if there is none. (A table
+    whose commits left no claims, written before they existed, is described by refreshes only.)"""
     last = max((v for v in claims if v <= version), default=None)
+    last_plan = claims[last] if last is not None else NO_COMMIT
     best, best_key = None, None
     for name in names:
         v, stamp, plan = _NAME.match(name).groups()
         v = int(v)
-        if last is None or v > version or plan != claims[last]:
+        if v > version or plan != last_plan:
             continue
         if stamp is None and v != last:  # a commit manifest counts for its own commit only
             continue
-        if stamp is not None and v < last:
+        if stamp is not None and v < (last or 0):
             continue
         key = (v, int(stamp or -1))
         if best_key is None or key > best_key:
@@ -174,13 +177,12 @@ def believed(names: list[str], claims: dict[int, str], version: int) -> str | No
     return best
 
 
-def last_commit(db: str, table: str, version: int | None, storage_options: dict | None) -> str | None:
-    """The plan id of the last commit at or before `version` (from the commit claims), or None."""
-    if version is None:
-        return None
+def last_commit(db: str, table: str, version: int, storage_options: dict | None) -> str:
+    """The plan id of the last commit at or before `version` (from the commit claims), or
+    NO_COMMIT for a table whose commits left none."""
     claims = claimed_versions(db, table, storage_options)
     last = max((v for v in claims if v <= version), default=None)
-    return claims[last] if last is not None else None
+    return claims[last] if last is not None else NO_COMMIT
 
 
 def load_manifest(db: str, table: str, layout: ManifestLayout, version: int | None,

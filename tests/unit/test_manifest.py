@@ -38,7 +38,10 @@ def test_only_the_last_commits_own_manifest_or_a_later_refresh_of_it_is_believed
     old, new = refresh_name(3, A), refresh_name(6, B)
     assert believed([*names, old, new], {3: A, 4: B}, version=6) == new
     assert believed([*names[:2], old], {3: A, 4: B}, version=6) == commit_name(4, B)
-    assert believed(names, {}, version=4) is None  # no commit claims: nothing is known
+    # a table whose commits left no claims: only refreshes made on it count
+    assert believed(names, {}, version=4) is None
+    legacy = refresh_name(2, "0" * 16)
+    assert believed([*names, legacy], {}, version=4) == legacy
 
 
 def test_fingerprints_decide_what_is_read(tmp_path):

@@ -118,3 +118,34 @@ def test_s3_pinned_reads_ask_for_the_pinned_bytes(tmp_path):
                         f.read(10)
     finally:
         server.stop()
+
+
+def test_an_fsspec_memory_corpus_is_listed_fingerprinted_and_read_through_pins():
+    import io
+    import json
+
+    import fsspec
+
+    from gpte_ray.input.pins import take_pins
+    from gpte_ray.input.sources import list_shards
+
+    mem = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(ROWS, schema=SCHEMA), buf)
+    mem.pipe("/corpus/a.parquet", buf.getvalue())
+    mem.pipe("/corpus/sub/b.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS[:3]).encode())
+    cfg = InputConfig(paths=["memory://corpus"])
+    shards = list_shards(cfg)
+    assert shards == ["memory:///corpus/a.parquet", "memory:///corpus/sub/b.jsonl"]
+    pins = take_pins(shards, None)
+    assert [p.size for p in pins] == [len(buf.getvalue()), mem.info("/corpus/sub/b.jsonl")["size"]]
+    assert all(p.mtime_ns for p in pins) and pins == [take_pin(s, None) for s in shards]
+
+    pin, tables = scan_pinned(shards[1], 1, cfg)
+    assert pa.concat_tables(tables)["doc_id"].to_pylist() == ["d0", "d1", "d2"]
+    got = pa.concat_tables(list(read_pinned(pin, 1, cfg, _plan(ROWS, [2]))))
+    assert got["text"].to_pylist() == ["text number 2"]
+    mem.pipe("/corpus/sub/b.jsonl", b'{"id": "d0", "text": "rewritten"}\n')  # re-published: a new pin
+    assert take_pins(shards, None)[1] != pins[1]
+    with pytest.raises(ShardChangedError, match="b.jsonl"):
+        list(read_pinned(pin, 1, cfg, _plan(ROWS, [2])))
