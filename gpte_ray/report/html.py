@@ -519,7 +519,12 @@ def _summary(r: dict) -> str:
     add_up = r.get("counts_add_up")
     eff = r.get("padding_efficiency")
     cards_counts = "".join([
-        _card("rows read", _num(r.get("rows_read"))),
+        _card("rows read", _num(r.get("rows_read")), f"{_num(r.get('rows_skipped'))} in shards skipped unchanged"),
+        _card("shards read", _num(r.get("shards_read")),
+              f"of {_num(r.get('shards_total'))}; {_num(r.get('shards_skipped'))} skipped unchanged"
+              + (f" · full scan: {_e(r['full_scan'])}" if r.get("full_scan") else "")
+              + (f" · {len(r['shards_changed_in_place'])} changed keeping size and mtime"
+                 if r.get("shards_changed_in_place") else "")),
         _card("new", _num(r.get("new"))),
         _card("changed", _num(r.get("changed"))),
         _card("unchanged", _num(r.get("unchanged"))),

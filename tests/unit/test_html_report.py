@@ -204,3 +204,15 @@ def test_trend_of_recent_runs_with_this_run_last():
     section = page[page.index("<h2>Recent runs of this table</h2>"):page.index("<h2>Stage times</h2>")]
     assert "per M tokens" not in section and "accelerator-s" not in section and "embed actor-s" in section
     assert "Recent runs" not in render_html_report({**FULL, "trend": rows[:1]})
+
+
+def test_the_page_shows_the_shards_read_and_skipped():
+    from gpte_ray.report.html import render_html_report
+
+    page = render_html_report({**FULL, "shards_total": 5000, "shards_read": 5, "shards_skipped": 4995,
+                               "rows_skipped": 4_995_000, "full_scan": "",
+                               "shards_changed_in_place": []})
+    assert "shards read" in page and "4,995 skipped unchanged" in page and "full scan" not in page
+    page = render_html_report({**FULL, "shards_total": 2, "shards_read": 2, "full_scan": "--full-scan <x>",
+                               "shards_changed_in_place": ["a.jsonl"]})
+    assert "full scan: --full-scan &lt;x&gt;" in page and "1 changed keeping size and mtime" in page
