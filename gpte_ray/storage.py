@@ -114,6 +114,9 @@ def fsspec_fs(uri: str, options: Mapping[str, SecretStr | str] | None = None):
         fs = s3fs.S3FileSystem(**s3fs_options(options))
     else:
         fs = fsspec.filesystem(scheme, **_plain(options or {}))
+    # fsspec caches instances and their listings: a shard rewritten since must never be listed,
+    # fingerprinted or read with its old size or ETag
+    fs.invalidate_cache()
     return fs, fs._strip_protocol(uri)
 
 

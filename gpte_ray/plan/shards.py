@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from gpte_ray.config import InputConfig
 from gpte_ray.input.pins import Pin, same_fingerprint
 from gpte_ray.plan.diff import Carried
-from gpte_ray.store.manifest import Manifest, ManifestLayout, read_shard_rows
+from gpte_ray.store.manifest import Manifest, ManifestLayout, find_in_shards, read_shard_rows
 
 __all__ = ["ShardChoice", "carried_all", "changed_in_place", "choose_shards", "input_key", "read_entries",
            "touched"]
@@ -152,14 +152,10 @@ def _touched_task(layout: ManifestLayout, storage_options: dict | None, table: t
     before = pa.concat_tables(read_shard_rows(layout, old_keys, storage_options)) if old_keys else None
     ids = [_good_ids(fresh)] + ([_good_ids(before)] if before is not None else [])
     touched_ids = pc.unique(pa.chunked_array(ids, pa.string()).combine_chunks())
-    kept = []
-    for pos, part in zip([p for p, _ in skipped],
-                         read_shard_rows(layout, [k for _, k in skipped], storage_options, touched_ids)):
-        part = part.filter(pc.is_null(part["reason"]))  # a bad row is counted with its shard, untouched
-        if part.num_rows:
-            kept.append(part.append_column("shard", pa.array([pos] * part.num_rows, pa.int32()))
-                        .select(_SCAN.names).cast(_SCAN))
-    rows = pa.concat_tables(kept or [_SCAN.empty_table()])
+    found, which = find_in_shards(layout, [k for _, k in skipped], storage_options, touched_ids)
+    shard = pc.take(pa.array([p for p, _ in skipped], pa.int32()), which)
+    rows = found.append_column("shard", shard).filter(pc.is_null(found["reason"]))  # bad rows stay untouched
+    rows = rows.select(_SCAN.names).cast(_SCAN)
     held = [_good_ids(rows)] + ([_good_ids(before)] if before is not None else [])
     held_touched = len(pc.unique(pa.chunked_array(held, pa.string()).combine_chunks()))
     uri, version, columns = table

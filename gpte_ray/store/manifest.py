@@ -37,8 +37,9 @@ from gpte_ray.storage import ensure_dir, filesystem, join
 from gpte_ray.store.lock import claimed_versions
 
 __all__ = [
-    "MANIFEST_SCHEMA", "SHARD_ROWS_SCHEMA", "Manifest", "ManifestLayout", "believed", "commit_name", "last_commit",
-    "load_manifest", "prune", "read_shard_rows", "refresh_name", "rows_key", "write_manifest", "write_shard_rows",
+    "MANIFEST_SCHEMA", "NO_COMMIT", "SHARD_ROWS_SCHEMA", "Manifest", "ManifestLayout", "believed", "commit_name",
+    "find_in_shards", "last_commit", "load_manifest", "prune", "read_shard_rows", "refresh_name", "rows_key",
+    "write_manifest", "write_shard_rows",
 ]
 
 MANIFEST_SCHEMA = pa.schema([
@@ -124,6 +125,23 @@ def read_shard_rows(layout: ManifestLayout, keys: list[str], storage_options: di
             ds = pads.dataset(path, format="parquet", filesystem=fs)
             out.append(ds.to_table(filter=pads.field("doc_id").isin(ids)))
     return out
+
+
+def find_in_shards(layout: ManifestLayout, keys: list[str], storage_options: dict | None,
+                   ids: pa.Array) -> tuple[pa.Table, pa.Array]:
+    """The rows of the rows files `keys` whose doc_id is in `ids`, scanned as one dataset (in
+    threads), and the position in `keys` of the file each row came from."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    if not keys:
+        return SHARD_ROWS_SCHEMA.empty_table(), pa.array([], pa.int64())
+    fs, _ = filesystem(layout.shards, storage_options)
+    paths = [filesystem(layout.rows_file(k), storage_options)[1] for k in keys]
+    found = pads.dataset(paths, format="parquet", filesystem=fs, schema=SHARD_ROWS_SCHEMA).to_table(
+        columns=[*SHARD_ROWS_SCHEMA.names, "__filename"], filter=pads.field("doc_id").isin(ids))
+    position = pc.index_in(found["__filename"], value_set=pa.array(paths))
+    return found.drop_columns(["__filename"]), pc.cast(position, pa.int64())
 
 
 def write_manifest(layout: ManifestLayout, name: str, manifest: Manifest, storage_options: dict | None) -> None:

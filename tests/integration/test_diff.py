@@ -3,6 +3,7 @@ duplicates, quarantined rows, unreadable shards, deletions, rebuilds and kept-co
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pyarrow as pa
@@ -113,6 +114,9 @@ def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, re
     for s in d.shards:
         rows = set(planned_rows(plan_dir, s, None)["row"].to_pylist())
         assert rows == {r for sh, r, _ in ref.embed_docs.values() if sh == s}
+    # the plan is partitioned by shard: a read task reads its own shard's file only
+    files = sorted(os.listdir(f"{plan_dir}/embed")) if d.shards else []
+    assert files == [f"{s:010d}.parquet" for s in d.shards]
 
     deletes = [x for a in d.delete_batches(batch_rows=2) for x in a.to_pylist()]
     assert sorted(deletes) == sorted(ref.delete_doc_ids)
