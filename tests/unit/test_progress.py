@@ -87,3 +87,30 @@ def test_the_report_says_which_versions_the_run_made():
     page = render_html_report({"version_before": 3, "version": 5, "committed": True,
                                "stage_seconds": {"embed": 28.8, "embed_compute": 2.6}})
     assert "<code>embed_compute</code> is the forward alone" in page and "made version 4" in page
+
+
+def test_a_message_never_lands_inside_the_progress_line(monkeypatch):
+    from gpte_ray import console as console_module
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Tty()
+    monkeypatch.setattr(console_module, "_console", term)
+    Progress(10, stream=term).update(3, 4, 40)
+    console_module.say("gpte-ray: interrupted")
+    assert term.getvalue().endswith("\ngpte-ray: interrupted\n") and "ETA" in term.getvalue().split("\n")[0]
+
+
+def test_a_log_path_is_named_only_if_the_log_stays(tmp_path, monkeypatch):
+    from gpte_ray import console as console_module
+
+    log = tmp_path / "index-1-x.log"
+    log.write_text("")
+    monkeypatch.setattr(console_module, "_noise_log", str(log))
+    assert console_module.noise_log_kept() is None  # empty: removed at exit
+    log.write_text("a warning from Ray\n")
+    assert console_module.noise_log_kept() == str(log)
+    log.unlink()
+    assert console_module.noise_log_kept() is None
