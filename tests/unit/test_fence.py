@@ -311,3 +311,30 @@ def test_a_claim_whose_maker_may_still_commit_blocks(tmp_path):
     _foreign_claim(store, 1, int(gone.stdout))  # its process has exited
     store.commit(plan, _schema())
     assert _keys(store) == [("x", 0)]
+
+
+def test_a_lost_lease_keeps_the_error_it_caused_and_the_plan_folder_goes(store, monkeypatch):
+    """A run paused past its lease wakes and fails on a file the new holder cleaned up: the
+    lost lease is the news, the error stays beside it, and its own plan folder is dropped."""
+    import os
+    import types
+
+    from gpte_ray.run import pipeline
+
+    lock = TableLock(store.db, store.table, None, settle_s=0.01)
+    lock.acquire("our-run")
+    ctx = types.SimpleNamespace(store=store, lock=lock, run_id="our-run", plan_dir="")
+
+    def lost_then_failed(c):
+        os.makedirs(c.plan_dir)  # what planning wrote
+        open(os.path.join(c.plan_dir, "part-0.parquet"), "w").close()
+        b = TableLock(store.db, store.table, None, settle_s=0.01)
+        b._write()  # another run took the lease
+        raise FileNotFoundError("plans/part-0.parquet")
+
+    monkeypatch.setattr(pipeline, "plan_and_stage", lost_then_failed)
+    with pytest.raises(LockLostError) as e:
+        pipeline.locked(ctx)
+    lock.release()
+    assert str(e.value).endswith("nothing was committed (the error it caused: FileNotFoundError: plans/part-0.parquet)")
+    assert ctx.plan_dir and os.listdir(store.staging.plans) == []

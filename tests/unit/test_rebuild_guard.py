@@ -47,7 +47,8 @@ def test_a_changed_setting_is_refused_in_one_line_and_allowed_by_the_flag(tmp_pa
     assert "\n" not in msg and "max_length 256 -> 128" in msg and "(3 in the table)" in msg and "--rebuild" in msg
     allowed = load_config(None, {"output.db": db, "model.max_length": 128, "output.rebuild": True})
     line = check_rebuild(allowed, store, resolve_model(allowed.model))
-    assert line.startswith("table 'docs': the model fingerprint changed (max_length 256 -> 128, chunk_overlap 32 -> 16)")
+    assert line.startswith("table 'docs': the model fingerprint changed "
+                           "(max_length 256 -> 128, chunk_overlap 32 -> 16)")
     assert line.endswith("(3 in the table) (--rebuild)")
     same = load_config(None, {"output.db": db})
     assert check_rebuild(same, store, resolve_model(same.model)) is None  # nothing changed
