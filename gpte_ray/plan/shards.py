@@ -147,6 +147,7 @@ def _touched_task(layout: ManifestLayout, storage_options: dict | None, table: t
                   old_keys: list[str], skipped: list[tuple[int, str]], *scan: pa.Table):
     """In a Ray task: see `touched`. Returns (skipped rows, table rows, counts)."""
     import lance
+    import pyarrow.dataset as pads
 
     fresh = pa.concat_tables([b.select(_SCAN.names).cast(_SCAN) for b in scan] or [_SCAN.empty_table()])
     before = pa.concat_tables(read_shard_rows(layout, old_keys, storage_options)) if old_keys else None
@@ -160,8 +161,6 @@ def _touched_task(layout: ManifestLayout, storage_options: dict | None, table: t
     held_touched = len(pc.unique(pa.chunked_array(held, pa.string()).combine_chunks()))
     uri, version, columns = table
     ds = lance.dataset(uri, version=version, storage_options=storage_options)
-    import pyarrow.dataset as pads
-
     current = ds.to_table(columns=columns, filter=pads.field("doc_id").isin(touched_ids) & (pads.field("chunk") == 0))
     return rows, current, {"loaded": rows.num_rows, "held_touched": held_touched, "touched": len(touched_ids)}
 

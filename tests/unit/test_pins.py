@@ -149,3 +149,20 @@ def test_an_fsspec_memory_corpus_is_listed_fingerprinted_and_read_through_pins()
     assert take_pins(shards, None)[1] != pins[1]
     with pytest.raises(ShardChangedError, match="b.jsonl"):
         list(read_pinned(pin, 1, cfg, _plan(ROWS, [2])))
+
+
+def test_s3fs_takes_the_options_its_users_know_and_pyarrow_reads_unless_it_cannot(monkeypatch):
+    import pyarrow.fs as pafs
+
+    from gpte_ray.storage import filesystem, s3fs_options
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    opts = s3fs_options({"endpoint": "http://127.0.0.1:9", "aws_access_key_id": "AK", "aws_secret_access_key": "SK",
+                         "profile": "nightly", "requester_pays": "true", "anon": "false"})
+    assert opts == {"anon": False, "requester_pays": True, "client_kwargs": {"region_name": "eu-west-1"},
+                    "endpoint_url": "http://127.0.0.1:9", "profile": "nightly", "key": "AK", "secret": "SK"}
+    assert s3fs_options({"anon": "true", "endpoint_url": "http://x"})["anon"] is True
+    assert isinstance(filesystem("s3://b/k", {"endpoint": "http://127.0.0.1:9"})[0], pafs.S3FileSystem)
+    fs, path = filesystem("s3://b/k", {"endpoint": "http://127.0.0.1:9", "requester_pays": "true"})
+    assert isinstance(fs, pafs.PyFileSystem) and path == "b/k"  # s3fs, which pyarrow reads through
