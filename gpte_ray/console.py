@@ -122,17 +122,40 @@ def _drop_empty_log() -> None:
 def unwrap(e: BaseException) -> BaseException:
     """The failure itself inside Ray's wrappers: a task's exception is re-raised on the driver
     as a RayTaskError (with the remote traceback as its message) whose `cause` is the original."""
-    seen: set[int] = set()
+    seen: list[BaseException] = []
     todo: list[BaseException | None] = [e]
     while todo:
         cur = todo.pop(0)
-        if cur is None or id(cur) in seen:
+        if cur is None or any(cur is s for s in seen):
             continue
-        seen.add(id(cur))
+        seen.append(cur)
         if not _is_ray_wrapper(cur):
+            if type(cur).__name__ in _RAY_WRAPPERS:  # a wrapper whose cause came only as text
+                line = next(filter(None, map(_remote_cause, seen)), None)
+                return RemoteFailure(line) if line else cur
             return cur
         todo += [getattr(cur, "cause", None), cur.__cause__, cur.__context__]
     return e
+
+
+class RemoteFailure(RuntimeError):
+    """A failure on the cluster that Ray hands back only as the text of its traceback."""
+
+
+# the last line of a Python traceback: "package.module.SomeError: message"
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$")
+_RAY_WRAPPERS = ("RayTaskError", "UserCodeException", "ActorDiedError", "RayActorError")
+
+
+def _remote_cause(e: BaseException) -> str | None:
+    """The failure inside a Ray wrapper that carries it only as text (an actor that died in its
+    constructor, a UDF error): the last exception line of the remote traceback it quotes."""
+    for line in reversed(_ANSI.sub("", str(e)).splitlines()):
+        m = _EXCEPTION_LINE.match(line.strip())
+        if m and not m.group(1).endswith(_RAY_WRAPPERS):
+            name = m.group(1)
+            return m.group(2) if name.startswith("gpte_ray.") else f"{name.rsplit('.', 1)[-1]}: {m.group(2)}"
+    return None
 
 
 def one_line(e: BaseException) -> str:

@@ -251,3 +251,24 @@ def test_search_ranks_as_brute_force(colbert, splade, varied_docs, tmp_path, kin
     if kind == "sparse":  # a filter applies before ranking; rows sharing no term are not results
         only = searcher.search(query, k=3, where=f"doc_id = '{docs[3]['id']}'")
         assert {h["doc_id"] for h in only} <= {docs[3]["id"]}
+
+
+def test_an_actor_failure_is_one_line_with_its_real_cause():
+    """An embed actor that dies in its constructor, or a UDF that fails, reaches the driver as a
+    Ray wrapper quoting the remote traceback: the CLI line is the failure, not the wrapper."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from gpte_ray.console import one_line, unwrap
+
+    tb = ('Traceback (most recent call last):\n  File "embedder.py", line 1, in __init__\n'
+          "RuntimeError: Error(s) in loading state_dict for T5EncoderModel: size mismatch for wo.weight\n")
+    died = ActorDiedError(RayTaskError("MapWorker(MapBatches(EmbedStage)).__init__", tb, RuntimeError("x")))
+    assert one_line(unwrap(died)) == "RuntimeError: Error(s) in loading state_dict for T5EncoderModel: size " \
+                                     "mismatch for wo.weight"
+    udf = tb.replace("RuntimeError: Error(s)", "ValueError: You must specify exactly one of input_ids or "
+                     "inputs_embeds\n\nThe above exception was the direct cause of the following exception:\n\n"
+                     "ray.data.exceptions.UserCodeException: UDF failed to process a data block.\nignored: Error(s)")
+    from ray.data.exceptions import UserCodeException
+
+    wrapped = RayTaskError("MapBatches(EmbedStage)", udf, UserCodeException("UDF failed to process a data block."))
+    assert one_line(unwrap(wrapped)) == "ValueError: You must specify exactly one of input_ids or inputs_embeds"
