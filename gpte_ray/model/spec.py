@@ -217,6 +217,17 @@ def backbone_class(spec: ModelSpec) -> str:
     return ENCODER_ONLY.get(spec.model_type, "AutoModel")
 
 
+def _known_model_type(model_type: str | None) -> bool:
+    """Whether transformers ships a module for `model_type`, without importing transformers
+    (which imports torch): most model types name their folder under transformers/models."""
+    import importlib.util
+
+    found = importlib.util.find_spec("transformers")
+    if not model_type or found is None or found.origin is None:
+        return False
+    return (Path(found.origin).parent / "models" / model_type.replace("-", "_") / "__init__.py").is_file()
+
+
 def _check_code(hf: dict, trust_remote_code: bool) -> None:
     """Refuse a model whose architecture is code shipped with the model, unless trusted."""
     auto_map = hf.get("auto_map") or {}
@@ -226,6 +237,10 @@ def _check_code(hf: dict, trust_remote_code: bool) -> None:
         name, ref = next(iter(auto_map.items()))
         raise ConfigError(f"config error: model.path: the model's config.json maps {name} to its own code "
                           f"({ref}); pass --trust-remote-code to run it")
+    if _known_model_type(hf.get("model_type")):
+        return
+    # the exact list: importing it imports torch (seconds, before Ray starts), so only for
+    # model types the quick check above does not settle
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     if hf.get("model_type") not in CONFIG_MAPPING_NAMES:
