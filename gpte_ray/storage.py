@@ -23,7 +23,7 @@ __all__ = ["ensure_dir", "filesystem", "fsspec_fs", "is_remote", "join", "lance_
            "s3fs_options", "secret_values", "with_scheme"]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
-_SECRET_KEYS = re.compile(r"(secret|token|password|access_key|key_id)", re.I)
+_SECRET_KEYS = re.compile(r"(secret|token|password|access_key|key_id|^key$)", re.I)
 
 
 def is_remote(uri: str) -> bool:
@@ -43,11 +43,18 @@ def _plain(options: Mapping[str, SecretStr | str]) -> dict[str, str]:
     return {k: v.get_secret_value() if isinstance(v, SecretStr) else str(v) for k, v in options.items()}
 
 
+_S3FS_NAMES = (("endpoint_url", "endpoint"), ("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"),
+               ("token", "aws_session_token"))
+
+
 def lance_options(options: Mapping[str, SecretStr | str], uri: str) -> dict[str, str] | None:
     """Storage options for Lance / LanceDB: config values, then the AWS environment."""
     if not uri.startswith("s3://"):
         return None
     opts = _plain(options)
+    for alias, key in _S3FS_NAMES:  # s3fs's names for the same settings
+        if alias in opts:
+            opts.setdefault(key, opts.pop(alias))
     endpoint = opts.get("endpoint") or opts.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts.setdefault("aws_endpoint", endpoint)
