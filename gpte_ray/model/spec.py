@@ -169,6 +169,9 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
     _check_code(hf, cfg.trust_remote_code)
     st_cfg = model.json("config_sentence_transformers.json")
     st = read_modules(model, model.json("modules.json", default=[]), st_cfg.get("model_type"))
+    if st.output == "sparse" and st_cfg.get("max_active_dims"):
+        raise ConfigError(f"config error: model.path: the model keeps its top {st_cfg['max_active_dims']} weights "
+                          "(max_active_dims), which this job does not reproduce")
     tok_cfg = model.json("tokenizer_config.json")
     is_decoder = _is_decoder(hf)
     st_max = st.document_length or _st_max_length(model.json("sentence_bert_config.json"), tok_cfg,

@@ -170,6 +170,13 @@ def test_kinds_refuse_settings_they_cannot_store(colbert, splade, which, cfg, me
         resolve_model(ModelConfig(path=colbert if which == "colbert" else splade, **cfg))
 
 
+def test_sparse_top_k_pruning_is_refused(splade, tmp_path):
+    folder = _edit(splade, str(tmp_path / "edited"), "config_sentence_transformers.json",
+                   lambda c: c.update(max_active_dims=64))
+    with pytest.raises(ConfigError, match=r"max_active_dims"):
+        resolve_model(ModelConfig(path=folder))
+
+
 def test_query_expansion_is_refused(colbert, tmp_path):
     folder = _edit(colbert, str(tmp_path / "edited"), "sentence_bert_config.json",
                    lambda c: c.update(query_expansion={"strategy": "fixed", "length": 32, "attend": True}))
