@@ -24,7 +24,7 @@ from gpte_ray.run.cluster import user_error
 from gpte_ray.run.context import RunContext
 from gpte_ray.run.embed import embed_options
 from gpte_ray.run.rebuild import check_rebuild
-from gpte_ray.run.shards import keep_manifest, manifest_layout, plan_shards
+from gpte_ray.run.shards import keep_manifest, plan_shards
 from gpte_ray.run.stages import SCAN_SCHEMA, EmbedStage, TokenizeStage, scan_shard
 from gpte_ray.storage import join
 from gpte_ray.store.table import kept_fields, table_schema
@@ -90,7 +90,7 @@ def _resolve_kept(ctx: RunContext) -> bool:
 def _scan(ctx: RunContext, positions: list[int]):
     """The manifest pass over the shards at `positions`, as a lazy Ray dataset
     (stages.SCAN_SCHEMA rows); the diff consumes it. The kept columns' types, the pin of each
-    shard and its manifest entry go to files in the plan folder, its rows to the manifest's."""
+    shard, its rows and its manifest entry go to files in the plan folder."""
     import ray.data
 
     items = [{"shard": i, "uri": ctx.shards[i]} for i in positions]
@@ -98,7 +98,7 @@ def _scan(ctx: RunContext, positions: list[int]):
         return ray.data.from_arrow(SCAN_SCHEMA.empty_table())
     kwargs = {"cfg": ctx.cfg.input, "types_dir": join(ctx.plan_dir, "kept_types"),
               "storage_options": ctx.store.storage_options, "pins_dir": pins_dir(ctx.plan_dir),
-              "forced_bad": ctx.forced_bad, "manifest": manifest_layout(ctx.store)}
+              "forced_bad": ctx.forced_bad, "keep_rows": True}
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         scan_shard, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow", num_cpus=ctx.cfg.resources.read_cpus)
 

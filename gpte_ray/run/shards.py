@@ -13,6 +13,7 @@ from gpte_ray.plan.diff import Diff, FullScanNeeded, compute_diff
 from gpte_ray.plan.files import drop_plan, new_plan_dir
 from gpte_ray.plan.shards import ShardChoice, carried_all, choose_shards, input_key, read_entries, touched
 from gpte_ray.run.context import RunContext
+from gpte_ray.storage import join
 from gpte_ray.store.manifest import (
     MANIFEST_SCHEMA,
     Manifest,
@@ -21,6 +22,7 @@ from gpte_ray.store.manifest import (
     last_commit,
     load_manifest,
     prune,
+    publish_rows,
     refresh_name,
     write_manifest,
 )
@@ -131,6 +133,8 @@ def keep_manifest(ctx: RunContext) -> None:
     else:
         name = refresh_name(ctx.read_version, last_commit(store.db, store.table, ctx.read_version,
                                                           store.storage_options))
+    staged = {e["rows_key"]: join(pins_dir(ctx.plan_dir), f"{i:010d}.rows.parquet") for i, e in entries.items()}
+    publish_rows(layout, staged, store.storage_options)  # the rows files first: the manifest names them
     write_manifest(layout, name, manifest, store.storage_options)
     if choice.base is not None:
         prune(layout, choice.base, store.storage_options)

@@ -23,7 +23,7 @@ from gpte_ray.input.sources import ShardError
 from gpte_ray.model.batching import plan_micro_batches
 from gpte_ray.model.spec import ModelSpec
 from gpte_ray.plan.files import planned_rows
-from gpte_ray.store.manifest import ManifestLayout
+from gpte_ray.storage import join
 from gpte_ray.store.staging import StagingWriter
 
 __all__ = ["PIN_COLUMN", "ActorFigures", "EmbedOptions", "EmbedStage", "TokenizeStage", "WindowWriter", "read_planned",
@@ -37,13 +37,13 @@ SCAN_SCHEMA = pa.schema(
 
 def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
                storage_options: dict | None = None, pins_dir: str | None = None,
-               forced_bad: dict[str, str] | None = None, manifest: ManifestLayout | None = None):
+               forced_bad: dict[str, str] | None = None, keep_rows: bool = False):
     """Manifest pass: ids, hashes and quarantine reasons of one shard (no texts), read whole
     under one pin (pins.py), which goes to a file in `pins_dir`; the types of its kept columns,
     if any, go to a file in `types_dir` (kept.write_shard_types). `forced_bad`: shards (uri ->
     reason) this run must leave as they are, unread (they changed under an earlier attempt).
-    `manifest`: the shard's rows are also kept there (store.manifest), for the runs that skip it
-    while it stays unchanged, and its entry goes beside its pin (`shard_entry`)."""
+    `keep_rows`: the shard's rows and manifest entry go beside its pin too (for the shard
+    manifest: the runs that skip the shard while it stays unchanged count them)."""
     from gpte_ray.input.pins import scan_pinned, write_pin
     from gpte_ray.plan.kept import unify_kept, write_shard_types
 
@@ -64,8 +64,8 @@ def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
             write_shard_types(types_dir, shard, types, storage_options)
         if pins_dir is not None:
             write_pin(pins_dir, shard, pin, storage_options)
-            if manifest is not None:
-                _keep_shard_rows(manifest, pins_dir, shard, pin.to_json(), rows, storage_options)
+            if keep_rows:
+                _keep_shard_rows(pins_dir, shard, pin.to_json(), rows, storage_options)
         yield from rows
     except ShardError as e:
         if not cfg.skip_bad_shards:
@@ -77,18 +77,19 @@ def scan_shard(batch: pa.Table, cfg: InputConfig, types_dir: str | None = None,
         )
 
 
-def _keep_shard_rows(manifest: ManifestLayout, pins_dir: str, shard: int, pin: str, rows: list[pa.Table],
-                     storage_options: dict | None) -> None:
-    """The shard's rows file (store.manifest) and its manifest entry, as JSON beside its pin."""
+def _keep_shard_rows(pins_dir: str, shard: int, pin: str, rows: list[pa.Table], storage_options: dict | None) -> None:
+    """The shard's rows and its manifest entry, beside its pin in the plan folder; the run
+    publishes them with its manifest (store.manifest.publish_rows), so a run that fails leaves
+    nothing behind."""
     import json
 
     from gpte_ray.storage import filesystem
     from gpte_ray.store.manifest import rows_key, write_shard_rows
 
     table = pa.concat_tables(rows) if rows else SCAN_SCHEMA.empty_table()
-    key = rows_key(pin)
-    write_shard_rows(manifest, key, table, storage_options)
-    entry = {"pin": pin, "rows_key": key, "rows": table.num_rows, "bad": table.num_rows - table["reason"].null_count}
+    write_shard_rows(join(pins_dir, f"{shard:010d}.rows.parquet"), table, storage_options)
+    entry = {"pin": pin, "rows_key": rows_key(pin), "rows": table.num_rows,
+             "bad": table.num_rows - table["reason"].null_count}
     fs, path = filesystem(pins_dir, storage_options)
     with fs.open_output_stream(f"{path}/{shard:010d}.entry") as f:
         f.write(json.dumps(entry).encode())

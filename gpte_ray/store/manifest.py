@@ -39,7 +39,7 @@ from gpte_ray.store.lock import claimed_versions
 __all__ = [
     "MANIFEST_SCHEMA", "NO_COMMIT", "SHARD_ROWS_SCHEMA", "Manifest", "ManifestLayout", "believed", "commit_name",
     "find_in_shards", "last_commit", "load_manifest", "prune", "read_shard_rows", "refresh_name", "rows_key",
-    "write_manifest", "write_shard_rows",
+    "publish_rows", "write_manifest", "write_shard_rows",
 ]
 
 MANIFEST_SCHEMA = pa.schema([
@@ -97,16 +97,29 @@ def refresh_name(version: int, base_plan_id: str) -> str:
     return f"{version:020d}-r-{time.time_ns():020d}-{base_plan_id}.parquet"
 
 
-def write_shard_rows(layout: ManifestLayout, key: str, rows: pa.Table, storage_options: dict | None) -> None:
-    """One shard's scan rows (SHARD_ROWS_SCHEMA), unless a file of the same pin is there already."""
-    import pyarrow.fs as pafs
+def write_shard_rows(uri: str, rows: pa.Table, storage_options: dict | None) -> None:
+    """One shard's scan rows (SHARD_ROWS_SCHEMA) as the Parquet file `uri`."""
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(layout.rows_file(key), storage_options)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        return
+    fs, path = filesystem(uri, storage_options)
     ensure_dir(fs, path.rsplit("/", 1)[0])
     pq.write_table(rows.select(SHARD_ROWS_SCHEMA.names).cast(SHARD_ROWS_SCHEMA), path, filesystem=fs)
+
+
+def publish_rows(layout: ManifestLayout, staged: dict[str, str], storage_options: dict | None) -> None:
+    """Copy rows files a scan left in its plan folder (rows key -> their uri) to shards/, those
+    not there already (a shard unchanged since keeps its file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(layout.shards, storage_options)
+    ensure_dir(fs, root)
+    have = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+    todo = [(filesystem(src, storage_options)[1], f"{root}/{key}.parquet") for key, src in staged.items()
+            if f"{key}.parquet" not in have]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda pair: fs.copy_file(*pair), todo))
 
 
 def read_shard_rows(layout: ManifestLayout, keys: list[str], storage_options: dict | None,
