@@ -19,7 +19,8 @@ from collections.abc import Mapping
 
 from pydantic import SecretStr
 
-__all__ = ["ensure_dir", "filesystem", "fsspec_fs", "is_remote", "join", "lance_options", "redact", "s3_client",
+__all__ = ["ensure_dir", "filesystem", "fsspec_fs", "is_remote", "join", "lance_options", "read_numbered", "redact",
+           "s3_client",
            "s3fs_options", "secret_values", "with_scheme"]
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
@@ -196,6 +197,25 @@ def ensure_dir(fs, path: str) -> None:
 
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(path, recursive=True)
+
+
+def read_numbered(folder: str, suffix: str, options: Mapping[str, SecretStr | str] | None = None) -> dict[int, str]:
+    """The small text files `<n><suffix>` of a folder (one per shard), read in parallel: n -> text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(folder, options)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.is_file and i.base_name.endswith(suffix))
+
+    def read(p: str) -> str:
+        with fs.open_input_stream(p) as f:
+            return f.read().decode()
+
+    with ThreadPoolExecutor(16) as pool:  # object stores: many small GETs at once
+        texts = list(pool.map(read, files))
+    return {int(p.rsplit("/", 1)[-1].split(".")[0]): t for p, t in zip(files, texts)}
 
 
 def secret_values(*option_maps: Mapping[str, SecretStr | str] | None) -> list[str]:

@@ -29,7 +29,17 @@ import pyarrow.compute as pc
 
 from gpte_ray.config import InputConfig
 from gpte_ray.input.sources import ShardError, read_prepared
-from gpte_ray.storage import ensure_dir, filesystem, fsspec_fs, is_remote, join, local_path, s3_client, with_scheme
+from gpte_ray.storage import (
+    ensure_dir,
+    filesystem,
+    fsspec_fs,
+    is_remote,
+    join,
+    local_path,
+    read_numbered,
+    s3_client,
+    with_scheme,
+)
 
 __all__ = ["Pin", "ShardChangedError", "check_pin", "open_pinned", "pin_of", "read_pinned", "read_pins",
            "same_fingerprint", "scan_pinned", "take_pin", "take_pins", "write_pin"]
@@ -318,21 +328,7 @@ def write_pin(pins_dir: str, shard: int, pin: Pin, storage_options: dict | None)
 
 def read_pins(pins_dir: str, storage_options: dict | None) -> dict[int, Pin]:
     """Shard index -> its pin, for every shard the scan read whole."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(pins_dir, storage_options)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.is_file and i.base_name.endswith(".json"))
-
-    def read(p: str) -> Pin:
-        with fs.open_input_stream(p) as f:
-            return Pin.from_json(f.read().decode())
-
-    with ThreadPoolExecutor(16) as pool:
-        pins = list(pool.map(read, files))
-    return {int(p.rsplit("/", 1)[-1].split(".")[0]): pin for p, pin in zip(files, pins)}
+    return {k: Pin.from_json(v) for k, v in read_numbered(pins_dir, ".json", storage_options).items()}
 
 
 def pins_dir(plan_dir: str) -> str:

@@ -97,23 +97,9 @@ def changed_in_place(choice: ShardChoice, shards: list[str], scanned: dict[int, 
 
 def read_entries(pins_dir: str, storage_options: dict | None) -> dict[int, dict]:
     """Shard position -> its manifest entry, for every shard the scan read whole (run.stages)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from gpte_ray.storage import read_numbered
 
-    import pyarrow.fs as pafs
-
-    from gpte_ray.storage import filesystem
-
-    fs, path = filesystem(pins_dir, storage_options)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.is_file and i.base_name.endswith(".entry"))
-
-    def read(p: str) -> dict:
-        with fs.open_input_stream(p) as f:
-            return json.loads(f.read().decode())
-
-    with ThreadPoolExecutor(16) as pool:
-        entries = list(pool.map(read, files))
-    return {int(p.rsplit("/", 1)[-1].split(".")[0]): e for p, e in zip(files, entries)}
+    return {k: json.loads(v) for k, v in read_numbered(pins_dir, ".entry", storage_options).items()}
 
 
 def touched(scan_refs: list, choice: ShardChoice, layout: ManifestLayout, storage_options: dict | None,

@@ -24,7 +24,7 @@ from gpte_ray.plan.kept import resolve_kept, write_shard_types
 from gpte_ray.run.pipeline import run_index
 from gpte_ray.store.table import BASE_COLUMNS, META_HASH
 from tests.support.files import write_parquet
-from tests.support.tables import check_table
+from tests.support.tables import check_table, killed_before_the_commit
 
 LONG = " ".join(f"word{i} of a long manual page that needs several chunks." for i in range(120))
 
@@ -52,17 +52,6 @@ def _search(capsys, db, where: str) -> list[dict]:
     capsys.readouterr()
     assert main(["search", "--db", db, "--table", "docs", "-k", "20", "--where", where, "-v", "manual page"]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-
-
-def _killed_before_the_commit(monkeypatch, cfg) -> None:
-    """A run that stages its work and dies just before committing it."""
-    def fail(*args, **kwargs):
-        raise RuntimeError("killed before the commit")
-
-    with monkeypatch.context() as m:
-        m.setattr("gpte_ray.store.table.TableStore.commit", fail)
-        with pytest.raises(RuntimeError, match="killed before the commit"):
-            run_index(cfg)
 
 
 @pytest.mark.ray
@@ -203,7 +192,7 @@ def test_copies_are_staged_and_resumed_like_embedded_windows(ray_session, tmp_pa
     version = lance.dataset(f"{db}/docs.lance").version
     docs[2]["page"] = "new"
     write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
-    _killed_before_the_commit(monkeypatch, cfg)
+    killed_before_the_commit(monkeypatch, cfg)
     assert lance.dataset(f"{db}/docs.lance").version == version
     assert glob.glob(f"{db}/_gpte_staging/docs/runs/*/*.parquet")  # the copy is staged
 
@@ -252,7 +241,7 @@ def test_a_rerun_with_new_kept_values_does_not_resume_the_old_ones(ray_session, 
     cfg = load_config(None, {"input.paths": [str(tmp_path / "c")], "output.db": db, "output.table": "docs",
                              "input.keep_columns": ["page"]})
     write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
-    _killed_before_the_commit(monkeypatch, cfg)
+    killed_before_the_commit(monkeypatch, cfg)
     docs[1]["page"] = "new"
     write_parquet(str(tmp_path / "c" / "a.parquet"), docs)
     report = run_index(cfg)

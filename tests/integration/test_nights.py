@@ -22,6 +22,7 @@ from gpte_ray.config import ConfigError, load_config
 from gpte_ray.input.prepare import content_hash
 from gpte_ray.plan.diff import MassDeleteError
 from gpte_ray.run.pipeline import run_index
+from tests.support.tables import killed_before_the_commit
 
 pytestmark = pytest.mark.ray
 
@@ -129,19 +130,11 @@ def test_staged_work_of_a_deleted_table_is_embedded_again(ray_session, tmp_path,
     """A first run staged every window and died before committing; then its half-written
     table folder was deleted by hand. The rerun (same work, same run id) must not commit
     fragments whose files are gone."""
-    from gpte_ray.store.table import TableStore
-
     docs = [{"id": f"d{i}", "text": f"text of document {i}"} for i in range(30)]
     db = str(tmp_path / "db")
     cfg = _cfg(_write(str(tmp_path / "a"), docs), db, **{"batch.window_rows": 8})
 
-    def die(*args, **kwargs):
-        raise KeyboardInterrupt("killed before the commit")
-
-    with monkeypatch.context() as m:
-        m.setattr(TableStore, "commit", die)
-        with pytest.raises(KeyboardInterrupt):
-            run_index(cfg)
+    killed_before_the_commit(monkeypatch, cfg, KeyboardInterrupt)
     assert os.listdir(f"{db}/_gpte_staging/docs/plans") == []  # Ctrl-C drops its plan, keeps its staging
     runs = os.listdir(f"{db}/_gpte_staging/docs/runs")
     assert len(runs) == 1 and os.listdir(f"{db}/_gpte_staging/docs/runs/{runs[0]}")

@@ -19,6 +19,7 @@ from gpte_ray.run.pipeline import run_index
 from gpte_ray.store.table import TableStore
 from tests.support.files import write_parquet
 from tests.support.models import save_multi_vector, save_splade
+from tests.support.tables import killed_before_the_commit
 
 pytestmark = pytest.mark.ray
 
@@ -82,16 +83,6 @@ def _check_search(db: str, folder: str, table: pa.Table, kind: str, query: str) 
         assert np.allclose([h["score"] for h in hits], [s for _, s in ref], atol=1e-4)
 
 
-def _killed_before_the_commit(monkeypatch, cfg) -> None:
-    def fail(*args, **kwargs):
-        raise RuntimeError("killed before the commit")
-
-    with monkeypatch.context() as m:
-        m.setattr("gpte_ray.store.table.TableStore.commit", fail)
-        with pytest.raises(RuntimeError, match="killed before the commit"):
-            run_index(cfg)
-
-
 @pytest.mark.parametrize("kind", ["multi-vector", "sparse"])
 def test_three_nights_on_an_output_kind(ray_session, tmp_path, minilm_path, varied_docs, monkeypatch, kind):
     models = str(tmp_path / "model")
@@ -114,7 +105,7 @@ def test_three_nights_on_an_output_kind(ray_session, tmp_path, minilm_path, vari
     for i in rng.sample(range(len(docs)), 3):
         docs[i] = docs[i] | {"tag": "edited"}
     _write(corpus, docs)
-    _killed_before_the_commit(monkeypatch, cfg)
+    killed_before_the_commit(monkeypatch, cfg)
     second = run_index(cfg)
     assert second.committed and second.changed == 6 and second.chunks_resumed > 0
     table = _check_table(db, folder, docs, kind)

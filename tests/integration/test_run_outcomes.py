@@ -17,6 +17,7 @@ from gpte_ray.config import load_config
 from gpte_ray.run import finish, pipeline
 from gpte_ray.run.pipeline import run_index
 from gpte_ray.store.lock import LockLostError
+from tests.support.tables import killed_before_the_commit
 
 pytestmark = pytest.mark.ray
 
@@ -83,18 +84,10 @@ def test_a_run_that_lost_its_lease_stops_embedding_at_the_next_window(ray_sessio
 
 
 def test_a_resumed_run_says_so_and_counts_what_was_staged(ray_session, tmp_path, monkeypatch, capsys):
-    from gpte_ray.store.table import TableStore
-
     db = str(tmp_path / "db")
     cfg = _cfg(_corpus(str(tmp_path / "in"), 20), db, **{"batch.window_rows": 4})
 
-    def die(*args, **kwargs):
-        raise KeyboardInterrupt("killed before the commit")
-
-    with monkeypatch.context() as m:
-        m.setattr(TableStore, "commit", die)
-        with pytest.raises(KeyboardInterrupt):
-            run_index(cfg)
+    killed_before_the_commit(monkeypatch, cfg, KeyboardInterrupt)
     capsys.readouterr()
     report = run_index(cfg)
     err = capsys.readouterr().err

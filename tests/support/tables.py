@@ -22,3 +22,20 @@ def check_table(db: str, table: str = "docs", doc_ids: Iterable[str] | None = No
     if chunks_written is not None:
         assert len(keys) == chunks_written
     return t
+
+
+def killed_before_the_commit(monkeypatch, cfg, exc: type[BaseException] = RuntimeError) -> None:
+    """A run that stages its work and dies just before committing it (`exc`: KeyboardInterrupt
+    for a Ctrl-C)."""
+    import pytest
+
+    from gpte_ray.run.pipeline import run_index
+    from gpte_ray.store.table import TableStore
+
+    def die(*args, **kwargs):
+        raise exc("killed before the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(TableStore, "commit", die)
+        with pytest.raises(exc, match="killed before the commit"):
+            run_index(cfg)
