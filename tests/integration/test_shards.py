@@ -15,6 +15,7 @@ from gpte_ray.config import load_config
 from gpte_ray.input.prepare import content_hash
 from gpte_ray.run.pipeline import run_index
 from tests.support.files import write_parquet
+from tests.support.tables import killed_before_the_commit
 
 pytestmark = pytest.mark.ray
 
@@ -152,13 +153,7 @@ def test_a_crash_around_the_commit_never_leaves_a_manifest_that_disagrees(ray_se
     shards["part-a.parquet"]["a2"] = "a2, edited before a crash"
     _write(root, "part-a.parquet", shards["part-a.parquet"])
 
-    def killed(*args, **kwargs):
-        raise RuntimeError("killed before the commit")
-
-    with monkeypatch.context() as m:
-        m.setattr("gpte_ray.store.table.TableStore.commit", killed)
-        with pytest.raises(RuntimeError, match="killed before the commit"):
-            run_index(_cfg(root, db))
+    killed_before_the_commit(monkeypatch, _cfg(root, db))
     assert len(glob.glob(f"{db}/_gpte_staging/docs/manifests/*-c-*.parquet")) == 2  # the pending one too
     _write(root, "part-b.parquet", {**shards["part-b.parquet"], "b9": "b9, added after the crash"})
     shards["part-b.parquet"]["b9"] = "b9, added after the crash"
