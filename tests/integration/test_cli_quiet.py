@@ -32,8 +32,10 @@ def test_index_says_only_its_own_lines(tmp_path, varied_docs):
                     "--window-rows", "16", "--report", str(tmp_path / "report.json"))
     assert out.returncode == 0, out.stderr
     lines = out.stderr.splitlines()
-    assert lines and all(x.startswith(("embedded ", "run report: ")) for x in lines), out.stderr
-    assert lines[0].startswith("embedded 0/40 docs") and lines[-1].startswith("run report: ")
+    assert lines and all(x.startswith(("embedded ", "run report: ", "library output: ")) for x in lines), out.stderr
+    assert lines[0].startswith("embedded 0/40 docs") and lines[-2].startswith("run report: ")
+    # a successful run names its log, and the file is there
+    assert lines[-1].startswith("library output: ") and os.path.isfile(lines[-1].split(": ", 1)[1])
     report = json.loads(out.stdout.splitlines()[-1])
     assert "timeline" not in report and report["counts_add_up"] and report["source_rows"] == 40
     assert report["model"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2" and report["model"]["dim"] == 384
