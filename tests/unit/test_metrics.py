@@ -268,7 +268,7 @@ def test_searcher_search_vectors_picks_the_backend_and_batches(tmp_path, monkeyp
     ds = _table(tmp_path, [f"d{i}" for i in range(40)], vectors, pa.int8() if int8 else pa.float32())
     searcher = search_module.Searcher.__new__(search_module.Searcher)  # the table's state, no model
     searcher.ds, searcher.int8, searcher.calibration, searcher.metric = ds, int8, calibration, "cosine"
-    searcher.columns = ["doc_id"]
+    searcher.columns, searcher.output = ["doc_id"], "dense"
     queries = rng.standard_normal((5, 8)).astype(np.float32)
 
     if int8:
