@@ -48,6 +48,7 @@ _INDEX_FLAGS = {
     "min_actors": "resources.min_actors",
     "max_actors": "resources.max_actors",
     "torch_threads": "resources.torch_threads",
+    "cpu_lanes": "resources.cpu_lanes",
     "db": "output.db",
     "table": "output.table",
     "max_delete_fraction": "output.max_delete_fraction",

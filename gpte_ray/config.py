@@ -189,6 +189,11 @@ class ResourceConfig(_Strict):
     torch_threads: int | None = Field(
         None, gt=0, description="Torch threads in a CPU embed actor; default: the node's CPUs."
     )
+    cpu_lanes: int | None = Field(
+        None, gt=0,
+        description="Micro-batches a CPU embed actor runs side by side, each on torch_threads / cpu_lanes "
+        "threads; default: one lane per thread, at most 4. 1: one forward over every thread.",
+    )
     fake_gpus: bool = Field(
         False, description="Request GPUs for actor placement but compute on CPU (fake-GPU test clusters)."
     )

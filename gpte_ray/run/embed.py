@@ -32,7 +32,8 @@ DEFAULT_BUDGET = {"cpu": 8192, "cuda": 32768}
 def embed_options(cfg: JobConfig, device: str) -> EmbedOptions:
     b = cfg.batch
     return EmbedOptions(device=device, token_budget=b.token_budget or DEFAULT_BUDGET[device], max_rows=b.max_rows,
-                        min_fill=b.min_fill, torch_threads=cfg.resources.torch_threads)
+                        min_fill=b.min_fill, torch_threads=cfg.resources.torch_threads,
+                        cpu_lanes=cfg.resources.cpu_lanes)
 
 
 def stage(ctx: RunContext) -> None:

@@ -195,6 +195,11 @@ class EmbedOptions:
     max_rows: int = 256  # rows per micro-batch at most
     min_fill: float = 0.0  # cut a micro-batch early below this fill of real tokens (padded batches)
     torch_threads: int | None = None  # CPU threads for the forward (None: every core of the node)
+    cpu_lanes: int | None = None  # CPU micro-batches side by side (None: one per thread, at most 4)
+
+
+# default CPU lanes at most: each lane holds a micro-batch's activations; more than 4 is unmeasured
+MAX_DEFAULT_LANES = 4
 
 
 class EmbedStage:
@@ -224,9 +229,16 @@ class EmbedStage:
 
         from gpte_ray.model.embedder import Embedder
 
+        self.lanes = None
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS from num_cpus (often 1); choose deliberately instead
-            torch.set_num_threads(options.torch_threads or os.cpu_count() or 1)
+            threads = options.torch_threads or os.cpu_count() or 1
+            lanes = options.cpu_lanes or min(threads, MAX_DEFAULT_LANES)
+            torch.set_num_threads(max(1, threads // lanes))
+            if lanes > 1:
+                from gpte_ray.run.lanes import Lanes
+
+                self.lanes = Lanes(lanes)
         self.spec = spec
         self.embedder = Embedder(spec, device)
         self.budget = options.token_budget
@@ -236,13 +248,15 @@ class EmbedStage:
         self.oom_retries = 0
         self.progress = Throttled(progress) if progress is not None else None  # a ProgressCounter actor
         self.writer = writer  # a WindowWriter, or None to return the vectors
-        self.figures = ActorFigures(born, born_cpu, born_wall, device)
+        # with lanes, two windows share the CPU: the second's micro-batches fill the first's tail
+        self.figures = ActorFigures(born, born_cpu, born_wall, device, windows=2 if self.lanes else 1)
 
     def _embed_window(self, values: np.ndarray, offsets: np.ndarray, plens: np.ndarray,
                       lengths: np.ndarray, outputs, padded: np.ndarray, first: np.ndarray,
-                      last_chunk: np.ndarray | None = None) -> None:
+                      last_chunk: np.ndarray | None = None) -> float | None:
         """Embed every row of the window; on OOM halve the budget and retry in smaller pieces.
         Progress (with `last_chunk`: True on rows that complete a document) goes out per micro-batch.
+        On CPU lanes, returns the window's share of the CPU in seconds (see _embed_lanes).
 
         Micro-batch i + 1 is assembled while i runs (on CUDA the forward returns before the
         device finishes); results stay on the device until the window is done (one copy back).
@@ -251,7 +265,10 @@ class EmbedStage:
 
         emb, fig = self.embedder, self.figures
         min_fill = 0.0 if emb.packed else self.min_fill  # packed rows are never padded: fill by budget only
-        queue = deque(plan_micro_batches(lengths, self.budget, self.max_rows, min_fill))
+        plan = plan_micro_batches(lengths, self.budget, self.max_rows, min_fill)
+        if self.lanes is not None:
+            return self._embed_lanes(plan, values, offsets, plens, lengths, outputs, padded, first, last_chunk)
+        queue = deque(plan)
         ready = None  # (rows, prepared batch) for the head of the queue
         while queue:
             rows = queue.popleft()
@@ -272,14 +289,59 @@ class EmbedStage:
                 continue
             if queue:
                 ready = (queue[0], emb.prepare(values, offsets, queue[0], plens))
-            outputs.add(rows, out)  # model.outputs.WindowOutputs: kept on the device
-            padded[rows] = lengths[rows] if emb.packed else int(lengths[rows].max())
-            first[rows[0]] = 1
-            if self.progress is not None and last_chunk is not None:  # a window can take minutes on a CPU
-                self.progress.add(int(last_chunk[rows].sum()), len(rows), int(lengths[rows].sum()))
+            self._done(rows, out, lengths, outputs, padded, first, last_chunk)
         if self.progress is not None:
             self.progress.flush()
         fig.sync(emb.device)
+
+    def _done(self, rows, out, lengths, outputs, padded, first, last_chunk) -> None:
+        """Book one embedded micro-batch: its outputs, padding figures and progress."""
+        outputs.add(rows, out)  # model.outputs.WindowOutputs: kept on the device
+        padded[rows] = lengths[rows] if self.embedder.packed else int(lengths[rows].max())
+        first[rows[0]] = 1
+        if self.progress is not None and last_chunk is not None:  # a window can take minutes on a CPU
+            self.progress.add(int(last_chunk[rows].sum()), len(rows), int(lengths[rows].sum()))
+
+    def _embed_lanes(self, plan, values, offsets, plens, lengths, outputs, padded, first, last_chunk) -> float:
+        """CPU lanes: the window's micro-batches run side by side (run.lanes); an OOM halves the
+        failed micro-batch as on the device path. Returns the window's lane-seconds / lanes."""
+        import torch
+
+        emb, lanes = self.embedder, self.lanes
+
+        def run(rows):  # -> (outputs, forward seconds, seconds in this lane)
+            start = time.perf_counter()
+            batch = emb.prepare(values, offsets, rows, plens)
+            t = time.perf_counter()
+            out = emb.forward(batch)
+            end = time.perf_counter()
+            return out, end - t, end - start
+
+        pending = {lanes.submit(run, rows): rows for rows in plan}
+        busy = 0.0
+        try:
+            while pending:
+                for f in lanes.wait_any(pending):
+                    rows = pending.pop(f)
+                    try:
+                        out, forward, spent = f.result()
+                    except (torch.OutOfMemoryError, OutOfMemory):
+                        self.oom_retries += 1
+                        if len(rows) == 1:
+                            raise
+                        self.budget = max(1, self.budget // 2)
+                        half = len(rows) // 2
+                        pending.update({lanes.submit(run, part): part for part in (rows[:half], rows[half:])})
+                        continue
+                    busy += spent
+                    self.figures.add_forward(forward / lanes.n)
+                    self._done(rows, out, lengths, outputs, padded, first, last_chunk)
+        finally:
+            for f in pending:
+                f.cancel()
+        if self.progress is not None:
+            self.progress.flush()
+        return busy / lanes.n
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The window's rows with vectors; with a writer, the staged window's summary instead."""
@@ -307,10 +369,11 @@ class EmbedStage:
         with fig.device_held(arrived):
             start = time.perf_counter()
             last_chunk = batch["chunk"].to_numpy() == batch["n_chunks"].to_numpy() - 1
-            self._embed_window(values, offsets, plens, lengths, outputs, padded, first, last_chunk)
+            shared = self._embed_window(values, offsets, plens, lengths, outputs, padded, first, last_chunk)
             retries, budget = self.oom_retries, self.budget
             self.oom_retries = 0
-            seconds = time.perf_counter() - start
+            # lanes: the window's share of the CPU (windows overlap there), else its wall time
+            seconds = shared if shared is not None else time.perf_counter() - start
         emb = outputs.finish(self.calibration)  # one copy back per window
         out = batch.drop_columns(["input_ids", "prompt_len"])
         for name, column in embedding_columns(self.spec, emb).items():  # `vector`, or the sparse pair
@@ -326,17 +389,21 @@ class Throttled:
         self.counter, self.interval = counter, interval
         self.pending = np.zeros(3, dtype=np.int64)  # docs, rows, tokens not yet sent
         self.sent = time.perf_counter()
+        self.lock = threading.Lock()  # two windows may report at once
 
     def add(self, docs: int, rows: int, tokens: int) -> None:
-        self.pending += (docs, rows, tokens)
-        if time.perf_counter() - self.sent >= self.interval:
+        with self.lock:
+            self.pending += (docs, rows, tokens)
+            due = time.perf_counter() - self.sent >= self.interval
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending.any():
-            self.counter.add.remote(*map(int, self.pending))
-            self.pending[:] = 0
-        self.sent = time.perf_counter()
+        with self.lock:
+            if self.pending.any():
+                self.counter.add.remote(*map(int, self.pending))
+                self.pending[:] = 0
+            self.sent = time.perf_counter()
 
 
 @dataclass
@@ -360,26 +427,37 @@ class ActorFigures:
     COLUMNS = ("actor", "actor_device", "actor_node_type", "actor_born", "actor_end", "actor_held_s",
                "actor_load_s", "actor_forward_s", "actor_input_wait_s", "actor_cpu_s")
 
-    def __init__(self, born: float, born_cpu: float, born_wall: float, device: str):
+    def __init__(self, born: float, born_cpu: float, born_wall: float, device: str, windows: int = 1):
         self.id = uuid.uuid4().hex
         self.device = device
         self.born, self.born_cpu, self.born_wall = born, born_cpu, born_wall
         self.load = time.perf_counter() - born
         self.forward = self.input_wait = 0.0
         self.released = time.perf_counter()  # when the device last went idle
-        self.lock = threading.Lock()  # one window on the device at a time
+        self.slots = threading.Semaphore(windows)  # windows on the device at a time
+        self.lock = threading.Lock()  # the figures below
+        self.busy = 0  # windows on the device now
         self._events: list = []  # CUDA (start, end) event pairs not yet summed
         self.node_type: str | None = None
 
     @contextmanager
     def device_held(self, arrived: float):
-        with self.lock:
-            # idle for want of input: from the device's release to this window's arrival
-            self.input_wait += max(0.0, arrived - self.released)
+        with self.slots:
+            with self.lock:
+                if not self.busy:  # idle for want of input: from the device's release to this window's arrival
+                    self.input_wait += max(0.0, arrived - self.released)
+                self.busy += 1
             try:
                 yield
             finally:
-                self.released = time.perf_counter()
+                with self.lock:
+                    self.busy -= 1
+                    if not self.busy:
+                        self.released = time.perf_counter()
+
+    def add_forward(self, seconds: float) -> None:
+        with self.lock:
+            self.forward += seconds
 
     @contextmanager
     def forward_timer(self, device):

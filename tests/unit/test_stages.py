@@ -180,3 +180,83 @@ def test_cost_line_from_embed_actor_figures():
     cpu_only.finish()
     assert cpu_only.cost["accelerator_seconds"] == 0 and cpu_only.cost["tokens_per_accelerator_second"] is None
     assert "cost" not in cpu_only.cost
+
+
+def _texts():
+    return [("word " * n).strip() for n in (3, 50, 120, 7, 90, 15, 200, 33, 64, 11, 150, 2)]
+
+
+def test_cpu_lanes_run_micro_batches_side_by_side_and_match_one_forward():
+    spec, chunks = _chunks(_texts())
+    one = EmbedStage(spec, EmbedOptions("cpu", 256, 256, 0.0, 1))
+    assert one.lanes is None  # one thread: one forward at a time, as before
+    ref, _ = one.embed(chunks)
+    stage = EmbedStage(spec, EmbedOptions("cpu", 256, 256, 0.0, 2, cpu_lanes=2))
+    assert stage.lanes.n == 2
+    real = stage.embedder.forward
+    both = threading.Barrier(2, timeout=60)  # broken unless two forwards run at once
+    lanes = set()
+
+    def forward(batch):
+        name = threading.current_thread().name
+        if name not in lanes:  # each lane's first forward waits for the other's
+            lanes.add(name)
+            both.wait()
+        return real(batch)
+
+    stage.embedder.forward = forward
+    out, stats = stage.embed(chunks)
+    assert len(lanes) == 2 and not both.broken
+    assert out["doc_id"].to_pylist() == chunks["doc_id"].to_pylist()
+    a = np.stack(out["vector"].to_numpy(zero_copy_only=False))
+    b = np.stack(ref["vector"].to_numpy(zero_copy_only=False))
+    assert np.abs(a - b).max() <= 1e-6
+    assert stats.first.sum() > 2 and stats.seconds > 0
+
+
+def test_cpu_lanes_halve_a_micro_batch_that_runs_out_of_memory():
+    spec, chunks = _chunks(_texts())
+    ref, _ = EmbedStage(spec, EmbedOptions("cpu", 1, 1, 0.0, 1)).embed(chunks)
+    stage = EmbedStage(spec, EmbedOptions("cpu", 100_000, 256, 0.0, 2, cpu_lanes=2))
+    real = stage.embedder.forward
+
+    def flaky(batch):
+        if int(batch["attention_mask"].sum()) > 300:
+            raise OutOfMemory("injected")
+        return real(batch)
+
+    stage.embedder.forward = flaky
+    out, stats = stage.embed(chunks)
+    a = np.stack(out["vector"].to_numpy(zero_copy_only=False))
+    b = np.stack(ref["vector"].to_numpy(zero_copy_only=False))
+    assert np.abs(a - b).max() <= 1e-5 and stats.oom_retries > 0 and stage.budget < 100_000
+
+
+def test_cpu_lanes_take_the_next_window_before_this_one_ends():
+    """A window's last micro-batch leaves a lane free: the next window's first one takes it."""
+    spec, chunks = _chunks(["one short text", "another short text"])
+    stage = EmbedStage(spec, EmbedOptions("cpu", 8192, 256, 0.0, 2, cpu_lanes=2))
+    real = stage.embedder.forward
+    second_started = threading.Event()
+    calls = []
+
+    def forward(batch):
+        calls.append(1)
+        if len(calls) == 1:  # window 0's only micro-batch waits for window 1's
+            assert second_started.wait(60)
+        else:
+            second_started.set()
+        return real(batch)
+
+    stage.embedder.forward = forward
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stage(chunks.slice(i, 1))))
+               for i in (0, 1)]
+    threads[0].start()
+    while not calls:
+        threading.Event().wait(0.01)
+    threads[1].start()
+    for t in threads:
+        t.join(120)
+    assert second_started.is_set() and [results[i].num_rows for i in (0, 1)] == [1, 1]
+    assert stage.figures.forward > 0 and stage.figures.busy == 0
