@@ -47,8 +47,8 @@ def group_map(parts: list[Dataset], key: str, specs: list[tuple[str, str, str]],
               rows: int, small_rows: int = SMALL_ROWS, rows_hint: int, schema: pa.Schema,
               prepare: Callable[[pa.Table], pa.Table] | None = None,
               fn_kwargs: dict | None = None) -> Iterator[pa.Table]:
-    """Group the rows of `parts` (Ray datasets, or lists of object refs of Arrow tables for the
-    one-task path) by `key` (`specs` as in `aggregate`) and yield
+    """Group the rows of `parts` (Ray datasets; for the one-task path, lists of object refs of
+    Arrow tables, or of the tables themselves, grouped here) by `key` (`specs` as in `aggregate`) and yield
     `fn(groups, **fn_kwargs)` for each block of groups (a group is never split across blocks);
     `fn` writes what it found and returns a small summary table.
 
@@ -62,6 +62,9 @@ def group_map(parts: list[Dataset], key: str, specs: list[tuple[str, str, str]],
     fn_kwargs = fn_kwargs or {}
     if fits_one_task(rows, small_rows):
         refs = [r for p in parts for r in (p if isinstance(p, list) else p.to_arrow_refs())]
+        if all(isinstance(r, pa.Table) for r in refs):  # read by the caller: small, grouped here
+            yield _group_in_task(key, specs, schema, prepare, fn, fn_kwargs, *refs)
+            return
         task = ray.remote(num_cpus=0.5, max_retries=3)(_group_in_task)
         yield ray.get(task.remote(key, specs, schema, prepare, fn, fn_kwargs, *refs))
         return

@@ -150,10 +150,9 @@ def _left_to_embed(marks: Dataset, n_files: int, storage_options: dict | None, *
     # one file per shard, so each read task reads its own shard's rows only
     partition_by_shard(join(out_dir, EMBED_BLOCKS), join(out_dir, EMBED), state.todo, storage_options, small_rows)
     if partial:
-        if isinstance(marks, list):  # one block, read by one task: one more task, no Ray Data
-            import ray
-
-            ray.get([ray.remote(num_cpus=0.5, max_retries=3)(_skips).remote(ref, **kwargs) for ref in marks])
+        if isinstance(marks, list):  # one small block, read here
+            for table in marks:
+                _skips(table, **kwargs)
         else:
             for _ in marks.map_batches(_skips, batch_format="pyarrow", batch_size=None,
                                        fn_kwargs=kwargs).iter_batches(batch_size=None):
@@ -163,28 +162,25 @@ def _left_to_embed(marks: Dataset, n_files: int, storage_options: dict | None, *
 
 
 def _markers(files: list[str], staging_dir: str, storage_options: dict | None, one_task: bool) -> Dataset | list:
-    """The markers' rows (MARKER_SCHEMA, and `path`: the marker's): for a small run one block
-    read by one task (its object ref, in a list), else a Ray dataset. (Not a Ray dataset made of
-    that ref: executing one asks every worker for memory stats, and a SIGSTOPped driver's
-    workers never answer, so a run would wait on another, paused one.)"""
-    import ray
+    """The markers' rows (MARKER_SCHEMA, and `path`: the marker's): for a small run one table
+    read here (in a list; at most SMALL_ROWS rows, so the driver's memory stays bounded, and no
+    Ray task: one costs a worker start, ~0.4 s, at the end of every run), else a Ray dataset.
+    (Not a Ray dataset made of a small table: executing one asks every worker for memory stats,
+    and a SIGSTOPped driver's workers never answer, so a run would wait on another, paused one.)"""
     import ray.data
 
     if one_task:
-        read = ray.remote(num_cpus=0.5, max_retries=3)(_read_markers)
-        return [read.remote(files, staging_dir, storage_options)]
+        return [_read_markers(files, staging_dir, storage_options)]
     fs, _ = filesystem(staging_dir, storage_options)
     return ray.data.read_parquet(files, filesystem=fs, include_paths=True, columns=MARKER_SCHEMA.names)
 
 
 def _plan(plan_dir: str, storage_options: dict | None, one_task: bool) -> Dataset | list:
     """The plan's rows (EMBED_SCHEMA), read as `_markers` reads."""
-    import ray
     import ray.data
 
     if one_task:
-        read = ray.remote(num_cpus=0.5, max_retries=3)(_read_plan)
-        return [read.remote(plan_dir, storage_options)]
+        return [_read_plan(plan_dir, storage_options)]
     fs, _ = filesystem(plan_dir, storage_options)
     return ray.data.read_parquet(join(plan_dir, EMBED), filesystem=fs)
 
