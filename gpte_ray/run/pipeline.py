@@ -40,8 +40,9 @@ def run_index(cfg: JobConfig, ray_address: str | None = "local", num_cpus: int |
     """Make the table reflect the corpus; returns the run report."""
     t0 = time.perf_counter()
     ctx = start(cfg, num_cpus)  # the model, the table name, the shards and their columns: before Ray
-    join_cluster(ctx, ray_address, num_cpus)
-    ctx.lock.acquire(run_id=ctx.run_id)
+    # the lease first (a second run is refused before it starts a cluster); the cluster starts
+    # in the lease's settle wait
+    ctx.lock.acquire(run_id=ctx.run_id, meanwhile=lambda: join_cluster(ctx, ray_address, num_cpus))
     try:
         locked(ctx)
     finally:

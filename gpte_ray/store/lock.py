@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from gpte_ray.storage import ensure_dir, filesystem, is_remote, join, local_path, s3_client
 from gpte_ray.store.staging import StagingLayout
@@ -157,8 +158,10 @@ class TableLock:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(held.get("heartbeat", 0)))
         return f"run {held.get('run_id')} (host {held.get('host')}, pid {held.get('pid')}, heartbeat {since} UTC)"
 
-    def acquire(self, run_id: str = "planning") -> None:
-        """Take the lease (labelled `run_id` until `relabel`), or raise TableBusyError."""
+    def acquire(self, run_id: str = "planning", meanwhile: Callable[[], None] | None = None) -> None:
+        """Take the lease (labelled `run_id` until `relabel`), or raise TableBusyError.
+        `meanwhile` runs between writing the lease and reading it back, in the settle wait (a
+        run starts its cluster there); the lease is ours only if it still is after both."""
         self.run_id = run_id
         held = self._read()
         if held and held.get("token") != self.token and self._holder_alive(held):
@@ -166,7 +169,14 @@ class TableLock:
                 f"table {self.table!r} is being written by {self.describe(held)}; wait for it to finish"
             )
         self._write()
-        time.sleep(self.settle_s)
+        settled = time.monotonic() + self.settle_s
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                self.release()  # ours, unless another run has taken it since: release checks
+                raise
+        time.sleep(max(0.0, settled - time.monotonic()))
         held = self._read()
         if not held or held.get("token") != self.token:
             raise TableBusyError(f"table {self.table!r}: another run took the lock at the same moment")

@@ -174,6 +174,33 @@ def test_refused_run_is_told_the_real_run_id(store):
     a.release()
 
 
+def test_the_cluster_starts_inside_the_lease_settle_wait(store):
+    """`meanwhile` (the cluster start) runs after the lease is written and before it is read
+    back: a run that failed to start its cluster leaves no lease; one whose lease was taken
+    meanwhile is refused."""
+    import os
+
+    a = TableLock(store.db, store.table, None, settle_s=0.2)
+    seen = []
+    t = time.monotonic()
+    a.acquire("a" * 16, meanwhile=lambda: seen.append(a._read()["token"]))
+    assert seen == [a.token] and time.monotonic() - t >= 0.2  # the settle wait is kept
+    a.release()
+
+    def no_cluster():
+        raise ConnectionError("no Ray cluster at ray://nowhere:10001")
+
+    with pytest.raises(ConnectionError):
+        TableLock(store.db, store.table, None, settle_s=0.01).acquire("b" * 16, meanwhile=no_cluster)
+    assert not os.path.exists(a.path)  # its lease went with it: the next run is not refused
+
+    c = TableLock(store.db, store.table, None, settle_s=0.01)
+    d = TableLock(store.db, store.table, None, settle_s=0.01)
+    with pytest.raises(TableBusyError, match="at the same moment"):
+        c.acquire("c" * 16, meanwhile=lambda: d._write())  # d's lease lands over c's meanwhile
+    assert d._read()["token"] == d.token  # c's refusal leaves d's lease alone
+
+
 def test_commits_survive_compaction_and_index_remaps(store):
     """The run record lives outside Lance's history: compaction with a remapped index
     (whose transaction pylance cannot read back) never blocks the next commit."""
