@@ -251,11 +251,9 @@ class EmbedStage:
         # with lanes, two windows share the CPU: the second's micro-batches fill the first's tail
         self.figures = ActorFigures(born, born_cpu, born_wall, device, windows=2 if self.lanes else 1)
 
-    def _embed_window(self, values: np.ndarray, offsets: np.ndarray, plens: np.ndarray,
-                      lengths: np.ndarray, outputs, padded: np.ndarray, first: np.ndarray,
-                      last_chunk: np.ndarray | None = None) -> float | None:
+    def _embed_window(self, w: _Window) -> float | None:
         """Embed every row of the window; on OOM halve the budget and retry in smaller pieces.
-        Progress (with `last_chunk`: True on rows that complete a document) goes out per micro-batch.
+        Progress goes out per micro-batch.
         On CPU lanes, returns the window's share of the CPU in seconds (see _embed_lanes).
 
         Micro-batch i + 1 is assembled while i runs (on CUDA the forward returns before the
@@ -265,14 +263,14 @@ class EmbedStage:
 
         emb, fig = self.embedder, self.figures
         min_fill = 0.0 if emb.packed else self.min_fill  # packed rows are never padded: fill by budget only
-        plan = plan_micro_batches(lengths, self.budget, self.max_rows, min_fill)
+        plan = plan_micro_batches(w.lengths, self.budget, self.max_rows, min_fill)
         if self.lanes is not None:
-            return self._embed_lanes(plan, values, offsets, plens, lengths, outputs, padded, first, last_chunk)
+            return self._embed_lanes(plan, w)
         queue = deque(plan)
         ready = None  # (rows, prepared batch) for the head of the queue
         while queue:
             rows = queue.popleft()
-            batch = ready[1] if ready is not None and ready[0] is rows else emb.prepare(values, offsets, rows, plens)
+            batch = ready[1] if ready is not None and ready[0] is rows else w.prepare(emb, rows)
             ready = None
             try:
                 with fig.forward_timer(emb.device):
@@ -288,21 +286,21 @@ class EmbedStage:
                 queue.extendleft([rows[half:], rows[:half]][::-1])
                 continue
             if queue:
-                ready = (queue[0], emb.prepare(values, offsets, queue[0], plens))
-            self._done(rows, out, lengths, outputs, padded, first, last_chunk)
+                ready = (queue[0], w.prepare(emb, queue[0]))
+            self._done(rows, out, w)
         if self.progress is not None:
             self.progress.flush()
         fig.sync(emb.device)
 
-    def _done(self, rows, out, lengths, outputs, padded, first, last_chunk) -> None:
+    def _done(self, rows: np.ndarray, out, w: _Window) -> None:
         """Book one embedded micro-batch: its outputs, padding figures and progress."""
-        outputs.add(rows, out)  # model.outputs.WindowOutputs: kept on the device
-        padded[rows] = lengths[rows] if self.embedder.packed else int(lengths[rows].max())
-        first[rows[0]] = 1
-        if self.progress is not None and last_chunk is not None:  # a window can take minutes on a CPU
-            self.progress.add(int(last_chunk[rows].sum()), len(rows), int(lengths[rows].sum()))
+        w.outputs.add(rows, out)  # model.outputs.WindowOutputs: kept on the device
+        w.padded[rows] = w.lengths[rows] if self.embedder.packed else int(w.lengths[rows].max())
+        w.first[rows[0]] = 1
+        if self.progress is not None:  # a window can take minutes on a CPU
+            self.progress.add(int(w.last_chunk[rows].sum()), len(rows), int(w.lengths[rows].sum()))
 
-    def _embed_lanes(self, plan, values, offsets, plens, lengths, outputs, padded, first, last_chunk) -> float:
+    def _embed_lanes(self, plan: list[np.ndarray], w: _Window) -> float:
         """CPU lanes: the window's micro-batches run side by side (run.lanes); an OOM halves the
         failed micro-batch as on the device path. Returns the window's lane-seconds / lanes."""
         import torch
@@ -311,7 +309,7 @@ class EmbedStage:
 
         def run(rows):  # -> (outputs, forward seconds, seconds in this lane)
             start = time.perf_counter()
-            batch = emb.prepare(values, offsets, rows, plens)
+            batch = w.prepare(emb, rows)
             t = time.perf_counter()
             out = emb.forward(batch)
             end = time.perf_counter()
@@ -335,7 +333,7 @@ class EmbedStage:
                         continue
                     busy += spent
                     self.figures.add_forward(forward / lanes.n)
-                    self._done(rows, out, lengths, outputs, padded, first, last_chunk)
+                    self._done(rows, out, w)
         finally:
             for f in pending:
                 f.cancel()
@@ -359,26 +357,40 @@ class EmbedStage:
         fig = self.figures
         arrived = time.perf_counter()
         ids = batch["input_ids"].combine_chunks()  # a ListArray: offsets + one flat values buffer
-        values, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
-        plens = batch["prompt_len"].to_numpy()
-        lengths = np.diff(offsets).astype(np.int64)
-        n = batch.num_rows
-        outputs = WindowOutputs(self.spec, n)
-        padded = np.zeros(n, dtype=np.int32)  # padded length of each row's micro-batch
-        first = np.zeros(n, dtype=np.int32)  # 1 on the first row of each micro-batch
+        offsets, n = ids.offsets.to_numpy(), batch.num_rows
+        w = _Window(values=ids.values.to_numpy(), offsets=offsets, plens=batch["prompt_len"].to_numpy(),
+                    lengths=np.diff(offsets).astype(np.int64), outputs=WindowOutputs(self.spec, n),
+                    padded=np.zeros(n, dtype=np.int32), first=np.zeros(n, dtype=np.int32),
+                    last_chunk=batch["chunk"].to_numpy() == batch["n_chunks"].to_numpy() - 1)
         with fig.device_held(arrived):
             start = time.perf_counter()
-            last_chunk = batch["chunk"].to_numpy() == batch["n_chunks"].to_numpy() - 1
-            shared = self._embed_window(values, offsets, plens, lengths, outputs, padded, first, last_chunk)
+            shared = self._embed_window(w)
             retries, budget = self.oom_retries, self.budget
             self.oom_retries = 0
             # lanes: the window's share of the CPU (windows overlap there), else its wall time
             seconds = shared if shared is not None else time.perf_counter() - start
-        emb = outputs.finish(self.calibration)  # one copy back per window
+        emb = w.outputs.finish(self.calibration)  # one copy back per window
         out = batch.drop_columns(["input_ids", "prompt_len"])
         for name, column in embedding_columns(self.spec, emb).items():  # `vector`, or the sparse pair
             out = out.append_column(name, column)
-        return out, WindowStats(seconds, retries, budget, padded, first)
+        return out, WindowStats(seconds, retries, budget, w.padded, w.first)
+
+
+@dataclass
+class _Window:
+    """One window's token ids (flat `values` cut by `offsets`), and what its micro-batches fill in."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+    plens: np.ndarray  # prompt tokens per row
+    lengths: np.ndarray
+    outputs: object  # model.outputs.WindowOutputs
+    padded: np.ndarray  # padded length of each row's micro-batch
+    first: np.ndarray  # 1 on the first row of each micro-batch
+    last_chunk: np.ndarray  # True on rows that complete a document
+
+    def prepare(self, emb, rows: np.ndarray) -> dict:
+        return emb.prepare(self.values, self.offsets, rows, self.plens)
 
 
 class Throttled:
