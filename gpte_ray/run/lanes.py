@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-__all__ = ["Lanes"]
+__all__ = ["Lanes", "forward_is_reentrant"]
 
 
 class Lanes:
@@ -30,3 +30,16 @@ class Lanes:
     def wait_any(futures) -> set[Future]:
         """The futures of `futures` that are done, once at least one is."""
         return wait(futures, return_when=FIRST_COMPLETED).done
+
+
+def forward_is_reentrant(model) -> bool:
+    """Whether two forwards of `model` may run at once. Not when a module rewrites its own state
+    in forward: transformers' dynamic and longrope rotary embeddings replace `inv_freq` from
+    each call's sequence length, so a lane could run with the frequencies of another lane's
+    micro-batch (a wrong vector, silently)."""
+    for module in model.modules():
+        kind = getattr(module, "rope_type", None)
+        for k in kind.values() if isinstance(kind, dict) else [kind]:
+            if isinstance(k, str) and ("dynamic" in k or k == "longrope"):
+                return False
+    return True

@@ -6,6 +6,7 @@ CPU actor pool, each window staged by its WindowWriter as a Lance fragment and a
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -225,22 +226,14 @@ class EmbedStage:
             # model's window measured 0.7 s passive vs 35 s spinning, two threads, loaded
             # machine). Read when torch loads, so set before this process first imports it.
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        import torch
 
         from gpte_ray.model.embedder import Embedder
 
-        self.lanes = None
-        if device == "cpu":
-            # Ray sets OMP_NUM_THREADS from num_cpus (often 1); choose deliberately instead
-            threads = options.torch_threads or os.cpu_count() or 1
-            lanes = options.cpu_lanes or min(threads, MAX_DEFAULT_LANES)
-            torch.set_num_threads(max(1, threads // lanes))
-            if lanes > 1:
-                from gpte_ray.run.lanes import Lanes
-
-                self.lanes = Lanes(lanes)
         self.spec = spec
         self.embedder = Embedder(spec, device)
+        self.lanes = None
+        if device == "cpu":
+            self.lanes = self._cpu_lanes(options)
         self.budget = options.token_budget
         self.max_rows = options.max_rows
         self.min_fill = options.min_fill
@@ -250,6 +243,24 @@ class EmbedStage:
         self.writer = writer  # a WindowWriter, or None to return the vectors
         # with lanes, two windows share the CPU: the second's micro-batches fill the first's tail
         self.figures = ActorFigures(born, born_cpu, born_wall, device, windows=2 if self.lanes else 1)
+
+    def _cpu_lanes(self, options: EmbedOptions):
+        """Set the torch threads (Ray sets OMP_NUM_THREADS from num_cpus, often 1: choose
+        deliberately instead); the CPU lanes (run.lanes), or None for one forward over them all
+        (one lane, or a model whose forward is not reentrant)."""
+        import torch
+
+        from gpte_ray.run.lanes import Lanes, forward_is_reentrant
+
+        threads = options.torch_threads or os.cpu_count() or 1
+        lanes = options.cpu_lanes or min(threads, MAX_DEFAULT_LANES)
+        if lanes > 1 and not forward_is_reentrant(self.embedder.model):
+            logging.getLogger("gpte_ray").warning(
+                "resources.cpu_lanes: %d lanes asked, but this model's rotary embedding changes its state in each "
+                "forward; one forward at a time, on %d threads", lanes, threads)
+            lanes = 1
+        torch.set_num_threads(max(1, threads // lanes))
+        return Lanes(lanes) if lanes > 1 else None
 
     def _embed_window(self, w: _Window) -> float | None:
         """Embed every row of the window; on OOM halve the budget and retry in smaller pieces.

@@ -260,3 +260,28 @@ def test_cpu_lanes_take_the_next_window_before_this_one_ends():
         t.join(120)
     assert second_started.is_set() and [results[i].num_rows for i in (0, 1)] == [1, 1]
     assert stage.figures.forward > 0 and stage.figures.busy == 0
+
+
+def test_lanes_only_for_a_forward_that_changes_no_state(tmp_path, minilm_path):
+    """A dynamic or longrope rotary embedding rewrites inv_freq in each forward: two lanes
+    could run with each other's frequencies, so such a model gets one forward at a time."""
+    from transformers import BertModel, LlamaConfig, LlamaModel
+
+    from gpte_ray.run.lanes import forward_is_reentrant
+    from tests.support.models import _tiny_bert_config, save_tiny
+
+    def llama(rope=None):
+        return LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=64,
+                           **({"rope_scaling": rope} if rope else {}))
+
+    assert forward_is_reentrant(BertModel(_tiny_bert_config()))
+    assert forward_is_reentrant(LlamaModel(llama()))
+    assert not forward_is_reentrant(LlamaModel(llama({"rope_type": "dynamic", "factor": 2.0})))
+    folder = save_tiny(str(tmp_path / "dyn"), llama({"rope_type": "dynamic", "factor": 2.0}), LlamaModel, minilm_path)
+    spec = resolve_model(ModelConfig(path=folder, pooling="mean"))
+    stage = EmbedStage(spec, EmbedOptions("cpu", 8192, 256, 0.0, 2, cpu_lanes=2))
+    assert stage.lanes is None
+    import torch
+
+    assert torch.get_num_threads() == 2  # the one forward gets every thread
