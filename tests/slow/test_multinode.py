@@ -41,6 +41,9 @@ gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_por
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
+# both embed actors ready before the windows flow: else one may take every tiny window while
+# the other still loads its model (seen once on a loaded 2-core CI machine)
+ray.data.DataContext.get_current().wait_for_min_actors_s = 120
 try:
     cfg = load_config(None, {
         "input.paths": [args["corpus"]], "output.db": args["db"], "output.table": "docs",
