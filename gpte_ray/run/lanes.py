@@ -3,8 +3,9 @@
 One forward spread over every core waits at each OpenMP barrier for its slowest thread; on a
 node shared with tokenizers, readers and Ray's own processes that thread is often preempted,
 and the others idle. Lanes of one thread each never wait for one another: all-MiniLM-L6-v2 on
-2 cores with another process using 40% of one core ran the same micro-batches in 12.0 s as one
-2-thread forward and in 9.0 s as two 1-thread lanes (2.3 s vs 2.0 s quiet per 1,000 docs).
+2 cores, 1,000 real documents, with another process using 40% of one core, ran the same
+micro-batches in 11.89 s as one 2-thread forward and in 8.84 s as two 1-thread lanes (8.17 s
+vs 7.63 s quiet; docs/benchmarks.md, benchmarks/lanes.py).
 Torch releases the GIL inside its kernels, so the lanes are threads sharing one copy of the model.
 """
 

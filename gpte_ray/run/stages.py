@@ -299,8 +299,6 @@ class EmbedStage:
             if queue:
                 ready = (queue[0], w.prepare(emb, queue[0]))
             self._done(rows, out, w)
-        if self.progress is not None:
-            self.progress.flush()
         fig.sync(emb.device)
 
     def _done(self, rows: np.ndarray, out, w: _Window) -> None:
@@ -348,8 +346,6 @@ class EmbedStage:
         finally:
             for f in pending:
                 f.cancel()
-        if self.progress is not None:
-            self.progress.flush()
         return busy / lanes.n
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -376,6 +372,8 @@ class EmbedStage:
         with fig.device_held(arrived):
             start = time.perf_counter()
             shared = self._embed_window(w)
+            if self.progress is not None:
+                self.progress.flush()
             retries, budget = self.oom_retries, self.budget
             self.oom_retries = 0
             # lanes: the window's share of the CPU (windows overlap there), else its wall time
