@@ -166,7 +166,8 @@ class BatchConfig(_Strict):
         "fragment (the unit a crashed run resumes from).",
     )
     token_budget: int | None = Field(
-        None, gt=0, description="Max rows x padded length per micro-batch; default: 8192 on CPU, 32768 on GPU."
+        None, gt=0, description="Max rows x padded length per micro-batch; default: 32768 on GPU, on CPU 1024 per "
+        "1-thread lane (8192 for one forward over several threads)."
     )
     max_rows: int = Field(256, gt=0, description="Max rows per micro-batch.")
     min_fill: float = Field(

@@ -19,19 +19,13 @@ from gpte_ray.store.lock import TableLock
 from gpte_ray.store.staging import StagingWriter
 from gpte_ray.store.table import kept_fields
 
-__all__ = ["DEFAULT_BUDGET", "embed_options", "stage", "stage_rest", "staged"]
+__all__ = ["embed_options", "stage", "stage_rest", "staged"]
 
 log = logging.getLogger("gpte_ray")
 
-# tokens per micro-batch. On CPU, all-MiniLM-L6-v2's forward inside the job took 19.0 s at 8192
-# against 22.6 s at 4096 (2,000 real documents, 2 cores, quiet; benchmarks/throughput.py
-# --variant b8k:batch.token_budget=8192, issue 24); the earlier 4096 was tuned on older code.
-DEFAULT_BUDGET = {"cpu": 8192, "cuda": 32768}
-
-
 def embed_options(cfg: JobConfig, device: str) -> EmbedOptions:
     b = cfg.batch
-    return EmbedOptions(device=device, token_budget=b.token_budget or DEFAULT_BUDGET[device], max_rows=b.max_rows,
+    return EmbedOptions(device=device, token_budget=b.token_budget, max_rows=b.max_rows,
                         min_fill=b.min_fill, torch_threads=cfg.resources.torch_threads,
                         cpu_lanes=cfg.resources.cpu_lanes)
 

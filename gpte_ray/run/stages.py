@@ -27,8 +27,8 @@ from gpte_ray.plan.files import planned_rows
 from gpte_ray.storage import join
 from gpte_ray.store.staging import StagingWriter
 
-__all__ = ["PIN_COLUMN", "ActorFigures", "EmbedOptions", "EmbedStage", "TokenizeStage", "WindowWriter", "read_planned",
-           "scan_shard"]
+__all__ = ["PIN_COLUMN", "ActorFigures", "EmbedOptions", "EmbedStage", "TokenizeStage", "WindowWriter",
+           "default_budget", "read_planned", "scan_shard"]
 
 SCAN_SCHEMA = pa.schema(
     [("shard", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
@@ -192,7 +192,7 @@ class EmbedOptions:
     """How an embed actor batches and runs its windows."""
 
     device: str  # "cpu" or "cuda"
-    token_budget: int  # tokens per micro-batch (halved on an out-of-memory error)
+    token_budget: int | None = None  # tokens per micro-batch (halved on OOM); None: default_budget()
     max_rows: int = 256  # rows per micro-batch at most
     min_fill: float = 0.0  # cut a micro-batch early below this fill of real tokens (padded batches)
     torch_threads: int | None = None  # CPU threads for the forward (None: every core of the node)
@@ -201,6 +201,20 @@ class EmbedOptions:
 
 # default CPU lanes at most: each lane holds a micro-batch's activations; more than 4 is unmeasured
 MAX_DEFAULT_LANES = 4
+
+# tokens per micro-batch by default. On a GPU, large batches fill the device. On CPU it depends
+# on the threads per forward: one forward over 2 threads ran all-MiniLM-L6-v2 in 19.0 s at 8192
+# against 22.6 s at 4096 (2,000 real documents, 2 cores), but a 1-thread lane keeps a smaller
+# batch's activations in its core's cache: the 5,000-document job's forward took 24.4 s at 1024,
+# 25.1 s at 2048 and 26.1 s at 8192 (benchmarks/throughput.py --variant, issue 24).
+DEFAULT_BUDGET = {"cuda": 32768, "cpu": 8192, "cpu_lane": 1024}
+
+
+def default_budget(device: str, lanes: int) -> int:
+    """Tokens per micro-batch when batch.token_budget is not set."""
+    if device != "cpu":
+        return DEFAULT_BUDGET["cuda"]
+    return DEFAULT_BUDGET["cpu_lane"] if lanes > 1 else DEFAULT_BUDGET["cpu"]
 
 
 class EmbedStage:
@@ -234,7 +248,7 @@ class EmbedStage:
         self.lanes = None
         if device == "cpu":
             self.lanes = self._cpu_lanes(options)
-        self.budget = options.token_budget
+        self.budget = options.token_budget or default_budget(device, self.lanes.n if self.lanes else 1)
         self.max_rows = options.max_rows
         self.min_fill = options.min_fill
         self.calibration = calibration

@@ -285,3 +285,20 @@ def test_lanes_only_for_a_forward_that_changes_no_state(tmp_path, minilm_path):
     import torch
 
     assert torch.get_num_threads() == 2  # the one forward gets every thread
+
+
+def test_default_budget_follows_how_the_forward_runs():
+    """Unset, the budget is the small per-lane one under CPU lanes (a 1-thread lane keeps a
+    small batch's activations in its core's cache) and the large one for a single forward over
+    several threads; a budget the user sets is kept either way."""
+    from gpte_ray.run.stages import DEFAULT_BUDGET, default_budget
+
+    spec = resolve_model(ModelConfig())
+
+    def budget(token_budget, lanes):
+        return EmbedStage(spec, EmbedOptions("cpu", token_budget, torch_threads=2, cpu_lanes=lanes)).budget
+
+    assert budget(None, 2) == DEFAULT_BUDGET["cpu_lane"]
+    assert budget(None, 1) == DEFAULT_BUDGET["cpu"]
+    assert budget(4096, 2) == 4096
+    assert default_budget("cuda", 1) == DEFAULT_BUDGET["cuda"] > DEFAULT_BUDGET["cpu"] > DEFAULT_BUDGET["cpu_lane"]
