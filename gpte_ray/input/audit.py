@@ -45,9 +45,9 @@ def count_rows(uri: str, cfg: InputConfig) -> int | None:
 
 
 def source_rows(shards: list[str], cfg: InputConfig, quarantine: list[dict], read_cpus: float,
-                only: list[int] | None = None) -> int:
+                only: list[int] | None = None, here: bool = False) -> int:
     """Rows in all shards (`only`: in the shards at these positions), counted in Ray tasks (one
-    per shard; only ints come back).
+    per shard; only ints come back), or with `here` (a few small shards) in this process.
 
     A shard the run quarantined whole (a bad shard: `row` -1 in `quarantine`) counts as the one
     row that stands for it, as it does in the run's own counts; so does one that cannot be read.
@@ -59,6 +59,8 @@ def source_rows(shards: list[str], cfg: InputConfig, quarantine: list[dict], rea
     todo = [shards[i] for i in positions if i not in whole]
     if not todo:
         return len(whole)
+    if here:
+        return len(whole) + sum(1 if n is None else n for n in (count_rows(uri, cfg) for uri in todo))
     count = ray.remote(num_cpus=read_cpus)(count_rows)
     counts = ray.get([count.remote(uri, cfg) for uri in todo])
     return len(whole) + sum(1 if n is None else n for n in counts)

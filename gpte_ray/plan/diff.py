@@ -41,7 +41,7 @@ from gpte_ray.plan.files import (
     read_batches,
     write_file,
 )
-from gpte_ray.plan.grouping import SMALL_ROWS, group_map
+from gpte_ray.plan.grouping import SMALL_ROWS, fits_one_task, group_map
 from gpte_ray.report.counts import RunCounts
 from gpte_ray.storage import ensure_dir, filesystem, join
 
@@ -382,7 +382,8 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
                  rebuild: bool, rows_hint: int, max_delete_fraction: float = 1.0,
                  allow_mass_delete: bool = True, small_rows: int = SMALL_ROWS,
                  kept_changed: Callable[[], bool] | None = None, carried: Carried | None = None) -> Diff:
-    """Diff a scan dataset (stages.SCAN_SCHEMA rows) against `table` (a Ray dataset of the
+    """Diff a scan (stages.SCAN_SCHEMA rows: a Ray dataset, or a list of Arrow tables the
+    driver read, grouped here if small) against `table` (a Ray dataset of the
     table's doc_id, content_hash and meta_hash of chunk 0, or None for no table).
 
     The plan files land under `plan_dir`; raises MassDeleteError past the guard, counting for
@@ -403,8 +404,16 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
         old_rows = table.map_batches(table_groups, batch_format="pyarrow", batch_size=None).materialize()
     seconds["table_ids"] = time.perf_counter() - t
     t = time.perf_counter()
-    # kept (in the object store) for the duplicates pass; the driver holds block references only
-    scan_rows = scan.map_batches(scan_groups, batch_format="pyarrow", batch_size=None).materialize()
+    here = isinstance(scan, list)  # a small scan, read by the driver: grouped here too
+    if here:
+        scan_rows = [scan_groups(b) for b in scan]
+        if not fits_one_task(_count(scan_rows) + (old_rows.count() if old_rows is not None else 0), small_rows):
+            import ray.data  # many rows after all (short texts, or a large table): grouped by a shuffle
+
+            here, scan_rows = False, ray.data.from_arrow(scan_rows or [GROUP_SCHEMA.empty_table()])
+    else:
+        # kept (in the object store) for the duplicates pass; the driver holds block references only
+        scan_rows = scan.map_batches(scan_groups, batch_format="pyarrow", batch_size=None).materialize()
     seconds["scan"] = time.perf_counter() - t
     copy_all = (kept_changed() if kept_changed is not None else False) and not rebuild
     if copy_all and carried is not None:
@@ -412,21 +421,23 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
     t = time.perf_counter()
     parts = [scan_rows] + ([old_rows] if old_rows is not None else [])
     totals = _add_up(group_map(
-        parts, "gkey", _GROUP_AGGS, classify, rows=sum(p.count() for p in parts), small_rows=small_rows,
+        parts, "gkey", _GROUP_AGGS, classify, rows=sum(_count(p) for p in parts), small_rows=small_rows,
         rows_hint=rows_hint, schema=GROUP_SCHEMA,
         fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options, "rebuild": rebuild,
                    "copy_all": copy_all}))
     if totals["dup_docs"]:
-        losers = scan_rows.map_batches(
-            quarantine_duplicates, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options},
-        )
-        found = sum(int(pc.sum(b["losers"]).as_py() or 0)
-                    for b in losers.iter_batches(batch_size=None, batch_format="pyarrow"))
+        kwargs = {"plan_dir": plan_dir, "shards": shards, "storage_options": storage_options}
+        if here:
+            losers = (quarantine_duplicates(b, **kwargs) for b in scan_rows)
+        else:
+            losers = scan_rows.map_batches(quarantine_duplicates, batch_format="pyarrow", batch_size=None,
+                                           fn_kwargs=kwargs).iter_batches(batch_size=None, batch_format="pyarrow")
+        found = sum(int(pc.sum(b["losers"]).as_py() or 0) for b in losers)
         assert found == totals["dup_rows"], (found, totals["dup_rows"])
     del scan_rows, old_rows, parts
     for folder, rows in ((plan_dir, totals["embed"]), (join(plan_dir, META), totals["meta"])):
-        partition_by_shard(join(folder, EMBED_BLOCKS), join(folder, EMBED), rows, storage_options, small_rows)
+        partition_by_shard(join(folder, EMBED_BLOCKS), join(folder, EMBED), rows, storage_options, small_rows,
+                           here=here)
     seconds["diff"] = time.perf_counter() - t
 
     d = _make_diff(totals, plan_dir=plan_dir, storage_options=storage_options, rebuild=rebuild, copy_all=copy_all)
@@ -440,6 +451,11 @@ def compute_diff(scan, table, *, plan_dir: str, shards: list[str], storage_optio
                          "shards, or keep the previous input.keep_columns until they read")
     check_mass_delete(d.deleted, d.existing, max_delete_fraction, allow_mass_delete)
     return d
+
+
+def _count(part) -> int:
+    """Rows of a grouping input: a Ray dataset, or a list of Arrow tables read here."""
+    return sum(b.num_rows for b in part) if isinstance(part, list) else part.count()
 
 
 def _add_up(summaries: Iterable[pa.Table]) -> dict:

@@ -127,15 +127,19 @@ def planned_rows(plan_dir: str, shard: int, storage_options: dict | None) -> pa.
     return pq.read_table(path, filesystem=fs, columns=["row", "doc_id", "content_hash", "meta_hash"])
 
 
-def partition_by_shard(src: str, dst: str, rows: int, storage_options: dict | None, small_rows: int) -> None:
+def partition_by_shard(src: str, dst: str, rows: int, storage_options: dict | None, small_rows: int,
+                       here: bool = False) -> None:
     """The plan rows in folder `src` (one file per block of groups) as one file per shard in
     `dst` (`shard_file`), sorted by row; `src` goes after. Up to `small_rows` rows in one Ray
-    task, more by a Ray Data groupby on the shard."""
+    task (`here`: in this process, for a plan the driver grouped), more by a Ray Data groupby
+    on the shard."""
     import ray
 
     if rows == 0:
         return
-    if rows <= small_rows:
+    if here and rows <= small_rows:
+        _partition_in_task(src, dst, storage_options)
+    elif rows <= small_rows:
         task = ray.remote(num_cpus=0.5, max_retries=3)(_partition_in_task)
         ray.get(task.remote(src, dst, storage_options))
     else:

@@ -45,6 +45,7 @@ class RunContext:
     diff: Diff | None = None
     shard_choice: ShardChoice | None = None  # the shards read and skipped (plan.shards)
     pins: dict[int, str] = field(default_factory=dict)  # shard -> its scan pin (input.pins.Pin JSON)
+    scanned_here: bool = False  # the shards read were few and small: scanned (and counted) in the driver
     kept_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     calibration: dict | None = None  # int8 ranges
     schema: pa.Schema | None = None  # the table's schema after this run

@@ -58,13 +58,14 @@ def keep_quarantine(ctx: RunContext) -> None:
 
 
 def upkeep(ctx: RunContext) -> None:
-    """Indexes, compaction and cleanup, in a Ray task on a worker, if the lease is still ours."""
+    """Indexes, compaction and cleanup (a Ray task on a worker, a small table's here), if the lease is still ours."""
     t = time.perf_counter()
     # (a run that lost its lease after committing leaves upkeep to the new holder: its
     # compaction would make the new holder's commit fail with "the table changed")
     if ctx.dataset is not None and holds(ctx.lock):
         ctx.report.upkeep = run_upkeep(ctx.store.uri, ctx.store.storage_options, ctx.dataset.version, ctx.cfg.output,
-                                       ctx.run_id, ctx.spec.fingerprint(), ctx.report.committed)
+                                       ctx.run_id, ctx.spec.fingerprint(), ctx.report.committed,
+                                       rows=ctx.dataset.count_rows())
         ctx.report.version = ctx.report.upkeep["version"]
     ctx.report.stage_seconds["upkeep"] = time.perf_counter() - t
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from gpte_ray.config import ConfigError
 from gpte_ray.input.audit import source_rows
-from gpte_ray.input.pins import Pin, pins_dir, read_pinned, read_pins
+from gpte_ray.input.pins import Pin, pins_dir, read_pinned, read_pins, take_pins
 from gpte_ray.plan.files import calibration_rows
 from gpte_ray.plan.grouping import SMALL_ROWS
 from gpte_ray.plan.kept import resolve_kept
@@ -25,7 +25,7 @@ from gpte_ray.run.context import RunContext
 from gpte_ray.run.embed import embed_options
 from gpte_ray.run.rebuild import check_rebuild
 from gpte_ray.run.shards import keep_manifest, plan_shards
-from gpte_ray.run.stages import SCAN_SCHEMA, EmbedStage, TokenizeStage, scan_shard
+from gpte_ray.run.stages import EmbedStage, TokenizeStage, scan_shard
 from gpte_ray.storage import join
 from gpte_ray.store.table import kept_fields, table_schema
 
@@ -68,7 +68,7 @@ def plan(ctx: RunContext) -> None:
     whole = [{"shard": s, "row": -1} for s in sorted(diff.whole_shards())]
     # rows of the shards read, counted apart from the reader; the skipped ones as they were
     report.source_rows = source_rows(ctx.shards, cfg.input, whole, cfg.resources.read_cpus,
-                                     only=choice.read) + diff.rows_skipped
+                                     only=choice.read, here=ctx.scanned_here) + diff.rows_skipped
     # what each shard was when the scan read it: the embed and copy passes read exactly that
     # (a skipped shard: its pin in the manifest, which its fingerprint still matches)
     read = read_pins(pins_dir(ctx.plan_dir), store.storage_options) if choice.read else {}
@@ -87,18 +87,39 @@ def _resolve_kept(ctx: RunContext) -> bool:
     return changed
 
 
+# Up to this many shards and bytes the scan runs here, in the driver, one shard at a time: a Ray
+# Data pass costs ~2 s of fixed overhead (its executor, its internal actors, a worker per task)
+# for work that takes a tenth of that. Its output (ids and hashes, no texts) stays bounded: even
+# 16 MiB of Parquet of very short texts is ~1M rows, ~150 MB here.
+SCAN_HERE_SHARDS = 64
+SCAN_HERE_BYTES = 16 * 2**20
+
+
+def scan_here(ctx: RunContext, positions: list[int]) -> bool:
+    """Whether the shards at `positions` are few and small enough to scan in the driver
+    (a stat per local file, a listing per folder on object stores; a shard whose size is
+    unknown keeps the scan on the cluster)."""
+    if len(positions) > SCAN_HERE_SHARDS:
+        return False
+    sizes = [p.size for p in take_pins([ctx.shards[i] for i in positions], ctx.cfg.input.storage_options)]
+    return None not in sizes and sum(sizes) <= SCAN_HERE_BYTES
+
+
 def _scan(ctx: RunContext, positions: list[int]):
-    """The manifest pass over the shards at `positions`, as a lazy Ray dataset
-    (stages.SCAN_SCHEMA rows); the diff consumes it. The kept columns' types, the pin of each
-    shard, its rows and its manifest entry go to files in the plan folder."""
+    """The manifest pass over the shards at `positions` (stages.SCAN_SCHEMA rows): a list of
+    Arrow tables scanned here when they are small (scan_here), else a lazy Ray dataset; the
+    diff consumes either. The kept columns' types, the pin of each shard, its rows and its
+    manifest entry go to files in the plan folder."""
     import ray.data
 
-    items = [{"shard": i, "uri": ctx.shards[i]} for i in positions]
-    if not items:  # only vanished shards: nothing to read
-        return ray.data.from_arrow(SCAN_SCHEMA.empty_table())
     kwargs = {"cfg": ctx.cfg.input, "types_dir": join(ctx.plan_dir, "kept_types"),
               "storage_options": ctx.store.storage_options, "pins_dir": pins_dir(ctx.plan_dir),
               "forced_bad": ctx.forced_bad, "keep_rows": True}
+    ctx.scanned_here = scan_here(ctx, positions)
+    if ctx.scanned_here:  # (no positions, only vanished shards: an empty list)
+        return [t for i in positions
+                for t in scan_shard(pa.table({"shard": [i], "uri": [ctx.shards[i]]}), **kwargs)]
+    items = [{"shard": i, "uri": ctx.shards[i]} for i in positions]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         scan_shard, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow", num_cpus=ctx.cfg.resources.read_cpus)
 

@@ -13,6 +13,7 @@ from gpte_ray.plan.diff import Diff, FullScanNeeded, compute_diff
 from gpte_ray.plan.files import drop_plan, new_plan_dir
 from gpte_ray.plan.shards import ShardChoice, carried_all, choose_shards, input_key, read_entries, touched
 from gpte_ray.run.context import RunContext
+from gpte_ray.run.stages import SCAN_SCHEMA
 from gpte_ray.storage import join
 from gpte_ray.store.manifest import (
     MANIFEST_SCHEMA,
@@ -99,7 +100,10 @@ def _diff(ctx: RunContext, choice: ShardChoice, scan, table_ids, kept_changed) -
         kept_changed(ctx)  # the kept columns' schema: the table's
         return d
     t = time.perf_counter()
-    read = scan(ctx, choice.read).materialize()  # used twice: the touched ids, then the diff
+    read = scan(ctx, choice.read)
+    if isinstance(read, list):  # scanned here (a small night): into the object store for the tasks below
+        read = ray.data.from_arrow(read or [SCAN_SCHEMA.empty_table()])
+    read = read.materialize()  # used twice: the touched ids, then the diff
     columns = ["doc_id", "content_hash", *(["meta_hash"] if "meta_hash" in ctx.current.schema.names else [])]
     rows, table, carried = touched(read.to_arrow_refs(), choice, manifest_layout(store), store.storage_options,
                                    (store.uri, ctx.current.version, columns))

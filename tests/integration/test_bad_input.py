@@ -57,7 +57,20 @@ def _bad_rows_corpus(root) -> list[str]:
     return [a, b, c]
 
 
-def test_every_bad_row_is_quarantined_with_its_reason(ray_session, tmp_path):
+@pytest.fixture(params=["driver", "cluster"])
+def scan_where(request, monkeypatch):
+    """The test twice: its small input scanned in the driver (the default), and on the cluster."""
+    from gpte_ray.run import planning
+
+    if request.param == "cluster":
+        monkeypatch.setattr(planning, "SCAN_HERE_BYTES", -1)
+    seen, real = [], planning.scan_here
+    monkeypatch.setattr(planning, "scan_here", lambda ctx, positions: seen.append(real(ctx, positions)) or seen[-1])
+    yield request.param
+    assert seen and set(seen) == {request.param == "driver"}
+
+
+def test_every_bad_row_is_quarantined_with_its_reason(ray_session, tmp_path, scan_where):
     shards = _bad_rows_corpus(str(tmp_path / "corpus"))
     db = str(tmp_path / "db")
     report = run_index(load_config(None, {"input.paths": shards, "output.db": db, "output.table": "docs"}))
@@ -98,7 +111,7 @@ def _bad_shards(root) -> dict[str, str]:
             missing: "missing column 'text'", wrong: "column 'text' is int64, expected string"}
 
 
-def test_bad_shards_fail_before_commit_or_are_skipped(ray_session, tmp_path):
+def test_bad_shards_fail_before_commit_or_are_skipped(ray_session, tmp_path, scan_where):
     good = write_parquet(str(tmp_path / "good" / "g.parquet"), [{"id": f"g{i}", "text": f"good {i}"} for i in range(5)])
     db = str(tmp_path / "db")
     first = run_index(load_config(None, {"input.paths": [good], "output.db": db, "output.table": "docs"}))

@@ -23,16 +23,19 @@ from tests.support.reference_plan import make_plan
 SHARDS = ["s0.parquet", "s1.parquet", "s2.parquet"]
 
 
-def _scan_ds(scan, blocks):
+def _scan_ds(scan, blocks, here=False):
+    """The scan as a Ray dataset of `blocks` blocks, or (`here`) as the list of Arrow tables
+    a driver that scanned a small input passes."""
     import ray.data
 
     scan = [(*r, None)[:6] for r in scan]  # meta_hash: None unless given
     cols = list(zip(*scan)) if scan else [[]] * 6
     table = pa.table(dict(zip(SCAN_SCHEMA.names, cols)), schema=SCAN_SCHEMA)
     if table.num_rows == 0:
-        return ray.data.from_arrow(table)
+        return [] if here else ray.data.from_arrow(table)
     step = max(1, -(-table.num_rows // blocks))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    tables = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+    return tables if here else ray.data.from_arrow(tables)
 
 
 def _table_ds(existing):
@@ -53,9 +56,10 @@ def _read(folder):
         return None
 
 
-def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True, shuffle=False, copy_all=False):
+def _diff(tmp_path, scan, existing, rebuild, blocks=3, frac=1.0, allow=True, shuffle=False, copy_all=False,
+          here=False):
     plan_dir = str(tmp_path / f"plan-{uuid.uuid4().hex}")
-    d = compute_diff(_scan_ds(scan, blocks), _table_ds(existing), plan_dir=plan_dir, shards=SHARDS,
+    d = compute_diff(_scan_ds(scan, blocks, here), _table_ds(existing), plan_dir=plan_dir, shards=SHARDS,
                      storage_options=None, rebuild=rebuild, rows_hint=len(scan), max_delete_fraction=frac,
                      allow_mass_delete=allow, small_rows=-1 if shuffle else SMALL_ROWS, kept_changed=lambda: copy_all)
     return d, plan_dir
@@ -71,10 +75,11 @@ scan_rows = st.lists(st.tuples(st.integers(0, 2), doc_ids, st.sampled_from(["t1"
 @given(scan_rows,
        st.one_of(st.none(), st.dictionaries(st.sampled_from(["a", "b", "c", "x'y", "y", "z"]),
                                             st.tuples(st.sampled_from(["t1", "t2"]), metas))),
-       st.booleans(), st.booleans(), st.integers(1, 4), st.booleans(), st.booleans())
+       st.booleans(), st.booleans(), st.integers(1, 4), st.booleans(), st.booleans(), st.booleans())
 def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, rebuild, bad_shard, blocks, shuffle,
-                                       copy_all):
-    """Both groupings (one task for small diffs, a hash shuffle for large ones) match the reference."""
+                                       copy_all, here):
+    """Every grouping (one task for small diffs, a hash shuffle for large ones, the driver for a
+    scan it read itself, with its fallback to a shuffle past small_rows) matches the reference."""
     rebuild = rebuild and existing is not None
     scan = []
     for shard, d, t, reason, meta in rows:
@@ -88,10 +93,10 @@ def test_cluster_diff_equals_reference(ray_session, tmp_path, rows, existing, re
     if copy_all and bad_shard and not rebuild:
         # copying the table into new columns would leave out the unread shard's documents
         with pytest.raises(ShardError, match=r"^input error: 1 shard\(s\) could not be read; a new set of kept"):
-            _diff(tmp_path, scan, existing, rebuild, blocks, shuffle=shuffle, copy_all=copy_all)
+            _diff(tmp_path, scan, existing, rebuild, blocks, shuffle=shuffle, copy_all=copy_all, here=here)
         return
     ref = make_plan(scan, SHARDS, existing, rebuild, 1.0, True, copy_all=copy_all)
-    d, plan_dir = _diff(tmp_path, scan, existing, rebuild, blocks, shuffle=shuffle, copy_all=copy_all)
+    d, plan_dir = _diff(tmp_path, scan, existing, rebuild, blocks, shuffle=shuffle, copy_all=copy_all, here=here)
 
     got = (d.rows_read, d.new, d.changed, d.unchanged, d.metadata_updated, d.quarantined, d.deleted, d.bad_shards)
     assert got == (ref.rows_read, ref.new, ref.changed, ref.unchanged, ref.metadata_updated, ref.quarantined,
