@@ -26,7 +26,7 @@ from gpte_ray.run.embed import embed_options
 from gpte_ray.run.rebuild import check_rebuild
 from gpte_ray.run.shards import keep_manifest, plan_shards
 from gpte_ray.run.stages import EmbedStage, TokenizeStage, scan_shard
-from gpte_ray.storage import join
+from gpte_ray.storage import is_remote, join
 from gpte_ray.store.table import kept_fields, table_schema
 
 __all__ = ["calibrate", "name_run", "open_table", "plan"]
@@ -96,12 +96,13 @@ SCAN_HERE_BYTES = 16 * 2**20
 
 
 def scan_here(ctx: RunContext, positions: list[int]) -> bool:
-    """Whether the shards at `positions` are few and small enough to scan in the driver
-    (a stat per local file, a listing per folder on object stores; a shard whose size is
-    unknown keeps the scan on the cluster)."""
-    if len(positions) > SCAN_HERE_SHARDS:
+    """Whether the shards at `positions` are few, small local files, to scan in the driver (a
+    stat each). Object-store shards stay on the cluster: a size costs a request or a listing of
+    their folder there, and tasks read them in parallel. A shard whose size is unknown, too."""
+    uris = [ctx.shards[i] for i in positions]
+    if len(uris) > SCAN_HERE_SHARDS or any(is_remote(u) for u in uris):
         return False
-    sizes = [p.size for p in take_pins([ctx.shards[i] for i in positions], ctx.cfg.input.storage_options)]
+    sizes = [p.size for p in take_pins(uris, ctx.cfg.input.storage_options)]
     return None not in sizes and sum(sizes) <= SCAN_HERE_BYTES
 
 
