@@ -153,7 +153,7 @@ UPKEEP_HERE_ROWS = 20_000
 
 
 def run_upkeep(uri: str, storage_options: dict | None, version: int, out: OutputConfig, run_id: str,
-               fp: dict, committed: bool, rows: int, num_cpus: float = 1.0) -> dict:
+               fp: dict, committed: bool, *, rows: int, num_cpus: float = 1.0) -> dict:
     """`finish_table` as a Ray task with its own CPUs, on a worker, so that the head stays
     small; a table of up to UPKEEP_HERE_ROWS `rows`, here."""
     import ray
