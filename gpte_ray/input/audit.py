@@ -60,7 +60,8 @@ def source_rows(shards: list[str], cfg: InputConfig, quarantine: list[dict], rea
     if not todo:
         return len(whole)
     if here:
-        return len(whole) + sum(1 if n is None else n for n in (count_rows(uri, cfg) for uri in todo))
-    count = ray.remote(num_cpus=read_cpus)(count_rows)
-    counts = ray.get([count.remote(uri, cfg) for uri in todo])
+        counts = [count_rows(uri, cfg) for uri in todo]
+    else:
+        count = ray.remote(num_cpus=read_cpus)(count_rows)
+        counts = ray.get([count.remote(uri, cfg) for uri in todo])
     return len(whole) + sum(1 if n is None else n for n in counts)

@@ -137,11 +137,12 @@ def partition_by_shard(src: str, dst: str, rows: int, storage_options: dict | No
 
     if rows == 0:
         return
-    if here and rows <= small_rows:
-        _partition_in_task(src, dst, storage_options)
-    elif rows <= small_rows:
-        task = ray.remote(num_cpus=0.5, max_retries=3)(_partition_in_task)
-        ray.get(task.remote(src, dst, storage_options))
+    if rows <= small_rows:
+        if here:
+            _partition_in_task(src, dst, storage_options)
+        else:
+            task = ray.remote(num_cpus=0.5, max_retries=3)(_partition_in_task)
+            ray.get(task.remote(src, dst, storage_options))
     else:
         import ray.data
 
