@@ -13,7 +13,15 @@ from gpte_ray.report.run_report import Progress, ProgressCounter, RunReport
 from gpte_ray.run.cluster import user_error
 from gpte_ray.run.context import RunContext
 from gpte_ray.run.resume import StagedState, read_skip, staged_state
-from gpte_ray.run.stages import LENGTH_EDGES, EmbedOptions, EmbedStage, TokenizeStage, WindowWriter, read_planned
+from gpte_ray.run.stages import (
+    LENGTH_EDGES,
+    EmbedOptions,
+    EmbedStage,
+    TokenizeEmbedStage,
+    TokenizeStage,
+    WindowWriter,
+    read_planned,
+)
 from gpte_ray.storage import join
 from gpte_ray.store.lock import TableLock
 from gpte_ray.store.staging import StagingWriter
@@ -116,8 +124,7 @@ def embed_pass(ctx: RunContext, state: StagedState) -> None:
         done.set()
         poller.join()
     r = ctx.cfg.resources
-    on_accelerator = ctx.device == "cuda" or r.fake_gpus
-    ctx.report.add_embed_actors(list(actors.values()), r.gpus_per_actor if on_accelerator else 0.0,
+    ctx.report.add_embed_actors(list(actors.values()), r.gpus_per_actor if on_accelerator(ctx) else 0.0,
                                 ctx.cfg.report.price_per_hour)
     ctx.report.timeline.append(progress.update(*ray.get(counter.totals.remote())))
     ray.kill(counter)
@@ -134,25 +141,38 @@ def _pipeline(ctx: RunContext, state: StagedState, counter):
     skip = read_skip(state.skip_dir, store.storage_options)
     writer = WindowWriter(StagingWriter(store, ctx.schema, ctx.plan_id, ctx.overwrite))
     embed_resources = {"num_cpus": r.cpus_per_actor}
-    if ctx.device == "cuda" or r.fake_gpus:
+    if on_accelerator(ctx):
         embed_resources["num_gpus"] = r.gpus_per_actor
     read_kwargs = {"cfg": ctx.cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options,
                    "kept_schema": kept_fields(ctx.schema)}
-    return (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus, fn_kwargs=read_kwargs)
-        .map_batches(TokenizeStage, batch_size=b.window_rows, batch_format="pyarrow", num_cpus=r.tokenize_cpus,
-                     fn_constructor_kwargs={"spec": ctx.spec, "staged": skip, "threads": max(1, int(r.tokenize_cpus))},
-                     # grown by Ray Data while its input queues up: capacity follows the embedders
-                     compute=ActorPoolStrategy(min_size=1, max_size=r.max_actors * r.tokenize_actors_per_embed_actor))
-        .map_batches(EmbedStage, batch_size=b.window_rows, batch_format="pyarrow",
-                     fn_constructor_kwargs={"spec": ctx.spec, "options": embed_options(ctx.cfg, ctx.device),
-                                            "calibration": ctx.calibration, "progress": counter, "writer": writer},
-                     # two windows per actor: one on the device while the other's fragment is written
-                     compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
-                                               max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
-                     **embed_resources)
-    )
+    docs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus, fn_kwargs=read_kwargs)
+    embed_kwargs = {"spec": ctx.spec, "options": embed_options(ctx.cfg, ctx.device), "calibration": ctx.calibration,
+                    "progress": counter, "writer": writer}
+    # two windows per actor: one on the device while the other's fragment is written
+    embed_pool = ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors, max_concurrent_calls_per_actor=2,
+                                   enable_true_multi_threading=True)
+    if on_accelerator(ctx):
+        return (
+            docs.map_batches(TokenizeStage, batch_size=b.window_rows, batch_format="pyarrow", num_cpus=r.tokenize_cpus,
+                             fn_constructor_kwargs={"spec": ctx.spec, "staged": skip,
+                                                    "threads": max(1, int(r.tokenize_cpus))},
+                             # grown by Ray Data while its input queues up: capacity follows the embedders
+                             compute=ActorPoolStrategy(min_size=1,
+                                                       max_size=r.max_actors * r.tokenize_actors_per_embed_actor))
+            .map_batches(EmbedStage, batch_size=b.window_rows, batch_format="pyarrow",
+                         fn_constructor_kwargs=embed_kwargs, compute=embed_pool, **embed_resources)
+        )
+    # on the CPU the embed actors tokenize their own windows (stages.TokenizeEmbedStage)
+    return docs.map_batches(TokenizeEmbedStage, batch_size=b.window_rows, batch_format="pyarrow",
+                            fn_constructor_kwargs={"tokenize": {"spec": ctx.spec, "staged": skip},
+                                                   "embed": embed_kwargs},
+                            compute=embed_pool, **embed_resources)
+
+
+def on_accelerator(ctx: RunContext) -> bool:
+    """The embed actors hold GPUs (real, or fake ones on a test cluster)."""
+    return ctx.device == "cuda" or ctx.cfg.resources.fake_gpus
 
 
 def _collect(ds, report: RunReport, lock: TableLock) -> dict[str, dict]:

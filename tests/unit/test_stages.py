@@ -12,7 +12,15 @@ import pyarrow as pa
 from gpte_ray.config import ModelConfig
 from gpte_ray.model.spec import resolve_model
 from gpte_ray.model.tokenize import TextTokenizer
-from gpte_ray.run.stages import CHUNK_SCHEMA, ActorFigures, EmbedOptions, EmbedStage, OutOfMemory, TokenizeStage
+from gpte_ray.run.stages import (
+    CHUNK_SCHEMA,
+    ActorFigures,
+    EmbedOptions,
+    EmbedStage,
+    OutOfMemory,
+    TokenizeEmbedStage,
+    TokenizeStage,
+)
 
 
 def _chunks(texts):
@@ -67,6 +75,39 @@ def test_tokenize_actor_uses_the_threads_it_holds(monkeypatch):
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and os.environ["RAYON_NUM_THREADS"] == "1"
     TokenizeStage(spec, threads=3)
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and os.environ["RAYON_NUM_THREADS"] == "3"
+
+
+def test_cpu_actor_tokenizes_its_windows_as_the_tokenize_stage_does():
+    """On a CPU run one actor tokenizes and embeds (stages.TokenizeEmbedStage): two windows at
+    once, from two threads, give the rows the two stages give one after the other; a window
+    whose chunks were all staged comes out empty."""
+    spec = resolve_model(ModelConfig(max_length=32, chunk_overlap=4))
+    texts = ["short", "long " * 100, "mid sized text here", "x " * 40, "alpha beta " * 30, "z"]
+    docs = pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts,
+                     "content_hash": [str(i) for i in range(len(texts))], "meta_hash": ["m"] * len(texts)})
+    windows = [docs.slice(0, 3), docs.slice(3)]
+    options = EmbedOptions("cpu", 256, 64, 0.5, torch_threads=2, cpu_lanes=2)
+    ref = [EmbedStage(spec, options)(TokenizeStage(spec)(w)) for w in windows]
+
+    stage = TokenizeEmbedStage({"spec": spec}, {"spec": spec, "options": options})
+    assert stage.embed.threads == 2 and os.environ["RAYON_NUM_THREADS"] == "2"  # the actor's threads
+    out = [None, None]
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, stage(windows[i]))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(out, ref):
+        assert got.column_names == want.column_names and got.num_rows == want.num_rows
+        assert got.drop_columns(["vector"]).equals(want.drop_columns(["vector"]))
+        a = np.stack(got["vector"].to_numpy(zero_copy_only=False))
+        b = np.stack(want["vector"].to_numpy(zero_copy_only=False))
+        assert np.abs(a - b).max() <= 1e-6
+    assert stage.embed.figures.load > 0  # the tokenizer's load counted in the actor's
+
+    done = frozenset(zip(ref[0]["doc_id"].to_pylist(), ref[0]["chunk"].to_pylist()))
+    empty = TokenizeEmbedStage({"spec": spec, "staged": done}, {"spec": spec, "options": options})(windows[0])
+    assert empty.num_rows == 0 and empty.schema.equals(ref[0].schema)
 
 
 def test_tokenize_columns_match_the_chunks():
