@@ -162,8 +162,9 @@ class ModelConfig(_Strict):
 class BatchConfig(_Strict):
     window_rows: int = Field(
         2048, gt=0,
-        description="Rows the embed actor sorts and embeds at once; each window is staged as one "
-        "fragment (the unit a crashed run resumes from).",
+        description="Rows the embed actor sorts and embeds at once (documents, then their chunks, where "
+        "a CPU actor tokenizes them); each window is staged as one fragment (the unit a crashed run "
+        "resumes from).",
     )
     token_budget: int | None = Field(
         None, gt=0, description="Max rows x padded length per micro-batch; default: 32768 on GPU, on CPU 1024 per "
@@ -198,10 +199,12 @@ class ResourceConfig(_Strict):
     fake_gpus: bool = Field(
         False, description="Request GPUs for actor placement but compute on CPU (fake-GPU test clusters)."
     )
-    tokenize_cpus: float = Field(0.25, gt=0, description="CPUs per tokenize actor.")
+    tokenize_cpus: float = Field(
+        0.25, gt=0, description="CPUs per tokenize actor (GPU runs; a CPU embed actor tokenizes its own windows)."
+    )
     tokenize_actors_per_embed_actor: int = Field(
         2, ge=1,
-        description="Most tokenize actors per embed actor; Ray Data starts them as the embed actors "
+        description="Most tokenize actors per GPU embed actor; Ray Data starts them as the embed actors "
         "wait for input (the report's cost.embed_input_wait_seconds).",
     )
     read_cpus: float = Field(0.5, gt=0, description="CPUs per read task.")
