@@ -131,18 +131,22 @@ def embed_pass(ctx: RunContext, state: StagedState) -> None:
 
 
 def _pipeline(ctx: RunContext, state: StagedState, counter):
-    """The lazy Ray dataset: the planned documents (_documents) -> tokenize actors -> embed
-    actors, or on the CPU embed actors that tokenize."""
+    """The lazy Ray dataset: one read task per shard with work -> tokenize actors -> embed actors."""
+    import ray.data
     from ray.data import ActorPoolStrategy
 
     r, b, store = ctx.cfg.resources, ctx.cfg.batch, ctx.store
+    items = [{"shard": s, "pin": ctx.pins[s]} for s in state.shards]
     # chunks already staged, of documents split across windows only: a few per window
     skip = read_skip(state.skip_dir, store.storage_options)
     writer = WindowWriter(StagingWriter(store, ctx.schema, ctx.plan_id, ctx.overwrite))
     embed_resources = {"num_cpus": r.cpus_per_actor}
     if on_accelerator(ctx):
         embed_resources["num_gpus"] = r.gpus_per_actor
-    docs = _documents(ctx, state)
+    read_kwargs = {"cfg": ctx.cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options,
+                   "kept_schema": kept_fields(ctx.schema)}
+    docs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus, fn_kwargs=read_kwargs)
     embed_kwargs = {"spec": ctx.spec, "options": embed_options(ctx.cfg, ctx.device), "calibration": ctx.calibration,
                     "progress": counter, "writer": writer}
     # two windows per actor: one on the device while the other's fragment is written
@@ -164,25 +168,6 @@ def _pipeline(ctx: RunContext, state: StagedState, counter):
                             fn_constructor_kwargs={"tokenize": {"spec": ctx.spec, "staged": skip},
                                                    "embed": embed_kwargs},
                             compute=embed_pool, **embed_resources)
-
-
-def _documents(ctx: RunContext, state: StagedState):
-    """The planned documents of `state`'s shards, read under their scan pins (stages.read_planned):
-    in the driver when it scanned the shards too (planning.scan_here: a few small local files,
-    where a read task would cost more to start than to run), else one Ray task per shard."""
-    import pyarrow as pa
-    import ray.data
-
-    r, store = ctx.cfg.resources, ctx.store
-    items = [{"shard": s, "pin": ctx.pins[s]} for s in state.shards]
-    kwargs = {"cfg": ctx.cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options,
-              "kept_schema": kept_fields(ctx.schema)}
-    if ctx.scanned_here:
-        tables = [t for item in items for t in read_planned(pa.Table.from_pylist([item]), **kwargs)]
-        if tables:
-            return ray.data.from_arrow(tables)
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus, fn_kwargs=kwargs)
 
 
 def on_accelerator(ctx: RunContext) -> bool:
