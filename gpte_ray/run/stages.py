@@ -413,7 +413,8 @@ class TokenizeEmbedStage:
         # on the actor's threads: its lanes wait for the window being tokenised, or embed the other
         self.tokenize = TokenizeStage(**tokenize, threads=self.embed.threads)
         fig = self.embed.figures
-        fig.load = time.perf_counter() - fig.born  # the tokenizer's load is the actor's too
+        fig.released = time.perf_counter()
+        fig.load = fig.released - fig.born  # the tokenizer's load is the actor's too, not a wait for input
         # the Hugging Face tokenizer keeps its truncation settings between calls: one at a time
         self.lock = threading.Lock()
 
