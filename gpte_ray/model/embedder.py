@@ -12,12 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gpte_ray.model.attention import packed_attention
 from gpte_ray.model.batching import flatten, gather_packed, gather_padded
 from gpte_ray.model.outputs import Embeddings, WindowOutputs, postprocess
 from gpte_ray.model.pooling import pool, splade_pool, unpack
 from gpte_ray.model.spec import ENCODER_ONLY, ModelSpec, backbone_class
 
-__all__ = ["PACKABLE", "Embedder", "flash_attention_available", "postprocess", "skiplist_ids"]
+__all__ = ["PACKABLE", "Embedder", "postprocess", "skiplist_ids"]
 
 
 def skiplist_ids(folder, words) -> list[int]:
@@ -37,49 +38,15 @@ def skiplist_ids(folder, words) -> list[int]:
 # model types whose forward takes a packed batch: absolute positions counted from 0 (BERT) or
 # rotary positions (the decoders), and attention that reads `cu_seq_lens_*` from its kwargs
 PACKABLE = frozenset({"bert", "llama", "mistral", "qwen2", "qwen3"})
-REFERENCE_VARLEN = "gpte_varlen_reference"
-
-
-def _reference_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                                **kwargs):
-    """Variable-length attention by SDPA with a block-diagonal mask built from cu_seq_lens_q.
-
-    The CPU stand-in for flash-attention's varlen kernel (it computes the full T x T scores,
-    so it is for tests, not speed). query (1, heads, T, d); key, value (1, kv_heads, T, d).
-    """
-    import torch
-
-    cu = kwargs["cu_seq_lens_q"].long()
-    seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=query.device), cu.diff())  # (T,)
-    allowed = seg[:, None] == seg[None, :]  # (T, T): a token sees its own row only
-    if getattr(module, "is_causal", False):
-        allowed &= torch.ones_like(allowed).tril()
-    rep = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None  # (1, T, heads, d)
-
-
-def _register_reference_varlen() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(REFERENCE_VARLEN, _reference_varlen_attention)
-
-
-def flash_attention_available() -> bool:
-    try:
-        from transformers.utils import is_flash_attn_2_available
-    except ImportError:
-        return False
-    return bool(is_flash_attn_2_available())
 
 
 class Embedder:
     """A loaded model on one device; `embed` maps token ids to pooled float32 vectors.
 
     `packed`: run each micro-batch as one packed sequence with variable-length attention (no
-    padding computed). None = where it is supported: CUDA, flash-attention installed, and a
-    model type in PACKABLE. True on CPU uses a reference varlen attention (tests only).
+    padding computed). None = where it is supported: CUDA, a varlen kernel there (flash-attn,
+    or torch's own: `attention.packed_attention`), and a dense model type in PACKABLE. True on
+    CPU uses a reference varlen attention (tests only). `attention` names what runs.
     """
 
     def __init__(self, spec: ModelSpec, device: str = "cpu", packed: bool | None = None, role: str = "document"):
@@ -101,16 +68,15 @@ class Embedder:
                              "model_type", "")
         cuda = self.device.type == "cuda"
         packable = model_type in PACKABLE and spec.output == "dense"  # token outputs read the padded layout
-        if packed is None:
-            packed = cuda and packable and flash_attention_available()
         if packed and not packable:
             raise ValueError(f"packed attention is not supported for model type {model_type!r} ({spec.output})")
-        self.packed = bool(packed)
+        attn = packed_attention(self.device) if packed or (packed is None and cuda and packable) else None
+        if packed and attn is None:
+            raise ValueError("packed attention needs flash-attn or torch >= 2.10 on an sm80+ GPU")
+        self.packed = attn is not None
+        self.attention = attn or "sdpa"
         backbone = getattr(transformers, backbone_class(spec))
         if self.packed:
-            if not cuda:
-                _register_reference_varlen()
-            attn = "flash_attention_2" if cuda else REFERENCE_VARLEN
             self.model = backbone.from_pretrained(folder, attn_implementation=attn, **kwargs)
         else:
             try:

@@ -235,3 +235,50 @@ def test_sequence_offsets_equal_a_call_without_special_tokens(minilm_path):
         with_special = tok.encode_batch(texts, add_special_tokens=True)
         alone = tok.encode_batch(texts, add_special_tokens=False)
         assert [_sequence_offsets(e) for e in with_special] == [e.offsets for e in alone]
+
+
+def _fake_varlen_attn(causal_kw: str):
+    """A CPU stand-in with torch's varlen_attn signature (torch 2.10's `is_causal`, or the
+    later `window_size`, `scale` and `enable_gqa`): SDPA row by row, checking the layout it is
+    given the way the CUDA kernel requires it."""
+    import torch
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale=None, gqa=False):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+        assert max_q == max_k == int(cu_q.diff().max()) and q.shape[0] == int(cu_q[-1])
+        assert gqa or k.shape[1] == q.shape[1]
+        rows = [torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+            is_causal=causal, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+            for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(rows)
+
+    if causal_kw == "is_causal":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=is_causal)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=window_size == (-1, 0),
+                       scale=scale, gqa=enable_gqa)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("causal_kw", ["is_causal", "window_size"])
+@pytest.mark.parametrize("model", ["minilm", "qwen2"])
+def test_packed_path_through_torch_varlen_equals_padded(monkeypatch, varied_docs, tiny_qwen2, model, causal_kw):
+    """The packed path through torch's own varlen_attn (CUDA only; here a CPU stand-in with its
+    signature) gives the padded path's vectors: layouts, causal masking, grouped-query heads."""
+    from torch.nn.attention import varlen
+
+    from gpte_ray.model import attention
+
+    monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen_attn(causal_kw))
+    monkeypatch.setattr(attention, "reference_varlen", attention.torch_varlen)  # CPU takes the torch adapter
+    spec = resolve_model(ModelConfig(path=tiny_qwen2 if model == "qwen2" else None, long_documents="truncate"))
+    texts = [d["text"] for d in varied_docs[::7][:24]]
+    ids = [c.input_ids for c in TextTokenizer(spec).encode(texts)]
+    padded = Embedder(spec).embed(ids)
+    emb = Embedder(spec, packed=True)
+    assert emb.packed and emb.model.config._attn_implementation == attention.REFERENCE
+    assert np.abs(padded - emb.embed(ids)).max() <= 1e-5

@@ -1,0 +1,132 @@
+"""Variable-length attention for the packed path: a micro-batch runs as one packed sequence.
+
+On CUDA the packed path takes, in this order: flash-attention's kernel (the `flash-attn`
+package, through transformers' "flash_attention_2"); PyTorch's own `varlen_attn` (torch >= 2.10,
+flash kernels shipped with torch, nothing to build; sm80 or newer, checked against SDPA once per
+process); else none, and the padded SDPA path runs. On CPU a reference (SDPA under a
+block-diagonal mask) stands in, for tests.
+
+Each function takes transformers' attention-interface arguments: query (1, heads, T, d), key and
+value (1, kv_heads, T, d), `cu_seq_lens_q` (rows + 1,) int32 and `max_length_q` in the kwargs,
+and returns (1, T, heads, d).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+__all__ = ["REFERENCE", "TORCH", "flash_attention_available", "packed_attention", "reference_varlen",
+           "torch_varlen"]
+
+REFERENCE = "gpte_varlen_reference"
+TORCH = "gpte_varlen_torch"
+
+
+def reference_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA with a block-diagonal mask built from cu_seq_lens_q: computes the full T x T scores,
+    so it is for tests, not speed."""
+    import torch
+
+    cu = kwargs["cu_seq_lens_q"].long()
+    seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=query.device), cu.diff())  # (T,)
+    allowed = seg[:, None] == seg[None, :]  # (T, T): a token sees its own row only
+    if getattr(module, "is_causal", False):
+        allowed &= torch.ones_like(allowed).tril()
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None  # (1, T, heads, d)
+
+
+@functools.lru_cache(maxsize=4)
+def _params(fn) -> frozenset:
+    # torch 2.10 takes `is_causal`; later releases take `window_size`, `scale` and `enable_gqa`
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def torch_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """PyTorch's `varlen_attn` on the packed tokens (T, heads, d)."""
+    from torch.nn.attention import varlen
+
+    fn = varlen.varlen_attn
+    params = _params(fn)
+    cu = kwargs["cu_seq_lens_q"].int()
+    longest = int(kwargs["max_length_q"])
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, d)
+    extra = {}
+    if getattr(module, "is_causal", False):
+        extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    if scaling is not None and "scale" in params:
+        extra["scale"] = float(scaling)
+    elif scaling is not None and not math.isclose(scaling, q.shape[-1] ** -0.5, rel_tol=1e-6):
+        raise ValueError(f"this torch's varlen_attn takes no scale; the model scales attention by {scaling}")
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, **extra)
+    return out.unsqueeze(0), None  # (1, T, heads, d)
+
+
+def flash_attention_available() -> bool:
+    try:
+        from transformers.utils import is_flash_attn_2_available
+    except ImportError:
+        return False
+    return bool(is_flash_attn_2_available())
+
+
+def _register(name: str, fn) -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, fn)
+    return name
+
+
+@functools.lru_cache(maxsize=8)
+def _torch_varlen_works(device: str) -> bool:
+    """torch has varlen_attn, the GPU is sm80+, and on three rows of random half-precision
+    tensors it gives what SDPA gives per row (cosine >= 0.999): a kernel that is missing or
+    wrong here leaves the padded path, never a wrong vector."""
+    import torch
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    dev = torch.device(device)
+    if torch.cuda.get_device_capability(dev) < (8, 0):
+        return False
+    gen = torch.Generator(device=dev).manual_seed(0)
+    lens = [5, 17, 40]
+    x = torch.randn(1, 4, sum(lens), 64, device=dev, dtype=torch.float16, generator=gen)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=dev, dtype=torch.int32)
+    try:
+        got = torch_varlen(None, x, x, x, None, cu_seq_lens_q=cu, max_length_q=max(lens))[0][0].float()
+    except Exception:  # an unsupported build or device: the padded path runs
+        return False
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(*(x[:, :, a:b].float(),) * 3)[0].transpose(0, 1)
+                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1), dim=1)
+    return bool(cos.min() >= 0.999)
+
+
+def packed_attention(device) -> str | None:
+    """The attention implementation the packed path uses on `device` ('cuda:0', 'cpu'), or None
+    where it has none there."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _register(REFERENCE, reference_varlen)
+    if device.type != "cuda":
+        return None
+    if flash_attention_available():
+        return "flash_attention_2"
+    if _torch_varlen_works(str(device)):
+        return _register(TORCH, torch_varlen)
+    return None
