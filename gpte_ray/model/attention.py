@@ -87,11 +87,32 @@ def _register(name: str, fn) -> str:
     return name
 
 
+class _Causal:
+    is_causal = True  # stands for a decoder's attention module in the check below
+
+
+def _matches_sdpa(module, q, k, v, cu, longest) -> bool:
+    """torch_varlen on (1, heads, T, d) tensors against SDPA row by row, in float32."""
+    import torch
+
+    got = torch_varlen(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=longest)[0][0].float()
+    rep = q.shape[1] // k.shape[1]
+    want = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[:, :, a:b].float() for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(rep, dim=1), vs.repeat_interleave(rep, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=module is not None)
+        want.append(out[0].transpose(0, 1))
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), torch.cat(want).flatten(1), dim=1)
+    return bool(cos.min() >= 0.999)
+
+
 @functools.lru_cache(maxsize=8)
 def _torch_varlen_works(device: str) -> bool:
     """torch has varlen_attn, the GPU is sm80+, and on three rows of random half-precision
-    tensors it gives what SDPA gives per row (cosine >= 0.999): a kernel that is missing or
-    wrong here leaves the padded path, never a wrong vector."""
+    tensors it gives what SDPA gives per row (cosine >= 0.999), bidirectional (encoders) and
+    causal with grouped-query heads (decoders): a kernel that is missing or wrong here leaves
+    the padded path, never a wrong vector."""
     import torch
 
     try:
@@ -103,16 +124,16 @@ def _torch_varlen_works(device: str) -> bool:
         return False
     gen = torch.Generator(device=dev).manual_seed(0)
     lens = [5, 17, 40]
-    x = torch.randn(1, 4, sum(lens), 64, device=dev, dtype=torch.float16, generator=gen)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=dev, dtype=torch.int32)
+
+    def rand(heads):
+        return torch.randn(1, heads, sum(lens), 64, device=dev, dtype=torch.float16, generator=gen)
+
     try:
-        got = torch_varlen(None, x, x, x, None, cu_seq_lens_q=cu, max_length_q=max(lens))[0][0].float()
+        return (_matches_sdpa(None, rand(4), rand(4), rand(4), cu, max(lens))
+                and _matches_sdpa(_Causal(), rand(4), rand(2), rand(2), cu, max(lens)))
     except Exception:  # an unsupported build or device: the padded path runs
         return False
-    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(*(x[:, :, a:b].float(),) * 3)[0].transpose(0, 1)
-                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
-    cos = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1), dim=1)
-    return bool(cos.min() >= 0.999)
 
 
 def packed_attention(device) -> str | None:

@@ -282,3 +282,25 @@ def test_packed_path_through_torch_varlen_equals_padded(monkeypatch, varied_docs
     emb = Embedder(spec, packed=True)
     assert emb.packed and emb.model.config._attn_implementation == attention.REFERENCE
     assert np.abs(padded - emb.embed(ids)).max() <= 1e-5
+
+
+def test_torch_varlen_check_refuses_a_kernel_that_gets_the_causal_mask_wrong(monkeypatch):
+    """The once-per-process check before the packed path takes torch's varlen_attn: a kernel
+    that agrees with SDPA passes; one that attends bidirectionally in a decoder is caught."""
+    import torch
+    from torch.nn.attention import varlen
+
+    from gpte_ray.model import attention
+
+    cu = torch.tensor([0, 5, 22, 62], dtype=torch.int32)
+    q, k, v = torch.randn(1, 4, 62, 16), torch.randn(1, 2, 62, 16), torch.randn(1, 2, 62, 16)
+    right = _fake_varlen_attn("window_size")
+    monkeypatch.setattr(varlen, "varlen_attn", right)
+    assert attention._matches_sdpa(None, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, 40)
+    assert attention._matches_sdpa(attention._Causal(), q, k, v, cu, 40)
+
+    def never_causal(*args, window_size=(-1, -1), **kwargs):
+        return right(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", never_causal)
+    assert not attention._matches_sdpa(attention._Causal(), q, k, v, cu, 40)
