@@ -54,6 +54,9 @@ def torch_varlen(module, query, key, value, attention_mask, scaling=None, dropou
     params = _params(fn)
     cu = kwargs["cu_seq_lens_q"].int()
     longest = int(kwargs["max_length_q"])
+    window = kwargs.get("sliding_window")
+    if window is not None and longest > window:  # the Embedder does not pack such a model; never a wrong mask
+        raise ValueError(f"a sliding window ({window}) shorter than a packed row ({longest}) is not applied here")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, d)
     extra = {}
     if getattr(module, "is_causal", False):

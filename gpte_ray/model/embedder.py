@@ -64,12 +64,19 @@ class Embedder:
         self.dtype = dtype
         kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
         folder = spec.local_folder()  # this node's copy of the model, fetched once per node
-        model_type = getattr(transformers.AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code),
-                             "model_type", "")
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+        model_type = getattr(config, "model_type", "")
         cuda = self.device.type == "cuda"
         packable = model_type in PACKABLE and spec.output == "dense"  # token outputs read the padded layout
         if packed and not packable:
             raise ValueError(f"packed attention is not supported for model type {model_type!r} ({spec.output})")
+        window = getattr(config, "sliding_window", None)  # None where the model does not use one
+        if window is not None and window < spec.max_length:
+            # a sliding window that can bind is a mask the varlen adapters do not apply
+            if packed:
+                raise ValueError(f"packed attention is not supported with a sliding window ({window}) shorter "
+                                 f"than max_length ({spec.max_length})")
+            packable = False
         attn = packed_attention(self.device) if packed or (packed is None and cuda and packable) else None
         if packed and attn is None:
             raise ValueError("packed attention needs flash-attn or torch >= 2.10 on an sm80+ GPU")

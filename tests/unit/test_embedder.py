@@ -304,3 +304,27 @@ def test_torch_varlen_check_refuses_a_kernel_that_gets_the_causal_mask_wrong(mon
 
     monkeypatch.setattr(varlen, "varlen_attn", never_causal)
     assert not attention._matches_sdpa(attention._Causal(), q, k, v, cu, 40)
+
+
+def test_a_binding_sliding_window_is_never_packed(tmp_path, minilm_path):
+    """The varlen adapters apply no sliding-window mask: a model whose window is shorter than
+    max_length takes the padded path (its SDPA mask applies the window), and asking for packed
+    is one line; the torch adapter refuses such a row outright."""
+    import torch
+    from transformers import Qwen2Config, Qwen2Model
+
+    from gpte_ray.model import attention
+    from tests.support.models import save_tiny
+
+    cfg = Qwen2Config(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    spec = resolve_model(ModelConfig(path=save_tiny(str(tmp_path / "swa"), cfg, Qwen2Model, minilm_path)))
+    assert spec.max_length > 16
+    with pytest.raises(ValueError, match="sliding window"):
+        Embedder(spec, packed=True)
+    assert not Embedder(spec).packed
+    x = torch.zeros(1, 2, 40, 8)
+    with pytest.raises(ValueError, match="sliding window"):
+        attention.torch_varlen(None, x, x, x, None, cu_seq_lens_q=torch.tensor([0, 40], dtype=torch.int32),
+                               max_length_q=40, sliding_window=16)
