@@ -24,6 +24,12 @@ REFERENCE = "gpte_varlen_reference"
 TORCH = "gpte_varlen_torch"
 
 
+def _causal(module, kwargs) -> bool:
+    # as transformers' own attention functions: an `is_causal` argument overrides the module's
+    causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", False) if causal is None else causal)
+
+
 def reference_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA with a block-diagonal mask built from cu_seq_lens_q: computes the full T x T scores,
     so it is for tests, not speed."""
@@ -32,7 +38,7 @@ def reference_varlen(module, query, key, value, attention_mask, scaling=None, dr
     cu = kwargs["cu_seq_lens_q"].long()
     seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=query.device), cu.diff())  # (T,)
     allowed = seg[:, None] == seg[None, :]  # (T, T): a token sees its own row only
-    if getattr(module, "is_causal", False):
+    if _causal(module, kwargs):
         allowed &= torch.ones_like(allowed).tril()
     rep = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -57,9 +63,11 @@ def torch_varlen(module, query, key, value, attention_mask, scaling=None, dropou
     window = kwargs.get("sliding_window")
     if window is not None and longest > window:  # the Embedder does not pack such a model; never a wrong mask
         raise ValueError(f"a sliding window ({window}) shorter than a packed row ({longest}) is not applied here")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("attention soft-capping and sinks are not applied by torch's varlen_attn here")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, d)
     extra = {}
-    if getattr(module, "is_causal", False):
+    if _causal(module, kwargs):
         extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
     if scaling is not None and "scale" in params:
         extra["scale"] = float(scaling)
@@ -112,9 +120,9 @@ def _matches_sdpa(module, q, k, v, cu, longest) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _torch_varlen_works(device: str) -> bool:
-    """torch has varlen_attn, the GPU is sm80+, and on three rows of random half-precision
-    tensors it gives what SDPA gives per row (cosine >= 0.999), bidirectional (encoders) and
-    causal with grouped-query heads (decoders): a kernel that is missing or wrong here leaves
+    """torch has varlen_attn, the GPU is sm80+, and on three rows of random tensors it gives
+    what SDPA gives per row (cosine >= 0.999), bidirectional in float16 (encoders) and causal
+    with grouped-query heads in bfloat16 (decoders): a kernel that is missing or wrong here leaves
     the padded path, never a wrong vector."""
     import torch
 
@@ -129,12 +137,13 @@ def _torch_varlen_works(device: str) -> bool:
     lens = [5, 17, 40]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=dev, dtype=torch.int32)
 
-    def rand(heads):
-        return torch.randn(1, heads, sum(lens), 64, device=dev, dtype=torch.float16, generator=gen)
+    def rand(heads, dtype=torch.float16):
+        return torch.randn(1, heads, sum(lens), 64, device=dev, dtype=dtype, generator=gen)
 
+    bf16 = torch.bfloat16
     try:
         return (_matches_sdpa(None, rand(4), rand(4), rand(4), cu, max(lens))
-                and _matches_sdpa(_Causal(), rand(4), rand(2), rand(2), cu, max(lens)))
+                and _matches_sdpa(_Causal(), rand(4, bf16), rand(2, bf16), rand(2, bf16), cu, max(lens)))
     except Exception:  # an unsupported build or device: the padded path runs
         return False
 

@@ -40,6 +40,17 @@ def skiplist_ids(folder, words) -> list[int]:
 PACKABLE = frozenset({"bert", "llama", "mistral", "qwen2", "qwen3"})
 
 
+def wants_packed(packed: bool | None, cuda: bool, packable: bool, dtype) -> bool:
+    """Whether to look for a varlen kernel: asked for, or (None) a packable model on a GPU in
+    half precision; the GPU kernels take float16 and bfloat16 only."""
+    import torch
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    if packed and cuda and not half:
+        raise ValueError(f"packed attention on a GPU needs float16 or bfloat16, not {dtype} (model.dtype)")
+    return bool(packed) or (packed is None and cuda and packable and half)
+
+
 class Embedder:
     """A loaded model on one device; `embed` maps token ids to pooled float32 vectors.
 
@@ -77,7 +88,7 @@ class Embedder:
                 raise ValueError(f"packed attention is not supported with a sliding window ({window}) shorter "
                                  f"than max_length ({spec.max_length})")
             packable = False
-        attn = packed_attention(self.device) if packed or (packed is None and cuda and packable) else None
+        attn = packed_attention(self.device) if wants_packed(packed, cuda, packable, dtype) else None
         if packed and attn is None:
             raise ValueError("packed attention needs flash-attn or torch >= 2.10 on an sm80+ GPU")
         self.packed = attn is not None

@@ -274,7 +274,11 @@ def test_packed_path_through_torch_varlen_equals_padded(monkeypatch, varied_docs
     from gpte_ray.model import attention
 
     monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen_attn(causal_kw))
+    from transformers import AttentionInterface
+
     monkeypatch.setattr(attention, "reference_varlen", attention.torch_varlen)  # CPU takes the torch adapter
+    # the registry is global: put the reference back under its name when the test ends
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.REFERENCE, attention.reference_varlen)
     spec = resolve_model(ModelConfig(path=tiny_qwen2 if model == "qwen2" else None, long_documents="truncate"))
     texts = [d["text"] for d in varied_docs[::7][:24]]
     ids = [c.input_ids for c in TextTokenizer(spec).encode(texts)]
@@ -328,3 +332,18 @@ def test_a_binding_sliding_window_is_never_packed(tmp_path, minilm_path):
     with pytest.raises(ValueError, match="sliding window"):
         attention.torch_varlen(None, x, x, x, None, cu_seq_lens_q=torch.tensor([0, 40], dtype=torch.int32),
                                max_length_q=40, sliding_window=16)
+
+
+def test_packed_only_in_half_precision_on_a_gpu():
+    """torch's and flash-attn's varlen kernels take float16 / bfloat16 only: a float32 model on a
+    GPU runs padded, and asking it to pack is one line; CPU tests may pack in float32."""
+    import torch
+
+    from gpte_ray.model.embedder import wants_packed
+
+    assert wants_packed(None, True, True, torch.float16) and wants_packed(None, True, True, torch.bfloat16)
+    assert not wants_packed(None, True, True, torch.float32)
+    assert not wants_packed(None, True, False, torch.float16) and not wants_packed(False, True, True, torch.float16)
+    assert not wants_packed(None, False, True, torch.float32) and wants_packed(True, False, True, torch.float32)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        wants_packed(True, True, True, torch.float32)
