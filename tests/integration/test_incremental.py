@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from gpte_ray.config import load_config
 from gpte_ray.plan.diff import MassDeleteError
 from gpte_ray.run.pipeline import run_index
 from tests.support.files import write_parquet
+from tests.support.procs import kill_session
 
 pytestmark = pytest.mark.ray
 
@@ -114,7 +114,7 @@ def test_sigkill_mid_run_then_resume(ray_session, tmp_path, varied_docs):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_session(proc.pid)  # the driver and its local Ray: workers too, which go on staging otherwise
     proc.wait()
     assert not os.path.exists(f"{db}/docs.lance/_versions") or lance.dataset(f"{db}/docs.lance") is None
 
