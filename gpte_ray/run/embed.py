@@ -145,11 +145,14 @@ def _pipeline(ctx: RunContext, state: StagedState, counter):
         embed_resources["num_gpus"] = r.gpus_per_actor
     read_kwargs = {"cfg": ctx.cfg.input, "plan_dir": state.plan_dir, "storage_options": store.storage_options,
                    "kept_schema": kept_fields(ctx.schema)}
-    # a small run (its shards scanned in the driver) reads one shard at a time: each concurrent
-    # read task costs a worker process start, ~1 CPU-second, while the embed actor loads its model
+    # a small run (its shards scanned in the driver) on CPUs reads one shard at a time: each
+    # concurrent read task costs a worker process start, ~1 CPU-second, while the embed actor
+    # loads its model, and a CPU forward is far slower than the reads. Accelerators may outrun
+    # one reader: their reads stay parallel.
+    serial = ctx.scanned_here and not on_accelerator(ctx)
     docs = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_planned, batch_size=1, batch_format="pyarrow", num_cpus=r.read_cpus, fn_kwargs=read_kwargs,
-        concurrency=1 if ctx.scanned_here else None)
+        concurrency=1 if serial else None)
     embed_kwargs = {"spec": ctx.spec, "options": embed_options(ctx.cfg, ctx.device), "calibration": ctx.calibration,
                     "progress": counter, "writer": writer}
     # two windows per actor: one on the device while the other's fragment is written
